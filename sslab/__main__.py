@@ -1,0 +1,120 @@
+"""Command line: ``python -m sslab {pretrain,probe,curve,datasets,bench} ...``.
+
+Runs with torch and torchvision alone; notebook-only packages (matplotlib, umap) are used
+only when present.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import DATASETS
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _int_list(name: str):
+    def parse(text: str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name}={text!r}: allowed: comma-separated integers, e.g. 1,2,4") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"--{name}={text!r}: allowed: at least one integer")
+        return values
+    return parse
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--data-root", default=None, help="folder to look in first for datasets (and to download into)")
+    p.add_argument("--out", default=None, help="outputs folder (default: the repository's outputs/, or $SSLAB_OUTPUTS)")
+    p.add_argument("--deterministic", action="store_true", help="bit-for-bit repeatable runs (CPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=5, help="pretraining epochs")
+    p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default per method: rotation SGD 0.05, VAEs Adam 1e-3)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sslab", formatter_class=_Formatter,
+                                     description="sslab: self-supervised pretraining when labels are scarce.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", formatter_class=_Formatter,
+                       help="pretrain one pretext task (reuses a complete run with the same config)",
+                       description="Pretrain a pretext task on the dataset's unlabeled pool. The last line "
+                                   "printed is the run folder.")
+    p.add_argument("--method", default="rotation", help="rotation, vae or siamese-vae")
+    p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
+    _pretrain_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
+    p.add_argument("--force", action="store_true", help="train again even if a complete run exists")
+    _device_args(p)
+
+    p = sub.add_parser("datasets", formatter_class=_Formatter, help="list datasets and where each was found")
+    p.add_argument("--data-root", default=None, help="folder to look in first")
+
+    try:
+        from . import evaluate  # noqa: F401
+    except ImportError:
+        evaluate = None
+    if evaluate is not None:
+        from .cli_eval import add_eval_commands
+        add_eval_commands(sub, _Formatter, _device_args, _pretrain_args, _int_list)
+    try:
+        from .bench import add_bench_command
+        add_bench_command(sub, _Formatter)
+    except ImportError:
+        pass
+    return parser
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, describe, pretrain
+    config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
+                            batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
+                            seed=args.seed, data_root=args.data_root)
+    run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
+                   deterministic=args.deterministic)
+    print(describe(run))
+    print(run.path)
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import dataset_status
+    for name, where in dataset_status(args.data_root):
+        print(f"{name:14s} {where}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"pretrain": cmd_pretrain, "datasets": cmd_datasets}
+    handler = handlers.get(args.command) or getattr(args, "handler", None)
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept and the same command resumes from it",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Pretraining a pretext task on a dataset's unlabeled pool, through the run store."""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import store
+from .data import check_dataset_name, load_dataset
+from .models import BackboneConfig
+from .pretext import PretextTask, build_task, check_method
+from .train import FitResult, TrainConfig, fit, resolve_device
+
+# The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
+# rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
+METHOD_DEFAULTS = {
+    "rotation": dict(optimizer="sgd", lr=0.05, batch_size=150, weight_decay=5e-4, schedule="cosine"),
+    "vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
+    "siamese-vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
+}
+# The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
+# laptop pretrains on all of Fashion-MNIST in minutes.
+DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
+CPU_DEFAULT_WIDTH = DEFAULT_WIDTH["cpu"]
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run; its hash names the run folder."""
+
+    method: str = "rotation"
+    dataset: str = "fashion-mnist"
+    epochs: int = 5
+    limit: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    schedule: Optional[str] = None
+    image_size: Optional[int] = None
+    width: Optional[float] = None
+    seed: int = 0
+    data_root: Optional[str] = None
+
+    def resolved(self, device: torch.device) -> "PretrainConfig":
+        """Fill method and device defaults and check every value, before any work starts."""
+        check_method(self.method)
+        check_dataset_name(self.dataset)
+        _check_int("epochs", self.epochs, 1)
+        _check_int("seed", self.seed, 0)
+        if self.limit is not None:
+            _check_int("limit", self.limit, 2)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 2)
+        if self.image_size is not None:
+            _check_int("image_size", self.image_size, 16)
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is not allowed; allowed: a positive number")
+        if self.width is not None and not (isinstance(self.width, (int, float)) and 0 < self.width <= 4):
+            raise ValueError(f"width={self.width!r} is not allowed; allowed: a number in (0, 4]")
+        defaults = METHOD_DEFAULTS[self.method]
+        values = asdict(self)
+        values["batch_size"] = self.batch_size or defaults["batch_size"]
+        values["lr"] = float(self.lr or defaults["lr"])
+        values["schedule"] = self.schedule or defaults["schedule"]
+        values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
+        return PretrainConfig(**values)
+
+    def train_config(self) -> TrainConfig:
+        defaults = METHOD_DEFAULTS[self.method]
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=defaults["optimizer"],
+                           lr=self.lr, weight_decay=defaults["weight_decay"], schedule=self.schedule,
+                           seed=self.seed)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer ≥ {minimum}")
+
+
+@dataclass
+class Run:
+    """A finished pretraining run in the store."""
+
+    path: Path
+    config: PretrainConfig
+    metrics: list
+    summary: dict
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def load_task(self, device="cpu") -> PretextTask:
+        """The pretext task (backbone + heads) with the run's final weights, in eval mode."""
+        task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
+        task.load_state_dict(store.load_torch(self.path / "model.pt")["model"])
+        return task.to(device).eval()
+
+    def __repr__(self) -> str:
+        return f"Run({self.path.name})"
+
+
+def load_run(path) -> Run:
+    """A complete run folder → :class:`Run`; anything else is a clear error."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run={str(path)!r} is not a folder; allowed: a run folder under outputs/runs/")
+    missing = [f for f in ("config.json", "model.pt", store.COMPLETE) if not (path / f).is_file()]
+    if missing:
+        raise ValueError(f"run={str(path)!r} is not a complete run (missing {', '.join(missing)}); "
+                         f"allowed: a folder written by a finished `python -m sslab pretrain`")
+    raw = store.read_json(path / "config.json")
+    names = {f.name for f in fields(PretrainConfig)}
+    config = PretrainConfig(**{k: v for k, v in raw.items() if k in names})
+    return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), store.read_json(path / store.COMPLETE))
+
+
+def unlabeled_pool(config: PretrainConfig):
+    """The unlabeled images a run trains on: the dataset's unlabeled pool, or ``limit`` of
+    them drawn with a seeded shuffle."""
+    splits = load_dataset(config.dataset, config.data_root, config.image_size)
+    pool = splits.unlabeled
+    if config.limit is not None and config.limit < len(pool):
+        order = torch.from_numpy(np.random.Generator(np.random.PCG64(config.seed)).permutation(len(pool)))
+        pool = pool.subset(order[: config.limit])
+    return splits, pool
+
+
+@torch.no_grad()
+def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512) -> dict:
+    """The task's metrics on held-out images without augmentation (e.g. test rotation accuracy)."""
+    task.eval()
+    totals, count = {}, 0
+    on_cuda = images.device.type == "cuda"
+    for chunk in images.split(batch_size):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            out = task.loss(chunk, train=False)
+        for key, value in out.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+        count += len(chunk)
+    return {f"test_{k}": v / count for k, v in totals.items()}
+
+
+def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
+             progress: bool = True, deterministic: bool = False, eval_limit: int = 10000) -> Run:
+    """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
+    returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
+    the new run is complete). A run killed part-way resumes from its last checkpoint."""
+    dev = resolve_device(device)
+    config = config.resolved(dev)
+    key = asdict(config)
+    folder = store.run_dir("pretrain", config.method, config.dataset, key, out)
+    store.check_writable(folder.parent, "out")
+    if store.is_complete(folder) and not force:
+        return load_run(folder)
+    with store.locked(folder):
+        if store.is_complete(folder) and not force:  # another process finished it while we waited
+            return load_run(folder)
+        work = folder
+        if force and store.is_complete(folder):
+            work = folder.with_name(folder.name + ".new")
+        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit)
+
+
+def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, progress: bool,
+                deterministic: bool, eval_limit: int) -> Run:
+    torch.manual_seed(config.seed)
+    splits, pool = unlabeled_pool(config)
+    backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width)
+    task = build_task(config.method, backbone).to(dev)
+    work.mkdir(parents=True, exist_ok=True)
+    store.write_json(work / "config.json", asdict(config))
+    images = pool.images.to(dev)
+    result: FitResult = fit(task, (images,), config.train_config(), dev, checkpoint=work / "checkpoint.pt",
+                            metrics_path=work / "metrics.jsonl", progress=progress,
+                            desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
+                            deterministic=deterministic)
+    test_images = splits.test.images[:eval_limit].to(dev)
+    test_metrics = evaluate_task(task, test_images)
+    store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
+                                         "method": config.method})
+    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool),
+               "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
+               "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
+               **{k: round(v, 6) for k, v in test_metrics.items()}}
+    store.write_json(work / store.COMPLETE, summary)
+    (work / "checkpoint.pt").unlink(missing_ok=True)
+    if work != final:
+        _replace_folder(work, final)
+    return load_run(final)
+
+
+def _replace_folder(new: Path, old: Path) -> None:
+    """Swap a complete ``new`` run in for ``old`` (used by ``force``): the old one is removed
+    only after the new one is complete."""
+    import shutil
+    trash = old.with_name(old.name + ".old")
+    if trash.exists():
+        shutil.rmtree(trash)
+    old.rename(trash)
+    new.rename(old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def describe(run: Run) -> str:
+    s = run.summary
+    metrics = ", ".join(f"{k[5:]}={v:.4g}" for k, v in s.items() if k.startswith("test_"))
+    return (f"{run.method}: {s['images']} images, {s['epochs_run']} epochs, {s['train_seconds']:.0f} s on "
+            f"{s['device']}; test {metrics}")

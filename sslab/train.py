@@ -1,0 +1,282 @@
+"""The one training loop every stage uses: pretraining, probes, the scratch baseline, fine-tuning.
+
+Data sits on the training device as tensors; each epoch draws a seeded permutation and
+slices batches from it. Augmentation happens inside the model's ``loss`` on the same device.
+On CUDA the loop runs under bf16 autocast with channels_last weights and times epochs with
+CUDA events; on CPU it runs in fp32.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from . import store
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. ``milestones`` are fractions of the run at which a
+    step schedule multiplies the learning rate by ``gamma`` (the study's 15/30/45 of 63 epochs
+    ≈ 0.24/0.48/0.71)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: tuple = (0.24, 0.48, 0.71)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    patience: int = 0
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer ≥ 1")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr!r} is not allowed; allowed: a positive number")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r} is not known; allowed: sgd, adam, adamw")
+        if self.schedule not in ("step", "cosine", "constant"):
+            raise ValueError(f"schedule={self.schedule!r} is not known; allowed: step, cosine, constant")
+        return self
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when present, else CPU. Asking for CUDA where there is none is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asks for CUDA, but this machine has no usable CUDA device; "
+                             f"allowed here: cpu, auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    return dev
+
+
+def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: TrainConfig, progress: float, warmup: float) -> float:
+    """Learning-rate multiplier at ``progress`` ∈ [0, 1) of the run (per step, so short runs decay too)."""
+    if warmup > 0 and progress < warmup:
+        return (progress + 1e-8) / warmup
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+    return 1.0
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Near-equal batches, never one tiny one at the end (BatchNorm needs > 1 sample)."""
+    return max(1, round(n / batch_size))
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000.0
+        return time.perf_counter() - self.t0
+
+
+@dataclass
+class FitResult:
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_metric: Optional[float] = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
+        param_groups: Optional[list] = None,
+        validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
+        checkpoint: Optional[Path] = None, metrics_path: Optional[Path] = None,
+        progress: bool = True, desc: str = "train", images_per_sample: int = 1,
+        deterministic: bool = False) -> FitResult:
+    """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
+
+    ``data``: a tuple of tensors on ``device`` sharing their first dimension; each step passes
+    one slice of each to ``model.loss``. ``validate(model)`` (optional) returns a dict with
+    ``monitor`` (higher is better): with ``cfg.patience`` > 0 training stops after that many
+    epochs without improvement, and the best epoch's weights are restored at the end.
+    ``checkpoint``: where the full training state (model, optimiser, epoch, RNG, early-stopping
+    state) is written atomically after every epoch; if it exists when ``fit`` starts, training
+    resumes from it. ``metrics_path``: one JSON line per epoch.
+    """
+    cfg.validate()
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    n = data[0].shape[0]
+    steps = batches_per_epoch(n, cfg.batch_size)
+    total_steps = steps * cfg.epochs
+    warmup = cfg.warmup_epochs / cfg.epochs if cfg.epochs else 0.0
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if hasattr(module, "channels_last"):
+                module.channels_last = True
+    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+    optimizer = make_optimizer(groups, cfg)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    result = FitResult()
+    best_state = None
+    bad_epochs = 0
+    start_epoch = 0
+
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = store.load_torch(checkpoint, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        _set_rng_state(state["rng"], device)
+        start_epoch = state["epoch"] + 1
+        result.history = list(state["history"])
+        result.best_epoch, result.best_metric = state["best_epoch"], state["best_metric"]
+        best_state = state.get("best_state")
+        bad_epochs = state["bad_epochs"]
+        result.resumed_from = start_epoch
+        if metrics_path is not None:
+            store.truncate_jsonl(metrics_path, lambda row: row.get("epoch", -1) < start_epoch)
+        print(f"resuming {desc} from {checkpoint} after epoch {start_epoch} of {cfg.epochs}", file=sys.stderr)
+    elif metrics_path is not None and Path(metrics_path).exists():
+        Path(metrics_path).unlink()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=start_epoch * steps, desc=desc, unit="step", leave=False,
+                   mininterval=1.0, file=sys.stderr)
+    timer = _Timer(device)
+    stopped_early = False
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        chunks = torch.tensor_split(order, steps)
+        sums: dict = {}
+        timer.start()
+        for step, index in enumerate(chunks):
+            factor = lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * factor * group["lr_scale"]
+            batch = tuple(t[index] for t in data)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                out = model.loss(*batch)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in out.items():
+                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+                sums[key] = sums.get(key, 0.0) + value
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0 or step == steps - 1:
+                    if not torch.isfinite(loss.detach()):
+                        break
+                    elapsed = max(time.perf_counter() - bar.start_t, 1e-9)
+                    rate = (bar.n - bar.initial) * cfg.batch_size * images_per_sample / elapsed
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4g}", img_s=f"{rate:.0f}", refresh=False)
+        seconds = timer.seconds()
+        row = {k: float(v) / len(chunks) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in row.values()):
+            if bar is not None:
+                bar.close()
+            where = f"; the last good checkpoint ({checkpoint}) is kept" if checkpoint else ""
+            raise TrainingDiverged(f"{desc}: the loss became {row.get('loss')} in epoch {epoch + 1}{where}. "
+                                   f"Lower the learning rate (lr={cfg.lr}) or check the input data.")
+        row = {"epoch": epoch, "lr": cfg.lr * lr_factor(cfg, (epoch + 1) * steps / total_steps - 1e-9, warmup),
+               **row, "seconds": round(seconds, 4), "images_per_s": round(n * images_per_sample / max(seconds, 1e-9), 1)}
+        if validate is not None:
+            model.eval()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                row.update(validate(model))
+            score = row.get(monitor)
+            if score is not None and (result.best_metric is None or score > result.best_metric):
+                result.best_metric, result.best_epoch, bad_epochs = float(score), epoch, 0
+                if cfg.patience:
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+        result.history.append(row)
+        if metrics_path is not None:
+            store.append_jsonl(metrics_path, row)
+        stopped_early = bool(cfg.patience) and validate is not None and bad_epochs >= cfg.patience
+        if checkpoint is not None:
+            store.save_torch(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
+                "best_epoch": result.best_epoch, "best_metric": result.best_metric, "best_state": best_state,
+                "bad_epochs": bad_epochs, "config": asdict(cfg)})
+        if stopped_early:
+            break
+    if bar is not None:
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.epochs_run = len(result.history)
+    result.seconds = float(sum(r["seconds"] for r in result.history))
+    model.eval()
+    return result
