@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("datasets", formatter_class=_Formatter, help="list datasets and where each was found")
     p.add_argument("--data-root", default=None, help="folder to look in first")
+    p.add_argument("--ensure", "--download", dest="ensure", default=None, metavar="NAME",
+                   help="make sure dataset NAME is available (download it when the network allows); "
+                        "exits non-zero with instructions otherwise")
 
     try:
         from . import evaluate  # noqa: F401
@@ -94,7 +97,12 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from .data import dataset_status
+    from .data import dataset_status, load_dataset
+    if args.ensure:
+        splits = load_dataset(args.ensure, args.data_root)
+        print(f"{splits.name}: {len(splits.train)} train, {len(splits.test)} test, "
+              f"{len(splits.unlabeled)} unlabeled images of {tuple(splits.train.images.shape[1:])} from {splits.source}")
+        return 0
     for name, where in dataset_status(args.data_root):
         print(f"{name:14s} {where}")
     return 0
@@ -105,9 +113,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     handlers = {"pretrain": cmd_pretrain, "datasets": cmd_datasets}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
+    from .store import CorruptCheckpoint
+    from .train import TrainingDiverged
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+    # Errors a person can act on (bad parameter, missing or unwritable folder, damaged file,
+    # diverged loss): their message says what to do, a traceback would only hide it.
+    except (ValueError, OSError, CorruptCheckpoint, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,133 @@
+"""The ``probe`` and ``curve`` commands."""
+from __future__ import annotations
+
+import sys
+import time
+
+from .evaluate import BUDGETS, PROBES
+from .models import LAYERS
+
+
+def add_eval_commands(sub, formatter, device_args, pretrain_args, int_list) -> None:
+    p = sub.add_parser("probe", formatter_class=formatter, help="evaluate one pretrained run at one label budget",
+                       description="Train a classifier on frozen features of a pretrained run with K labeled "
+                                   "images per class and print top-1/top-5 on the test split.")
+    p.add_argument("--run", required=True, help="a run folder printed by `python -m sslab pretrain`")
+    p.add_argument("--labels", type=int, required=True, help="labeled images per class (K)")
+    p.add_argument("--layer", default="conv4", help=f"feature layer: {', '.join(LAYERS)}")
+    p.add_argument("--probe", default="mlp", help=f"classifier on the frozen features: {', '.join(PROBES)}")
+    p.add_argument("--seed", type=int, default=0, help="seed of the label split and the head")
+    p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune backbone + head together")
+    p.add_argument("--scratch", action="store_true", help="also train the same net from scratch on the same labels")
+    device_args(p)
+    p.set_defaults(handler=cmd_probe)
+
+    p = sub.add_parser("curve", formatter_class=formatter, help="label-budget curves: methods × budgets × seeds",
+                       description="Pretrain what is missing, evaluate every method at every budget and seed "
+                                   "(plus the scratch baseline), print mean ± std top-1/top-5 and write the "
+                                   "table as CSV/JSON (and a figure when matplotlib is installed).")
+    p.add_argument("--methods", default="rotation,vae,siamese-vae", help="comma-separated pretext tasks")
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name")
+    p.add_argument("--budgets", type=int_list("budgets"), default=list(BUDGETS), help="labels per class, comma-separated")
+    p.add_argument("--seeds", type=int_list("seeds"), default=[0, 1, 2], help="seeds, comma-separated")
+    p.add_argument("--layer", default="conv4", help=f"feature layer: {', '.join(LAYERS)}")
+    p.add_argument("--probe", default="mlp", help=f"classifier on the frozen features: {', '.join(PROBES)}")
+    p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune each pretrained net")
+    p.add_argument("--no-scratch", dest="scratch", action="store_false", help="skip the scratch baseline")
+    pretrain_args(p, prefix="pretrain-")
+    p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining runs")
+    p.add_argument("--name", default=None, help="table name under outputs/tables/ (default: from the settings)")
+    p.add_argument("--shard", default=None, help="I/N: compute only this share of the cells (e.g. 0/4)")
+    p.add_argument("--merge", action="store_true", help="collect the table from cells computed by shards")
+    device_args(p)
+    p.set_defaults(handler=cmd_curve)
+
+
+def cmd_probe(args) -> int:
+    from .evaluate import EvalConfig, finetune_run, probe_run, scratch_run
+    from .pretrain import load_run
+    run = load_run(args.run)
+    cfg = EvalConfig(val_per_class=args.val_per_class)
+    rows = [probe_run(run, args.labels, args.seed, args.layer, args.probe, args.device, args.out, cfg,
+                      progress=args.progress)]
+    if args.finetune:
+        rows.append(finetune_run(run, args.labels, args.seed, args.layer, args.device, args.out, cfg,
+                                 progress=args.progress))
+    if args.scratch:
+        rows.append(scratch_run(run.config.dataset, args.labels, args.seed, like=run, layer=args.layer,
+                                device=args.device, out=args.out, config=cfg, progress=args.progress))
+    for row in rows:
+        top5 = "-" if row["top5"] is None else f"{100 * row['top5']:.2f} %"
+        print(f"{row['method']:<12} {row['protocol']:<9} {row['probe']:<6} {row['layer']} labels={row['budget']} "
+              f"seed={row['seed']}: top-1 {100 * row['top1']:.2f} %  top-5 {top5}  ({row['epochs']} epochs)")
+    return 0
+
+
+def parse_shard(text):
+    if text is None:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard={text!r} is not allowed; allowed: I/N with 0 ≤ I < N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard={text!r} is not allowed; allowed: I/N with 0 ≤ I < N, e.g. 0/4")
+    return index, count
+
+
+def cmd_curve(args) -> int:
+    from . import store
+    from .evaluate import EvalConfig, check_probe, label_curve
+    from .models import check_layer
+    from .pretext import check_method
+    from .pretrain import PretrainConfig, pretrain
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        check_method(method)
+    check_layer(args.layer)
+    check_probe(args.probe)
+    shard = parse_shard(args.shard)
+    cfg = EvalConfig(layer=args.layer, probe=args.probe, val_per_class=args.val_per_class)
+    started = time.perf_counter()
+    runs = []
+    for method in methods:
+        config = PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
+                                batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+                                width=args.width, seed=args.pretrain_seed, data_root=args.data_root)
+        runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
+                             deterministic=args.deterministic))
+        print(f"pretrained {method}: {runs[-1].path}", file=sys.stderr)
+    if args.merge:
+        from .evaluate import merge_curve
+        table, missing = merge_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch,
+                                     args.finetune, args.out, cfg, args.name)
+        if missing:
+            print(f"error: {len(missing)} cell(s) are not computed yet:", file=sys.stderr)
+            for cell in missing:
+                print(f"  {cell}", file=sys.stderr)
+            return 3
+    else:
+        table = label_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch, args.finetune,
+                            args.device, args.out, cfg, args.name, progress=args.progress, shard=shard)
+        if shard is not None:
+            print(f"shard {shard[0]}/{shard[1]}: computed {len(table)} cell(s); run with --merge when all shards "
+                  f"are done")
+            return 0
+    print(table.format())
+    print()
+    print("paired gain over scratch (top-1, percentage points, mean ± std over seeds):")
+    for g in table.paired_gain("top1"):
+        print(f"  {g['method']:<12} {g['protocol']:<9} labels={g['budget']:<3} {100 * g['gain_top1_mean']:+.1f} ± "
+              f"{100 * g['gain_top1_std']:.1f}  (wins {g['wins']}/{g['n']})")
+    print(f"table: {table.path}")
+    try:
+        from .plots import save_label_curves
+        figure = save_label_curves(table, store.outputs_root(args.out) / "figures" / table.path.stem)
+        print(f"figure: {figure}")
+    except ImportError:
+        print("figure: skipped (matplotlib is not installed)")
+    print(f"wall time: {time.perf_counter() - started:.0f} s")
+    return 0

@@ -1,0 +1,434 @@
+"""Every figure the lab shows. Needs matplotlib (the ``notebooks`` extra), imported inside the
+functions so that ``python -m sslab curve`` still runs where matplotlib is missing.
+
+Each function draws from numbers computed elsewhere in sslab (result rows, run metrics,
+embeddings, model outputs) and returns the matplotlib Figure (or Axes, for the functions
+that draw into a given ``ax``); :func:`save_figure` writes a figure as PNG and PDF under
+``outputs/figures/``. Every method keeps one colour in every figure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "scratch": "#555555"}
+PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--"}
+PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^"}
+METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def method_color(method: str, fallback_index: int = 0) -> str:
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    cycle = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+    return cycle[fallback_index % len(cycle)]
+
+
+def figures_dir(out: Optional[str] = None) -> Path:
+    from .store import outputs_root
+    return outputs_root(out) / "figures"
+
+
+def save_figure(fig, name: str, out: Optional[str] = None, formats: Sequence[str] = ("png", "pdf"),
+                dpi: int = 150) -> list:
+    """Write ``fig`` as ``outputs/figures/<name>.png`` and ``.pdf`` (for papers); returns the paths."""
+    folder = figures_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = folder / f"{name}.{fmt}"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------- label-budget curves
+
+def _summary_entries(table) -> list:
+    """``table.summary()`` for a ResultTable; a list of result rows is summarised the same way."""
+    if hasattr(table, "summary"):
+        return table.summary()
+    from .evaluate import ResultTable
+    return ResultTable(list(table)).summary()
+
+
+def _series_label(method: str, protocol: str) -> str:
+    return method if protocol in ("probe", "scratch") else f"{method} ({protocol})"
+
+
+def plot_label_curves(table, metric: str = "top1", ax=None, references=None, protocols=None, methods=None,
+                      title: Optional[str] = None):
+    """Accuracy against labels per class (log₂ x-axis), one line per method and protocol with
+    a ± std band over seeds. ``table``: a ResultTable or a list of result rows.
+    ``references``: optional list of dicts (label, budgets, values in %) drawn as labelled grey
+    dotted reference points/lines, never mixed with the measurements. ``protocols`` /
+    ``methods`` keep only those series."""
+    if metric not in METRIC_NAMES:
+        raise ValueError(f"metric={metric!r} is not known; allowed: {', '.join(METRIC_NAMES)}")
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    groups: dict = {}
+    for e in _summary_entries(table):
+        if e[f"{metric}_mean"] is None:
+            continue
+        if protocols is not None and e["protocol"] not in protocols:
+            continue
+        if methods is not None and e["method"] not in methods and e["protocol"] != "scratch":
+            continue
+        groups.setdefault((e["method"], e["protocol"]), []).append(e)
+    for i, ((method, protocol), entries) in enumerate(groups.items()):
+        entries = sorted(entries, key=lambda e: e["budget"])
+        x = np.array([e["budget"] for e in entries])
+        y = 100 * np.array([e[f"{metric}_mean"] for e in entries])
+        s = 100 * np.array([e[f"{metric}_std"] for e in entries])
+        color = method_color(method, i)
+        ax.plot(x, y, PROTOCOL_STYLES.get(protocol, "-"), marker=PROTOCOL_MARKERS.get(protocol, "o"), color=color,
+                label=_series_label(method, protocol))
+        ax.fill_between(x, y - s, y + s, color=color, alpha=0.15, linewidth=0)
+    for ref in references or []:
+        ax.plot(ref["budgets"], ref["values"], ":", marker="x", color="grey", label=ref["label"])
+    ax.set_xscale("log", base=2)
+    budgets = sorted({b for entries in groups.values() for b in (e["budget"] for e in entries)})
+    if budgets:
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("labeled images per class (log₂)")
+    ax.set_ylabel(f"{METRIC_NAMES[metric]} test accuracy (%)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if groups or references:
+        ax.legend(fontsize=8)
+    return ax
+
+
+def label_curves(table, references=None, protocols=None, methods=None, suptitle: Optional[str] = None):
+    """Top-1 and top-5 curves side by side (a Figure)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    plot_label_curves(table, "top1", axes[0], references, protocols, methods)
+    plot_label_curves(table, "top5", axes[1], None, protocols, methods)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def save_label_curves(table, stem) -> Path:
+    """Top-1 and top-5 curves side by side, saved as ``stem.png`` and ``stem.pdf``."""
+    import matplotlib
+    if not matplotlib.get_backend().lower().startswith(("module://", "inline")):
+        matplotlib.use("Agg")
+    plt = _plt()
+    fig = label_curves(table)
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+    fig.savefig(stem.with_suffix(".pdf"))
+    plt.close(fig)
+    return stem.with_suffix(".png")
+
+
+def gain_bars(gains: list, metric: str = "top1", ax=None):
+    """Paired gain over scratch (percentage points, mean ± std over seeds) per budget, one bar
+    group per budget and one bar per method. ``gains``: ``ResultTable.paired_gain(metric)``."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.2))
+    series = sorted({(g["method"], g["protocol"]) for g in gains}, key=lambda s: (s[1] != "probe", s[0]))
+    budgets = sorted({g["budget"] for g in gains})
+    width = 0.8 / max(1, len(series))
+    for i, (method, protocol) in enumerate(series):
+        values = {g["budget"]: g for g in gains if (g["method"], g["protocol"]) == (method, protocol)}
+        x = np.arange(len(budgets)) + (i - (len(series) - 1) / 2) * width
+        y = [100 * values[b][f"gain_{metric}_mean"] if b in values else np.nan for b in budgets]
+        s = [100 * values[b][f"gain_{metric}_std"] if b in values else 0 for b in budgets]
+        ax.bar(x, y, width, yerr=s, color=method_color(method, i), alpha=0.85 if protocol == "probe" else 0.5,
+               label=_series_label(method, protocol), capsize=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(budgets)))
+    ax.set_xticklabels([str(b) for b in budgets])
+    ax.set_xlabel("labeled images per class")
+    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} gain over scratch (pp)")
+    ax.grid(alpha=0.3, axis="y")
+    if series:
+        ax.legend(fontsize=8)
+    return ax
+
+
+# ---------------------------------------------------------------- pretraining
+
+# Per task: the per-epoch metrics worth a panel of their own, and their test counterpart.
+TASK_METRICS = {"rotation": ["rot_acc"], "vae": ["recon", "kl"], "siamese-vae": ["recon", "kl", "triplet"]}
+METRIC_LABELS = {"loss": "training loss", "rot_acc": "rotation accuracy", "recon": "reconstruction error (SSE)",
+                 "kl": "KL to N(0, I)", "triplet": "triplet loss"}
+
+
+def training_curves(runs):
+    """Per-epoch training curves of pretraining runs: one column per run, its loss on top and
+    its task metrics below; the held-out test value at the end of training as a star.
+    ``runs``: a dict name → Run or a list of Runs."""
+    plt = _plt()
+    items = list(runs.items()) if isinstance(runs, dict) else [(r.method, r) for r in runs]
+    if not items:
+        raise ValueError("runs is empty; allowed: at least one pretraining run")
+    fig, axes = plt.subplots(2, len(items), figsize=(4.2 * len(items), 6), squeeze=False)
+    for col, (name, run) in enumerate(items):
+        history = run.metrics
+        epochs = np.array([row["epoch"] + 1 for row in history])
+        color = method_color(run.method, col)
+        panels = [("loss", axes[0, col])] + [(m, axes[1, col]) for m in TASK_METRICS.get(run.method, [])[:1]]
+        for metric, ax in panels:
+            ax.plot(epochs, [row.get(metric, np.nan) for row in history], marker="o", color=color, label="train")
+            test = run.summary.get(f"test_{metric}")
+            if test is not None and len(epochs):
+                ax.plot([epochs[-1]], [test], marker="*", markersize=12, linestyle="none", color="black",
+                        label="test (end)")
+            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        extra = TASK_METRICS.get(run.method, [])[1:]
+        if extra:
+            twin = axes[1, col].twinx()
+            for j, metric in enumerate(extra):
+                twin.plot(epochs, [row.get(metric, np.nan) for row in history], linestyle="--", marker=".",
+                          color=["#9467bd", "#8c564b"][j % 2], label=METRIC_LABELS.get(metric, metric))
+            twin.legend(fontsize=8, loc="center right")
+        axes[0, col].set_title(f"{name}: {run.summary.get('images', '?')} images, "
+                               f"{run.summary.get('epochs_run', len(history))} epochs")
+        axes[1, col].set_xlabel("epoch")
+        for ax in axes[:, col]:
+            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+    fig.tight_layout()
+    return fig
+
+
+def _image(ax, img, title: str = "", color: str = "black"):
+    """Show one C×H×W float image in [0, 1] (grey or RGB) without axes."""
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+    elif img.ndim == 3:
+        ax.imshow(np.clip(img.transpose(1, 2, 0), 0, 1))
+    else:
+        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, color=color)
+
+
+def rotation_examples(examples: dict):
+    """A grid of test images at 0/90/180/270° with the rotation the net predicts (green when
+    right, red when wrong). ``examples``: the dict :func:`sslab.lab.rotation_predictions`
+    returns (``images`` N×4×C×H×W, ``predicted`` N×4, ``confidence`` N×4)."""
+    plt = _plt()
+    images = np.asarray(examples["images"])
+    predicted = np.asarray(examples["predicted"])
+    confidence = np.asarray(examples["confidence"])
+    n = images.shape[0]
+    fig, axes = plt.subplots(4, n, figsize=(1.3 * n, 1.5 * 4), squeeze=False)
+    for i in range(n):
+        for r in range(4):
+            ok = predicted[i, r] == r
+            _image(axes[r, i], images[i, r], f"→ {90 * predicted[i, r]}° ({100 * confidence[i, r]:.0f}%)",
+                   "green" if ok else "red")
+        axes[0, i].set_xlabel("")
+    for r in range(4):
+        axes[r, 0].set_ylabel(f"shown {90 * r}°", fontsize=9)
+    accuracy = float((predicted == np.arange(4)[None, :]).mean())
+    fig.suptitle(f"rotation predicted by the pretrained net ({100 * accuracy:.0f}% right on these {4 * n})",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def vae_gallery(gallery: dict):
+    """VAE reconstructions and samples from the prior N(0, I). ``gallery``: the dict
+    :func:`sslab.lab.vae_gallery` returns (``inputs`` N×C×H×W, ``reconstructions`` and
+    ``samples``: name → N×C×H×W, all floats in [0, 1])."""
+    plt = _plt()
+    inputs = np.asarray(gallery["inputs"])
+    recon = {k: np.asarray(v) for k, v in gallery["reconstructions"].items()}
+    samples = {k: np.asarray(v) for k, v in gallery["samples"].items()}
+    rows = [("test input", inputs)] + [(f"{k} reconstruction", v) for k, v in recon.items()] + \
+           [(f"{k} prior sample", v) for k, v in samples.items()]
+    n = inputs.shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.25 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for i in range(n):
+            _image(axes[r, i], images[i])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- classification
+
+def confusion(matrix, classes: Sequence[str], title: str = "", normalize: bool = True, ax=None):
+    """A confusion matrix (rows = true class, columns = predicted), row-normalised to % by default."""
+    plt = _plt()
+    m = np.asarray(matrix, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(classes):
+        raise ValueError(f"matrix has shape {m.shape}; expected {len(classes)}×{len(classes)} (one row per class)")
+    if normalize:
+        m = 100 * m / np.maximum(m.sum(1, keepdims=True), 1)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.55 * len(classes) + 2.5, 0.55 * len(classes) + 1.8))
+    image = ax.imshow(m, cmap="Blues", vmin=0, vmax=100 if normalize else None)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j] >= (0.5 if normalize else 1):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] > (50 if normalize else m.max() / 2) else "black")
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)))
+    ax.set_yticklabels(classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class" if normalize else "images")
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def accuracy_bars(rows: list, ax=None, title: str = ""):
+    """Top-1 and top-5 per method for one budget: bars with the mean over seeds and one dot per seed."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    names = []
+    for r in rows:
+        label = _series_label(r["method"], r["protocol"])
+        if label not in names:
+            names.append(label)
+    for j, metric in enumerate(("top1", "top5")):
+        for i, name in enumerate(names):
+            values = [100 * r[metric] for r in rows
+                      if _series_label(r["method"], r["protocol"]) == name and r[metric] is not None]
+            if not values:
+                continue
+            method = name.split(" (")[0]
+            x = i + (j - 0.5) * 0.38
+            ax.bar(x, np.mean(values), 0.36, color=method_color(method, i), alpha=1.0 if j == 0 else 0.45,
+                   label=METRIC_NAMES[metric] if i == 0 else None)
+            ax.plot([x] * len(values), values, "k.", markersize=4)
+            ax.text(x, np.mean(values) + 1, f"{np.mean(values):.1f}", ha="center", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=9)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, title="dark: top-1, light: top-5", title_fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax.figure
+
+
+def per_class_bars(rows: list, classes: Sequence[str], ax=None, title: str = ""):
+    """Per-class top-1 accuracy of each method (mean over the given rows' seeds)."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.2))
+    names = []
+    for r in rows:
+        label = _series_label(r["method"], r["protocol"])
+        if label not in names:
+            names.append(label)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = np.mean([r["per_class"] for r in rows if _series_label(r["method"], r["protocol"]) == name], axis=0)
+        ax.bar(np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width, 100 * values, width,
+               color=method_color(name.split(" (")[0], i), label=name)
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(classes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("top-1 per class (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+# ---------------------------------------------------------------- embeddings
+
+def umap_panels(embeddings: list, classes: Sequence[str], point_size: float = 4.0):
+    """UMAP panels side by side, coloured by class, with one legend of class names and each
+    panel's separation score in its title. ``embeddings``: :class:`sslab.embed.Embedding` list."""
+    plt = _plt()
+    if not embeddings:
+        raise ValueError("embeddings is empty; allowed: at least one Embedding")
+    n = len(embeddings)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.8, 4.4), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for ax, e in zip(axes[0], embeddings):
+        for c in range(len(classes)):
+            mask = e.labels == c
+            if mask.any():
+                ax.scatter(e.coords[mask, 0], e.coords[mask, 1], s=point_size, color=cmap(c % cmap.N),
+                           label=classes[c], alpha=0.8, linewidths=0)
+        ax.set_title(f"{e.name} — {e.space}\n{e.score_label}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", markerscale=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (4.2 * n + 1.8), 1))
+    return fig
+
+
+def separation_bars(embeddings: list, ax=None):
+    """The separation score of each UMAP panel as bars (one number per method)."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.4 * len(embeddings) + 2, 3))
+    names = [f"{e.name}\n{e.space}" for e in embeddings]
+    scale = 100 if embeddings and embeddings[0].score_name == "knn" else 1
+    values = [scale * e.score for e in embeddings]
+    ax.bar(range(len(values)), values, color=[method_color(e.name, i) for i, e in enumerate(embeddings)])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.1f}" if scale == 100 else f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("5-NN accuracy in the UMAP (%)" if scale == 100 else "silhouette")
+    ax.grid(alpha=0.3, axis="y")
+    return ax.figure
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def finetune_comparison(table, metric: str = "top1", methods=None):
+    """Fine-tuning against the frozen probe and scratch: one panel per method, accuracy against
+    labels per class for the three protocols (± std bands over seeds)."""
+    plt = _plt()
+    entries = _summary_entries(table)
+    pretrained = [m for m in dict.fromkeys(e["method"] for e in entries if e["protocol"] != "scratch")
+                  if methods is None or m in methods]
+    if not pretrained:
+        raise ValueError("table has no probe or finetune rows; allowed: a table from label_curve(..., finetune=True)")
+    fig, axes = plt.subplots(1, len(pretrained), figsize=(4.6 * len(pretrained), 3.8), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], pretrained):
+        plot_label_curves(entries_table(entries), metric, ax, methods=[method],
+                          title=f"{method}: probe vs fine-tune vs scratch")
+    fig.tight_layout()
+    return fig
+
+
+class entries_table:  # noqa: N801 - a tiny adapter, used like a function
+    """Wrap already summarised entries so :func:`plot_label_curves` can draw them."""
+
+    def __init__(self, entries: list):
+        self.entries = entries
+
+    def summary(self) -> list:
+        return self.entries

@@ -1,0 +1,217 @@
+"""Tests for sslab/evaluate.py: metrics, probes, scratch, fine-tuning and label curves."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslab import evaluate as ev
+from sslab import store
+from sslab.data import label_budget_split
+from sslab.pretrain import PretrainConfig, pretrain
+
+TINY = ev.EvalConfig(probe_epochs=3, epochs=2, finetune_epochs=2, samples_per_epoch=64, batch_size=32,
+                     val_per_class=2, probe_patience=0, patience=0)
+
+
+def test_topk_against_hand_computation():
+    logits = torch.tensor([[0.1, 0.5, 0.2, 0.0, 0.3, 0.05],   # ranks: 1,4,2,0,5,3
+                           [0.9, 0.0, 0.1, 0.2, 0.3, 0.4],
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    targets = torch.tensor([1, 5, 0])
+    assert ev.topk_accuracy(logits, targets, 1) == pytest.approx(1 / 3)   # only row 0
+    assert ev.topk_accuracy(logits, targets, 2) == pytest.approx(2 / 3)   # row 1: 0.9, 0.4 → class 5
+    assert ev.topk_accuracy(logits, targets, 5) == pytest.approx(2 / 3)   # row 2: class 0 is the smallest
+    assert ev.topk_accuracy(logits, targets, 6) == pytest.approx(1.0)
+    assert ev.topk_accuracy(logits[:, :4], targets.clamp(max=3), 5) is None  # fewer classes than k
+
+
+def test_top5_at_least_top1_and_confusion():
+    torch.manual_seed(0)
+    logits = torch.randn(200, 10)
+    targets = torch.randint(0, 10, (200,))
+    m = ev.classification_metrics(logits, targets)
+    assert m["top5"] >= m["top1"]
+    confusion = torch.tensor(m["confusion"])
+    assert confusion.sum() == 200
+    assert confusion.diag().sum() / 200 == pytest.approx(m["top1"])
+    counts = torch.bincount(targets, minlength=10)
+    assert torch.equal(confusion.sum(1), counts)
+    assert m["per_class"][3] == pytest.approx(float(confusion[3, 3] / counts[3]))
+
+
+def test_knn_near_perfect_on_separated_and_near_chance_on_random_labels():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 32, generator=gen) * 10
+    labels = torch.arange(5).repeat_interleave(40)
+    feats = centres[labels] + torch.randn(200, 32, generator=gen)
+    test_labels = torch.arange(5).repeat_interleave(20)
+    test = centres[test_labels] + torch.randn(100, 32, generator=gen)
+    scores = ev.knn_predict(feats, labels, test, 5, k=10)
+    assert ev.topk_accuracy(scores, test_labels, 1) > 0.97
+    noise = torch.randn(2000, 32, generator=gen)
+    random_labels = torch.randint(0, 5, (2000,), generator=gen)
+    scores = ev.knn_predict(noise[:1000], random_labels[:1000], noise[1000:], 5, k=10)
+    assert abs(ev.topk_accuracy(scores, random_labels[1000:], 1) - 0.2) < 0.06
+
+
+def _pattern(cls: int, rng) -> np.ndarray:
+    img = rng.integers(0, 40, (28, 28)).astype(np.uint8)
+    if cls == 0:
+        img[::4] = 255
+    elif cls == 1:
+        img[:, ::4] = 255
+    else:
+        img[8:20, 8:20] = 255
+    return img
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """Three visually distinct classes, 24 train and 8 test images each."""
+    root = tmp_path_factory.mktemp("patterns")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("test", 8)):
+        for cls, name in enumerate(("rows", "columns", "square")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(_pattern(cls, rng)).save(folder / f"{i}.png")
+    return f"folder:{root}"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    runs = [pretrain(PretrainConfig(method=m, dataset=tiny_folder, epochs=1, width=0.125, image_size=28,
+                                    batch_size=16), device="cpu", out=str(out), progress=False)
+            for m in ("rotation", "vae")]
+    return runs, str(out)
+
+
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_probe_keeps_backbone_frozen_and_finetune_changes_it(tiny_runs):
+    (run, _), out = tiny_runs
+    before = _weights(run.load_task("cpu").backbone)
+    ev.probe_run(run, 2, seed=0, device="cpu", out=out, config=TINY)
+    splits = ev._splits_for(run.config)
+    backbone = run.load_task("cpu").backbone
+    backbone.train()  # even a backbone left in train mode keeps its BN statistics when probed
+    ev.extract_features(backbone, splits.train.images, "conv4", 2)
+    after = _weights(backbone)
+    assert all(torch.equal(before[k], after[k]) for k in before), "probing changed the backbone"
+    assert any("running_mean" in k for k in before)
+    row = ev.finetune_run(run, 2, seed=0, device="cpu", out=out, config=TINY)
+    assert row["protocol"] == "finetune"
+    # The fine-tuned weights are not stored; retrain one epoch by hand through the same path.
+    model = ev.ImageClassifier(run.load_task("cpu").backbone,
+                               ev.FeatureProbe(ev.pooled_dim(backbone, "conv4", 2), 3), "conv4", 2)
+    from sslab.train import TrainConfig, fit
+    idx, _ = label_budget_split(splits.train.labels, 2, 0, 2)
+    fit(model, (splits.train.images[idx], splits.train.labels[idx]),
+        TrainConfig(epochs=1, batch_size=6, optimizer="adam", lr=1e-3), torch.device("cpu"), progress=False)
+    tuned = _weights(model.backbone)
+    changed = [k for k in before if not torch.equal(before[k], tuned[k])]
+    assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+
+
+def test_same_seed_same_split_for_every_method_and_disjoint(tiny_runs):
+    (rot, vae), out = tiny_runs
+    a = ev.probe_run(rot, 3, seed=1, device="cpu", out=out, config=TINY)
+    b = ev.probe_run(vae, 3, seed=1, device="cpu", out=out, config=TINY)
+    c = ev.scratch_run("", 3, seed=1, like=rot, device="cpu", out=out, config=TINY)
+    splits = [store.load_torch(Path(r["run"]) / "split.pt") for r in (a, b, c)]
+    for s in splits[1:]:
+        assert torch.equal(s["train"], splits[0]["train"]) and torch.equal(s["val"], splits[0]["val"])
+    train, val = splits[0]["train"], splits[0]["val"]
+    assert len(train) == 9 and len(val) == 6
+    assert not set(train.tolist()) & set(val.tolist())
+    other = ev.probe_run(rot, 3, seed=2, device="cpu", out=out, config=TINY)
+    assert not torch.equal(store.load_torch(Path(other["run"]) / "split.pt")["train"], train)
+
+
+def test_budget_larger_than_a_class_is_a_clear_error(tiny_runs):
+    (run, _), out = tiny_runs
+    with pytest.raises(ValueError, match=r"class 0 has: it has 24 labeled images"):
+        ev.probe_run(run, 30, device="cpu", out=out, config=TINY)
+    with pytest.raises(ValueError, match="labels"):
+        ev.probe_run(run, 0, device="cpu", out=out, config=TINY)
+    with pytest.raises(ValueError, match="probe='svm'.*mlp, linear, knn"):
+        ev.probe_run(run, 2, probe="svm", device="cpu", out=out, config=TINY)
+    with pytest.raises(ValueError, match="layer='conv9'"):
+        ev.probe_run(run, 2, layer="conv9", device="cpu", out=out, config=TINY)
+
+
+def test_probe_results_are_cached_by_config(tiny_runs):
+    (run, _), out = tiny_runs
+    first = ev.probe_run(run, 4, seed=0, probe="linear", device="cpu", out=out, config=TINY)
+    metrics = Path(first["run"]) / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    second = ev.probe_run(run, 4, seed=0, probe="linear", device="cpu", out=out, config=TINY)
+    assert second["top1"] == first["top1"] and metrics.stat().st_mtime_ns == stamp
+    knn = ev.probe_run(run, 4, seed=0, probe="knn", device="cpu", out=out, config=TINY)
+    assert knn["run"] != first["run"] and 0 <= knn["top1"] <= 1 and knn["top5"] is None  # 3 classes < 5
+
+
+def test_small_curve_produces_every_row(tiny_runs):
+    runs, out = tiny_runs
+    table = ev.label_curve(runs, budgets=(1, 2), seeds=(0, 1), device="cpu", out=out, config=TINY,
+                           finetune=True, progress=False, name="tiny")
+    keys = {(r["method"], r["protocol"], r["budget"], r["seed"]) for r in table.rows}
+    expected = {(m, p, b, s) for m in ("rotation", "vae") for p in ("probe", "finetune") for b in (1, 2)
+                for s in (0, 1)} | {("scratch", "scratch", b, s) for b in (1, 2) for s in (0, 1)}
+    assert keys == expected and len(table.rows) == len(expected)
+    summary = table.summary()
+    assert {(e["method"], e["protocol"], e["budget"]) for e in summary} == {k[:3] for k in expected}
+    assert all(e["n"] == 2 for e in summary)
+    gains = table.paired_gain()
+    assert len(gains) == 8
+    row = next(r for r in table.rows if r["method"] == "rotation" and r["protocol"] == "probe" and r["budget"] == 1
+               and r["seed"] == 0)
+    scratch = next(r for r in table.rows if r["protocol"] == "scratch" and r["budget"] == 1 and r["seed"] == 0)
+    gain = next(g for g in gains if g["method"] == "rotation" and g["protocol"] == "probe" and g["budget"] == 1)
+    other = next(r for r in table.rows if r["method"] == "rotation" and r["protocol"] == "probe" and r["budget"] == 1
+                 and r["seed"] == 1)
+    other_scratch = next(r for r in table.rows if r["protocol"] == "scratch" and r["budget"] == 1 and r["seed"] == 1)
+    expected_gain = np.mean([row["top1"] - scratch["top1"], other["top1"] - other_scratch["top1"]])
+    assert gain["gain_top1_mean"] == pytest.approx(expected_gain)
+    csv_text = (Path(out) / "tables" / "tiny.csv").read_text().splitlines()
+    assert csv_text[0].startswith("method,protocol,probe,layer,budget,seed,top1,top5")
+    assert len(csv_text) == 1 + len(expected)
+    saved = json.loads((Path(out) / "tables" / "tiny.json").read_text())
+    assert len(saved["rows"]) == len(expected) and saved["summary"]
+
+
+def test_shards_then_merge_equal_the_unsharded_table(tiny_runs):
+    runs, out = tiny_runs
+    full = ev.label_curve(runs, budgets=(1,), seeds=(0, 1), device="cpu", out=out, config=TINY, progress=False)
+    shard_out = str(Path(out) / "sharded")
+    partial, missing = ev.merge_curve(runs, budgets=(1,), seeds=(0, 1), out=shard_out, config=TINY)
+    assert len(missing) == 6 and not partial.rows
+    for index in range(2):
+        ev.label_curve(runs, budgets=(1,), seeds=(0, 1), device="cpu", out=shard_out, config=TINY, progress=False,
+                       shard=(index, 2))
+    merged, missing = ev.merge_curve(runs, budgets=(1,), seeds=(0, 1), out=shard_out, config=TINY)
+    assert not missing
+    key = lambda r: (r["method"], r["protocol"], r["budget"], r["seed"])  # noqa: E731
+    assert sorted((key(r), r["top1"], r["top5"]) for r in merged.rows) == \
+        sorted((key(r), r["top1"], r["top5"]) for r in full.rows)
+
+
+def test_probe_command_prints_top1_and_top5(tiny_runs):
+    (run, _), out = tiny_runs
+    result = subprocess.run([sys.executable, "-m", "sslab", "probe", "--run", str(run.path), "--labels", "2",
+                             "--probe", "knn", "--device", "cpu", "--out", out, "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "labels=2" in result.stdout
+    bad = subprocess.run([sys.executable, "-m", "sslab", "probe", "--run", out, "--labels", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not a complete run" in bad.stderr and "Traceback" not in bad.stderr
