@@ -147,15 +147,24 @@ _FEATURES: dict = {}
 def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 2, device="auto",
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Features of a whole split (``train`` or ``test``) for a pretrained run, computed once per
-    run, layer and grid and kept in memory (rows selected with ``index``)."""
+    run, layer and grid, kept in memory (rows selected with ``index``) and in the run folder,
+    so the next process (each notebook is one) reads them instead of recomputing."""
     dev = resolve_device(device)
     check_layer(layer)
     key = (str(run.path), split, layer, grid, str(dev))
     if key not in _FEATURES:
-        splits = _splits_for(run.config)
-        images = getattr(splits, split).images
-        backbone = run.load_task(dev).backbone
-        _FEATURES[key] = extract_features(backbone, images, layer, grid, dev)
+        cache = Path(run.path) / f"features-{split}-{layer}-g{grid}-{dev.type}.pt"
+        if cache.is_file():
+            _FEATURES[key] = store.load_torch(cache)["features"].to(dev)
+        else:
+            splits = _splits_for(run.config)
+            images = getattr(splits, split).images
+            backbone = run.load_task(dev).backbone
+            _FEATURES[key] = extract_features(backbone, images, layer, grid, dev)
+            try:
+                store.save_torch(cache, {"features": _FEATURES[key].cpu()})
+            except OSError:  # a read-only store still works, only slower
+                pass
     feats = _FEATURES[key]
     return feats if index is None else feats[index.to(feats.device)]
 
@@ -276,6 +285,20 @@ def _cached_cell(config: dict, out):
     return folder, None
 
 
+def _locked_cell(cell: dict, out, compute) -> dict:
+    """The stored row of ``cell``, computing it with ``compute(folder)`` when missing. A lock on
+    the cell's folder makes a second process (another notebook, another shard) wait and then
+    reuse the row instead of computing the same cell again."""
+    folder, cached = _cached_cell(cell, out)
+    if cached is not None:
+        return cached
+    with store.locked(folder):
+        folder, cached = _cached_cell(cell, out)
+        if cached is not None:
+            return cached
+        return compute(folder)
+
+
 def _finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state: Optional[dict] = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     store.write_json(folder / "config.json", config)
@@ -310,33 +333,34 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed)[0]
     cell = _cell_config(probe if probe == "knn" else "probe", run.method, run.config.dataset, budget, seed, cfg,
                         pretrained=run.path.name)
-    folder, cached = _cached_cell(cell, out)
-    if cached is not None:
-        return cached
-    dev = resolve_device(device)
-    splits = _splits_for(run.config)
-    train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-    y = splits.train.labels.to(dev)
-    classes = splits.train.num_classes
-    feats = run_features(run, "train", layer, cfg.grid, dev)
-    test_feats = run_features(run, "test", layer, cfg.grid, dev)
-    test_y = splits.test.labels.to(dev)
-    t0 = time.perf_counter()
-    if probe == "knn":
-        scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats, classes, cfg.knn_k,
-                             cfg.knn_temperature)
-        row = _row(run.method, "probe", probe, cfg, budget, seed, classification_metrics(scores, test_y),
-                   splits.train.classes, 0, time.perf_counter() - t0)
-        return _finish_cell(folder, cell, row, (train_idx, val_idx))
-    torch.manual_seed(seed)
-    # Standardise with statistics of the whole unlabeled train pool: no labels involved.
-    mean, std = feats.mean(0), feats.std(0).clamp(min=1e-6)
-    head = FeatureProbe(feats.shape[1], classes, probe, cfg.hidden, mean, std).to(dev)
-    fit_result = _fit_head(head, feats, y, train_idx.to(dev), val_idx.to(dev), cfg, seed, dev, progress)
-    metrics = classification_metrics(predict(head, test_feats), test_y)
-    row = _row(run.method, "probe", probe, cfg, budget, seed, metrics, splits.train.classes, fit_result.epochs_run,
-               time.perf_counter() - t0, fit_result.history)
-    return _finish_cell(folder, cell, row, (train_idx, val_idx), {"head": head.state_dict()})
+
+    def compute(folder: Path) -> dict:
+        dev = resolve_device(device)
+        splits = _splits_for(run.config)
+        train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
+        y = splits.train.labels.to(dev)
+        classes = splits.train.num_classes
+        feats = run_features(run, "train", layer, cfg.grid, dev)
+        test_feats = run_features(run, "test", layer, cfg.grid, dev)
+        test_y = splits.test.labels.to(dev)
+        t0 = time.perf_counter()
+        if probe == "knn":
+            scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats, classes, cfg.knn_k,
+                                 cfg.knn_temperature)
+            row = _row(run.method, "probe", probe, cfg, budget, seed, classification_metrics(scores, test_y),
+                       splits.train.classes, 0, time.perf_counter() - t0)
+            return _finish_cell(folder, cell, row, (train_idx, val_idx))
+        torch.manual_seed(seed)
+        # Standardise with statistics of the whole unlabeled train pool: no labels involved.
+        mean, std = feats.mean(0), feats.std(0).clamp(min=1e-6)
+        head = FeatureProbe(feats.shape[1], classes, probe, cfg.hidden, mean, std).to(dev)
+        fit_result = _fit_head(head, feats, y, train_idx.to(dev), val_idx.to(dev), cfg, seed, dev, progress)
+        metrics = classification_metrics(predict(head, test_feats), test_y)
+        row = _row(run.method, "probe", probe, cfg, budget, seed, metrics, splits.train.classes, fit_result.epochs_run,
+                   time.perf_counter() - t0, fit_result.history)
+        return _finish_cell(folder, cell, row, (train_idx, val_idx), {"head": head.state_dict()})
+
+    return _locked_cell(cell, out, compute)
 
 
 def _validator(model, inputs, targets):
@@ -369,16 +393,17 @@ def scratch_run(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = 
     from .pretrain import DEFAULT_WIDTH
     width = float(width or DEFAULT_WIDTH.get(dev.type, 1.0))
     cell = _cell_config("scratch", "scratch", dataset, budget, seed, cfg, width=width, image_size=image_size)
-    folder, cached = _cached_cell(cell, out)
-    if cached is not None:
-        return cached
-    splits = load_dataset(dataset, data_root, image_size)
-    torch.manual_seed(seed)
-    backbone = AlexNetBackbone(BackboneConfig(splits.train.channels, splits.train.image_size, width))
-    head = FeatureProbe(pooled_dim(backbone, layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden)
-    model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
-    return _train_end_to_end(model, splits, "scratch", "scratch", cfg, budget, seed, cfg.epochs, cfg.lr, None,
-                             folder, cell, dev, progress)
+
+    def compute(folder: Path) -> dict:
+        splits = load_dataset(dataset, data_root, image_size)
+        torch.manual_seed(seed)
+        backbone = AlexNetBackbone(BackboneConfig(splits.train.channels, splits.train.image_size, width))
+        head = FeatureProbe(pooled_dim(backbone, layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden)
+        model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
+        return _train_end_to_end(model, splits, "scratch", "scratch", cfg, budget, seed, cfg.epochs, cfg.lr, None,
+                                 folder, cell, dev, progress)
+
+    return _locked_cell(cell, out, compute)
 
 
 def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="auto", out=None,
@@ -390,21 +415,22 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
     cfg = replace(config or EvalConfig(), layer=layer, probe="mlp").validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed)[0]
     cell = _cell_config("finetune", run.method, run.config.dataset, budget, seed, cfg, pretrained=run.path.name)
-    folder, cached = _cached_cell(cell, out)
-    if cached is not None:
-        return cached
-    dev = resolve_device(device)
-    probe_row = probe_run(run, budget, seed, layer, "mlp", dev, out, cfg)
-    splits = _splits_for(run.config)
-    task = run.load_task(dev)
-    feats = run_features(run, "train", layer, cfg.grid, dev)
-    head = FeatureProbe(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
-    head.load_state_dict(store.load_torch(Path(probe_row["run"]) / "head.pt", map_location=dev)["head"])
-    model = ImageClassifier(task.backbone, head, layer, cfg.grid).to(dev)
-    groups = [{"params": list(model.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale},
-              {"params": list(model.probe.parameters()), "lr_scale": 1.0}]
-    return _train_end_to_end(model, splits, run.method, "finetune", cfg, budget, seed, cfg.finetune_epochs,
-                             cfg.finetune_lr, groups, folder, cell, dev, progress)
+
+    def compute(folder: Path) -> dict:
+        dev = resolve_device(device)
+        probe_row = probe_run(run, budget, seed, layer, "mlp", dev, out, cfg)
+        splits = _splits_for(run.config)
+        task = run.load_task(dev)
+        feats = run_features(run, "train", layer, cfg.grid, dev)
+        head = FeatureProbe(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
+        head.load_state_dict(store.load_torch(Path(probe_row["run"]) / "head.pt", map_location=dev)["head"])
+        model = ImageClassifier(task.backbone, head, layer, cfg.grid).to(dev)
+        groups = [{"params": list(model.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale},
+                  {"params": list(model.probe.parameters()), "lr_scale": 1.0}]
+        return _train_end_to_end(model, splits, run.method, "finetune", cfg, budget, seed, cfg.finetune_epochs,
+                                 cfg.finetune_lr, groups, folder, cell, dev, progress)
+
+    return _locked_cell(cell, out, compute)
 
 
 def _train_end_to_end(model, splits, method, protocol, cfg, budget, seed, epochs, lr, groups, folder, cell, dev,
@@ -418,11 +444,14 @@ def _train_end_to_end(model, splits, method, protocol, cfg, budget, seed, epochs
                             weight_decay=cfg.weight_decay, schedule="cosine", patience=cfg.patience, seed=seed)
     t0 = time.perf_counter()
     result = fit(model, (images[order], y[order]), train_cfg, dev, param_groups=groups,
-                 validate=_validator(model, images[va], y[va]), progress=progress, desc=protocol)
+                 validate=_validator(model, images[va], y[va]), progress=progress, desc=protocol,
+                 checkpoint=folder / "checkpoint.pt")
     metrics = classification_metrics(predict(model, splits.test.images.to(dev)), splits.test.labels.to(dev))
     row = _row(method, protocol, "mlp", cfg, budget, seed, metrics, splits.train.classes, result.epochs_run,
                time.perf_counter() - t0, result.history)
-    return _finish_cell(folder, cell, row, (train_idx, val_idx))
+    row = _finish_cell(folder, cell, row, (train_idx, val_idx))
+    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    return row
 
 
 # ---------------------------------------------------------------- tables and curves
