@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_args(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
     p.add_argument("--force", action="store_true", help="train again even if a complete run exists")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only)")
     _device_args(p)
+    from .distributed import HELP as distributed_help
+    p.epilog = distributed_help
 
     p = sub.add_parser("datasets", formatter_class=_Formatter, help="list datasets and where each was found")
     p.add_argument("--data-root", default=None, help="folder to look in first")
@@ -90,9 +94,11 @@ def cmd_pretrain(args) -> int:
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                             seed=args.seed, data_root=args.data_root)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
-                   deterministic=args.deterministic)
-    print(describe(run))
-    print(run.path)
+                   deterministic=args.deterministic, sync_bn=args.sync_bn)
+    from .distributed import is_main_process
+    if is_main_process():  # under torchrun, rank 0 speaks for all
+        print(describe(run))
+        print(run.path)
     return 0
 
 
@@ -113,19 +119,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     handlers = {"pretrain": cmd_pretrain, "datasets": cmd_datasets}
     handler = handlers.get(args.command) or getattr(args, "handler", None)
+    from . import distributed
     from .store import CorruptCheckpoint
     from .train import TrainingDiverged
+    # Under torchrun every process runs this; each message is shown once per node at most.
+    speaks = distributed.reports_errors()
+    if distributed.launched() and args.command != "pretrain":
+        if speaks:
+            print(f"error: under torchrun only `pretrain` runs on several processes; run `{args.command}` as one "
+                  f"process (a sweep spreads over machines with `curve --shard I/N`, then `curve --merge`)",
+                  file=sys.stderr)
+        return 2
     try:
         return handler(args)
     # Errors a person can act on (bad parameter, missing or unwritable folder, damaged file,
     # diverged loss): their message says what to do, a traceback would only hide it.
     except (ValueError, OSError, CorruptCheckpoint, TrainingDiverged) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if speaks:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last complete checkpoint is kept and the same command resumes from it",
-              file=sys.stderr)
+        if speaks:
+            print("interrupted; the last complete checkpoint is kept and the same command resumes from it",
+                  file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ def random_crop(x: torch.Tensor, padding: int = 4, generator=None) -> torch.Tens
 
 
 def random_affine(x: torch.Tensor, scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees: float = 0.0,
-                  translate: float = 0.0, flip_p: float = 0.0, generator=None) -> torch.Tensor:
+                  translate: float = 0.0, flip_p: float = 0.0, shift: int = 0, generator=None) -> torch.Tensor:
     """One warp per image: random resized crop (area ``scale``, aspect ``ratio``), translation
-    (fraction of the size), rotation in ±``degrees`` and a horizontal flip with ``flip_p``.
+    (fraction of the size), a whole-pixel shift in −``shift``…``shift`` per axis with zeros coming
+    in at the edges (pad-and-crop), rotation in ±``degrees`` and a horizontal flip with ``flip_p``.
 
     Random resized crop with ``scale=(0.5, 1)`` keeps between half and all of the image area
     and resizes it back to the input size.
@@ -62,6 +63,11 @@ def random_affine(x: torch.Tensor, scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees: 
     # The crop centre may move as far as the crop still fits inside the image.
     tx = (1 - sx) * _uniform(n, -1, 1, dev, generator) + translate * 2 * _uniform(n, -1, 1, dev, generator)
     ty = (1 - sy) * _uniform(n, -1, 1, dev, generator) + translate * 2 * _uniform(n, -1, 1, dev, generator)
+    if shift > 0:
+        # d pixels = 2d/size in grid_sample's [-1, 1] coordinates (align_corners=False).
+        h, w = x.shape[-2:]
+        tx = tx + torch.randint(-shift, shift + 1, (n,), device=dev, generator=generator) * (2.0 / w)
+        ty = ty + torch.randint(-shift, shift + 1, (n,), device=dev, generator=generator) * (2.0 / h)
     angle = _uniform(n, -degrees, degrees, dev, generator) * (math.pi / 180.0)
     flip = torch.where(torch.rand(n, device=dev, generator=generator) < flip_p, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -78,15 +84,23 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2
     """Random brightness, contrast and (for 3-channel images) saturation factors per image."""
     n = x.shape[0]
     dev = x.device
-    if brightness > 0:
-        x = x * _uniform(n, 1 - brightness, 1 + brightness, dev, generator)[:, None, None, None]
-    if contrast > 0:
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * _uniform(n, 1 - contrast, 1 + contrast, dev, generator)[:, None, None, None] + mean
+    out = x
+    if brightness > 0 or contrast > 0:
+        # Brightness b, then contrast c about the brightened mean b·m, is one affine map per image,
+        # (b·x − b·m)·c + b·m = b·c·x + (1 − c)·b·m: a single pass over the pixels.
+        gain = _uniform(n, 1 - brightness, 1 + brightness, dev, generator) if brightness > 0 else torch.ones(n, device=dev)
+        offset = torch.zeros_like(gain)
+        if contrast > 0:
+            factor = _uniform(n, 1 - contrast, 1 + contrast, dev, generator)
+            offset = (1 - factor) * gain * x.mean(dim=(1, 2, 3))
+            gain = gain * factor
+        out = torch.addcmul(offset[:, None, None, None], x, gain[:, None, None, None])
     if saturation > 0 and x.shape[1] == 3:
-        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - grey) * _uniform(n, 1 - saturation, 1 + saturation, dev, generator)[:, None, None, None] + grey
-    return x.clamp_(0.0, 1.0)
+        s = _uniform(n, 1 - saturation, 1 + saturation, dev, generator)[:, None, None, None]
+        grey = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+        out = torch.addcmul(grey * (1 - s), out, s)  # (x − grey)·s + grey
+    # Not in place while out is still the caller's x (every factor off, or saturation on a grey batch).
+    return out.clamp(0.0, 1.0) if out is x else out.clamp_(0.0, 1.0)
 
 
 def rotate4(x: torch.Tensor):
@@ -96,7 +110,7 @@ def rotate4(x: torch.Tensor):
     Returns ``(images 4N×C×H×W, labels 4N)``; copy ``k*N + i`` is image ``i`` rotated by ``k``·90°.
     """
     n = x.shape[0]
-    rotated = torch.cat([x, x.flip(-1).transpose(-2, -1), x.flip(-1).flip(-2), x.transpose(-2, -1).flip(-1)])
+    rotated = torch.cat([x] + [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)])
     labels = torch.arange(4, device=x.device).repeat_interleave(n)
     return rotated, labels
 
@@ -115,9 +129,10 @@ class AugmentConfig:
 
     def apply(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.crop == "pad":
-            x = random_crop(x, self.padding, generator)
-            if self.degrees or self.flip:
-                x = random_affine(x, degrees=self.degrees, flip_p=0.5 if self.flip else 0.0, generator=generator)
+            # The pad-and-crop is a whole-pixel shift: it joins the flip and small rotation in one warp.
+            if self.padding > 0 or self.degrees or self.flip:
+                x = random_affine(x, degrees=self.degrees, flip_p=0.5 if self.flip else 0.0,
+                                  shift=max(0, self.padding), generator=generator)
         elif self.crop == "resized":
             x = random_affine(x, scale=self.scale, ratio=(3 / 4, 4 / 3), degrees=self.degrees,
                               flip_p=0.5 if self.flip else 0.0, generator=generator)

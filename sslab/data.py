@@ -265,7 +265,9 @@ def _detect_mode(files: list) -> str:
     return "L"
 
 
-def _load_folder(path: str, image_size: Optional[int]) -> DatasetSplits:
+def folder_classes(path: str) -> list:
+    """The class folders of a ``folder:`` dataset, checked from the directory listing alone (so a
+    run fails before any work when the layout is wrong)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DatasetNotFound(f"dataset 'folder:{path}': the folder {root} does not exist. Expected "
@@ -278,6 +280,13 @@ def _load_folder(path: str, image_size: Optional[int]) -> DatasetSplits:
     if len(classes) < 2:
         raise ValueError(f"dataset 'folder:{path}': {train_dir} has a single class ({classes[0]!r}); "
                          f"a classification study needs at least 2 class folders.")
+    return classes
+
+
+def _load_folder(path: str, image_size: Optional[int]) -> DatasetSplits:
+    root = Path(path).expanduser()
+    train_dir = root / "train"
+    classes = folder_classes(path)
     size = image_size or 32
     if size < 16:
         raise ValueError(f"image_size={size} is too small; allowed: 16 or more (28, 32 and 96 are the usual sizes)")
@@ -415,9 +424,10 @@ def label_budget_split(labels, per_class: int, seed: int = 0, val_per_class: int
         members = np.flatnonzero(labels == cls)
         need = per_class + val_per_class
         if need > members.size:
+            allowed = (f"labels per class ≤ {members.size - val_per_class}" if members.size > val_per_class else
+                       f"val_per_class ≤ {members.size - 1}, so that some images are left for labels")
             raise ValueError(f"labels per class={per_class} (+ {val_per_class} validation) is more than class "
-                             f"{int(cls)} has: it has {members.size} labeled images; allowed: "
-                             f"labels per class ≤ {members.size - val_per_class}")
+                             f"{int(cls)} has: it has {members.size} labeled images; allowed: {allowed}")
         order = members[rng.permutation(members.size)]
         val_parts.append(order[:val_per_class])
         train_parts.append(order[val_per_class:need])

@@ -39,7 +39,7 @@ class EvalConfig:
 
     layer: str = "conv4"
     probe: str = "mlp"
-    grid: int = 2
+    grid: int = 4
     hidden: int = 200
     val_per_class: int = 10
     # Heads on frozen features (mlp, linear).
@@ -123,7 +123,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
 # ---------------------------------------------------------------- features
 
 @torch.no_grad()
-def extract_features(backbone: AlexNetBackbone, images: torch.Tensor, layer: str = "conv4", grid: int = 2,
+def extract_features(backbone: AlexNetBackbone, images: torch.Tensor, layer: str = "conv4", grid: int = 4,
                      device=None, batch_size: int = 1024) -> torch.Tensor:
     """Frozen ``layer`` features of uint8 ``images``, average-pooled to grid×grid and flattened
     (N×D float32, on the images' device). The backbone runs in eval mode, so BN statistics
@@ -144,7 +144,7 @@ def extract_features(backbone: AlexNetBackbone, images: torch.Tensor, layer: str
 _FEATURES: dict = {}
 
 
-def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 2, device="auto",
+def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 4, device="auto",
                  index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Features of a whole split (``train`` or ``test``) for a pretrained run, computed once per
     run, layer and grid, kept in memory (rows selected with ``index``) and in the run folder,

@@ -9,8 +9,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import store
-from .data import check_dataset_name, load_dataset
+from . import distributed, store
+from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig
 from .pretext import PretextTask, build_task, check_method
 from .train import FitResult, TrainConfig, fit, resolve_device
@@ -48,6 +48,8 @@ class PretrainConfig:
         """Fill method and device defaults and check every value, before any work starts."""
         check_method(self.method)
         check_dataset_name(self.dataset)
+        if self.dataset.startswith("folder:"):
+            folder_classes(self.dataset[len("folder:"):])  # missing folder, no train/, one class
         _check_int("epochs", self.epochs, 1)
         _check_int("seed", self.seed, 0)
         if self.limit is not None:
@@ -145,39 +147,69 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
 
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
-             progress: bool = True, deterministic: bool = False, eval_limit: int = 10000) -> Run:
+             progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
+             sync_bn: bool = False) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
-    the new run is complete). A run killed part-way resumes from its last checkpoint."""
-    dev = resolve_device(device)
+    the new run is complete). A run killed part-way resumes from its last checkpoint.
+
+    Started by torchrun with several processes, it trains with DistributedDataParallel (see
+    :mod:`sslab.distributed`; ``sync_bn``: SyncBatchNorm across them, CUDA only): rank 0 does
+    everything below, the other ranks train beside it, and every rank returns the same Run."""
+    ddp = distributed.from_environment(device, sync_bn)
+    dev = resolve_device(device) if ddp is None else ddp.device
     config = config.resolved(dev)
     key = asdict(config)
     folder = store.run_dir("pretrain", config.method, config.dataset, key, out)
-    store.check_writable(folder.parent, "out")
-    if store.is_complete(folder) and not force:
+    if ddp is not None:
+        return ddp.pretrain(
+            lambda: _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, ddp),
+            lambda work: _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp))
+    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit)
+
+
+def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, progress: bool,
+                       deterministic: bool, eval_limit: int, ddp=None) -> Run:
+    if store.is_complete(folder) and not force:  # reading a complete run needs no write access
         return load_run(folder)
+    store.check_writable(folder.parent, "out")
     with store.locked(folder):
+        pending = folder.with_name(folder.name + ".new")
+        if not store.is_complete(folder) and store.is_complete(pending):
+            print(f"finishing an interrupted --force: {pending.name} replaces {folder.name}", file=sys.stderr)
+            _replace_folder(pending, folder)
         if store.is_complete(folder) and not force:  # another process finished it while we waited
             return load_run(folder)
         work = folder
         if force and store.is_complete(folder):
             work = folder.with_name(folder.name + ".new")
-        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit)
+        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp)
 
 
 def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, progress: bool,
-                deterministic: bool, eval_limit: int) -> Run:
+                deterministic: bool, eval_limit: int, ddp=None) -> Optional[Run]:
+    """Train into ``work`` and return the complete Run (``None`` on torchrun ranks other than 0,
+    which write nothing)."""
+    if ddp is not None:
+        ddp.begin_training(work)  # rank 0 calls the other ranks to train beside it
+    main = ddp is None or ddp.is_main
     torch.manual_seed(config.seed)
     splits, pool = unlabeled_pool(config)
     backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width)
     task = build_task(config.method, backbone).to(dev)
-    work.mkdir(parents=True, exist_ok=True)
-    store.write_json(work / "config.json", asdict(config))
-    images = pool.images.to(dev)
-    result: FitResult = fit(task, (images,), config.train_config(), dev, checkpoint=work / "checkpoint.pt",
+    if main:
+        work.mkdir(parents=True, exist_ok=True)
+        store.write_json(work / "config.json", asdict(config))
+    # Under torchrun the pool stays in host memory; each rank copies its shard of every epoch to its device.
+    images = pool.images.to(dev) if ddp is None else pool.images
+    train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
+    result: FitResult = fit(task, (images,), train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
-                            deterministic=deterministic)
+                            deterministic=deterministic, distributed=ddp)
+    ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))
+    if not main:
+        return None
     test_images = splits.test.images[:eval_limit].to(dev)
     test_metrics = evaluate_task(task, test_images)
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
@@ -186,6 +218,8 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
                "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
                "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
                **{k: round(v, 6) for k, v in test_metrics.items()}}
+    if ranks is not None:
+        summary["distributed"] = ranks
     store.write_json(work / store.COMPLETE, summary)
     (work / "checkpoint.pt").unlink(missing_ok=True)
     if work != final:

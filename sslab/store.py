@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -21,6 +22,10 @@ from typing import Optional
 import torch
 
 COMPLETE = "complete.json"
+# mkstemp creates files 0600; finished files get the mode any other new file would get, so a
+# shared run folder stays readable by the people it is shared with.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 HASH_EXCLUDE = {"device", "data_root", "out", "progress", "force"}
 
 
@@ -88,6 +93,7 @@ def _atomic(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -121,10 +127,15 @@ def load_torch(path: Path, map_location="cpu"):
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:
-        raise CorruptCheckpoint(f"cannot load {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}. "
-                                f"The file is truncated, corrupt or not a weights-only checkpoint; "
-                                f"delete it (or the run folder) to train again.") from exc
+    except pickle.UnpicklingError as exc:
+        raise CorruptCheckpoint(f"refused to load {path}: it holds Python objects other than tensors, numbers "
+                                f"and containers, and unpickling those could run code. sslab only loads "
+                                f"weights-only files; delete it (or the run folder) to train again.") from exc
+    except Exception as exc:  # truncated zip, empty file, bad magic number, ...
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        raise CorruptCheckpoint(f"cannot load {path}: {type(exc).__name__}: {first_line}. "
+                                f"The file is truncated or corrupt; delete it (or the run folder) "
+                                f"to train again.") from exc
 
 
 def append_jsonl(path: Path, record: dict) -> None:

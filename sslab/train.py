@@ -8,6 +8,7 @@ CUDA events; on CPU it runs in fp32.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,8 +101,9 @@ def lr_factor(cfg: TrainConfig, progress: float, warmup: float) -> float:
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
-    """Near-equal batches, never one tiny one at the end (BatchNorm needs > 1 sample)."""
-    return max(1, round(n / batch_size))
+    """Near-equal batches, never one tiny one at the end: each of the k near-equal chunks holds at
+    least n // k ≥ 2 samples, since BatchNorm needs more than one."""
+    return max(1, min(round(n / batch_size), n // 2))
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -137,6 +139,37 @@ class _Timer:
         return time.perf_counter() - self.t0
 
 
+def prepare_model(model: nn.Module, device: torch.device) -> None:
+    """On CUDA: channels_last weights, and modules with a ``channels_last`` flag (the pretext
+    tasks) switch their inputs to it too. Nothing changes on CPU."""
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        for module in model.modules():
+            if hasattr(module, "channels_last"):
+                module.channels_last = True
+
+
+def train_step(model: nn.Module, data: tuple, index: torch.Tensor, optimizer: torch.optim.Optimizer,
+               lr: float, on_cuda: bool, sums: dict) -> torch.Tensor:
+    """One step of :func:`fit`: set every group's learning rate to ``lr`` × its ``lr_scale``, take
+    rows ``index`` of each tensor in ``data``, minimise ``model.loss(*batch)["loss"]`` (bf16
+    autocast on CUDA) and add every value ``model.loss`` returned to ``sums`` (as tensors, so
+    nothing waits for the device). Returns the loss. The benchmark times exactly this function."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    batch = tuple(t[index] for t in data)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        out = model.loss(*batch)
+    loss = out["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    for key, value in out.items():
+        value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+        sums[key] = sums.get(key, 0.0) + value
+    return loss
+
+
 @dataclass
 class FitResult:
     history: list = field(default_factory=list)
@@ -152,7 +185,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
         checkpoint: Optional[Path] = None, metrics_path: Optional[Path] = None,
         progress: bool = True, desc: str = "train", images_per_sample: int = 1,
-        deterministic: bool = False) -> FitResult:
+        deterministic: bool = False, distributed=None) -> FitResult:
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
     ``data``: a tuple of tensors on ``device`` sharing their first dimension; each step passes
@@ -162,20 +195,30 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     ``checkpoint``: where the full training state (model, optimiser, epoch, RNG, early-stopping
     state) is written atomically after every epoch; if it exists when ``fit`` starts, training
     resumes from it. ``metrics_path``: one JSON line per epoch.
+    ``distributed``: a :class:`sslab.distributed.Distributed` when torchrun started several
+    processes: each rank trains on its shard of every epoch's permutation inside
+    DistributedDataParallel; rank 0 alone writes the checkpoint and metrics and shows progress.
+    ``None`` (one process) takes the plain path.
     """
     cfg.validate()
     if deterministic:
+        # cuBLAS reads this when its first handle is made; with it CUDA matmuls repeat too.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     n = data[0].shape[0]
-    steps = batches_per_epoch(n, cfg.batch_size)
+    if distributed is None:
+        steps = batches_per_epoch(n, cfg.batch_size)
+    else:
+        steps = distributed.steps_per_epoch(n, cfg.batch_size)
+        if not distributed.is_main:
+            metrics_path, progress = None, False  # rank 0 alone writes metrics and shows progress
     total_steps = steps * cfg.epochs
     warmup = cfg.warmup_epochs / cfg.epochs if cfg.epochs else 0.0
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        model.to(memory_format=torch.channels_last)
-        for module in model.modules():
-            if hasattr(module, "channels_last"):
-                module.channels_last = True
+    prepare_model(model, device)
+    # Steps run through DDP's forward when distributed; weights, optimiser and checkpoints stay the task's own.
+    step_model = model if distributed is None else distributed.wrap(model)
+    world = 1 if distributed is None else distributed.world_size
     groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
     for group in groups:
         group.setdefault("lr_scale", 1.0)
@@ -186,8 +229,14 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     bad_epochs = 0
     start_epoch = 0
 
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = store.load_torch(checkpoint, map_location=device)
+    state = None
+    if distributed is not None:
+        state = distributed.load_checkpoint(checkpoint)  # rank 0 reads it, every rank gets it
+    elif checkpoint is not None and Path(checkpoint).is_file():
+        # On the CPU: RNG and generator states must be CPU tensors; weights and optimiser state
+        # are copied onto the model's device by load_state_dict.
+        state = store.load_torch(checkpoint, map_location="cpu")
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -200,7 +249,10 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         result.resumed_from = start_epoch
         if metrics_path is not None:
             store.truncate_jsonl(metrics_path, lambda row: row.get("epoch", -1) < start_epoch)
-        print(f"resuming {desc} from {checkpoint} after epoch {start_epoch} of {cfg.epochs}", file=sys.stderr)
+        if distributed is None or distributed.is_main:
+            print(f"resuming {desc} from {checkpoint} after epoch {start_epoch} of {cfg.epochs}", file=sys.stderr)
+        if state.get("stopped_early"):
+            start_epoch = cfg.epochs  # it had stopped early: finish as the first run would have
     elif metrics_path is not None and Path(metrics_path).exists():
         Path(metrics_path).unlink()
 
@@ -213,33 +265,30 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     stopped_early = False
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = torch.randperm(n, generator=generator).to(device)
+        order = torch.randperm(n, generator=generator)
+        if distributed is None:
+            epoch_data, order = data, order.to(device)
+        else:
+            epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
         chunks = torch.tensor_split(order, steps)
         sums: dict = {}
         timer.start()
         for step, index in enumerate(chunks):
             factor = lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * factor * group["lr_scale"]
-            batch = tuple(t[index] for t in data)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                out = model.loss(*batch)
-            loss = out["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in out.items():
-                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-                sums[key] = sums.get(key, 0.0) + value
+            loss = train_step(step_model, epoch_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0 or step == steps - 1:
-                    if not torch.isfinite(loss.detach()):
+                    # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
+                    if distributed is None and not torch.isfinite(loss.detach()):
                         break
                     elapsed = max(time.perf_counter() - bar.start_t, 1e-9)
-                    rate = (bar.n - bar.initial) * cfg.batch_size * images_per_sample / elapsed
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.4g}", img_s=f"{rate:.0f}", refresh=False)
+                    rate = (bar.n - bar.initial) * cfg.batch_size * world * images_per_sample / elapsed
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}", img_s=f"{rate:.0f}", refresh=False)
         seconds = timer.seconds()
+        if distributed is not None:
+            sums = distributed.average(sums)
+            distributed.sync_buffers(model)
         row = {k: float(v) / len(chunks) for k, v in sums.items()}
         if not all(math.isfinite(v) for v in row.values()):
             if bar is not None:
@@ -264,12 +313,12 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         if metrics_path is not None:
             store.append_jsonl(metrics_path, row)
         stopped_early = bool(cfg.patience) and validate is not None and bad_epochs >= cfg.patience
-        if checkpoint is not None:
+        if checkpoint is not None and (distributed is None or distributed.is_main):
             store.save_torch(checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
                 "best_epoch": result.best_epoch, "best_metric": result.best_metric, "best_state": best_state,
-                "bad_epochs": bad_epochs, "config": asdict(cfg)})
+                "bad_epochs": bad_epochs, "stopped_early": stopped_early, "config": asdict(cfg)})
         if stopped_early:
             break
     if bar is not None:

@@ -1,0 +1,324 @@
+"""Bad input gets a clear error naming the parameter, the value and what is allowed, before
+any dataset is read or any training starts; the command line exits 2 with ``error: ...`` and
+no traceback. Odd image modes in a ``folder:`` dataset are converted, not rejected."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sslab.pretrain as pretrain_module
+from sslab import store
+from sslab.__main__ import main
+from sslab.data import DatasetNotFound, label_budget_split, load_dataset
+from sslab.models import AlexNetBackbone, BackboneConfig, check_layer
+from sslab.pretrain import PretrainConfig, load_run, pretrain
+from sslab.train import TrainConfig, resolve_device
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def save_png(path: Path, array: np.ndarray, mode: str) -> Path:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+def grey_folder(root: Path, classes=("a", "b"), per_class: int = 3, size: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for name in classes:
+        for i in range(per_class):
+            save_png(root / "train" / name / f"{i}.png", rng.integers(0, 256, (size, size), dtype=np.uint8), "L")
+    return root
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the dataset is read or training starts: validation must come first."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dataset work or training started before the input was checked")
+
+    monkeypatch.setattr(pretrain_module, "load_dataset", forbidden)
+    monkeypatch.setattr(pretrain_module, "fit", forbidden)
+
+
+def cli(capsys, *argv) -> str:
+    """Run the command line in-process; it must exit 2 with one ``error: ...`` and no traceback."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+# ---------------------------------------------------------------- parameters
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "simclr"], ["method='simclr'", "rotation, vae, siamese-vae"]),
+    (["--dataset", "mnist"], ["dataset='mnist'", "fashion-mnist", "cifar10", "folder:PATH"]),
+    (["--epochs", "0"], ["epochs=0", "integer ≥ 1"]),
+    (["--epochs", "-3"], ["epochs=-3", "integer ≥ 1"]),
+    (["--batch-size", "0"], ["batch_size=0", "integer ≥ 2"]),
+    (["--batch-size", "-5"], ["batch_size=-5", "integer ≥ 2"]),
+    (["--width", "0"], ["width=0.0", "(0, 4]"]),
+    (["--lr", "-1"], ["lr=-1.0", "positive"]),
+    (["--limit", "0"], ["limit=0", "integer ≥ 2"]),
+    (["--seed", "-1"], ["seed=-1", "integer ≥ 0"]),
+    (["--device", "tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+])
+def test_pretrain_command_rejects_bad_parameters_before_any_work(argv, expected, no_work, tmp_path, capsys):
+    err = cli(capsys, "pretrain", "--out", str(tmp_path), "--no-progress", *argv)
+    for text in expected:
+        assert text in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("epochs", 0, "integer ≥ 1"), ("epochs", "3", "integer ≥ 1"), ("epochs", 2.5, "integer ≥ 1"),
+    ("epochs", True, "integer ≥ 1"), ("batch_size", 0, "integer ≥ 2"), ("seed", "abc", "integer ≥ 0"),
+    ("method", "jigsaw", "rotation, vae, siamese-vae"), ("dataset", "imagenet", "fashion-mnist"),
+])
+def test_pretrain_function_rejects_bad_values_naming_them(field, value, allowed, no_work, tmp_path):
+    """What a notebook's parameters cell (or papermill -p) passes reaches these checks as is."""
+    with pytest.raises(ValueError) as info:
+        pretrain(PretrainConfig(**{field: value}), device="cpu", out=str(tmp_path), progress=False)
+    message = str(info.value)
+    assert f"{field}={value!r}" in message and allowed in message
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("epochs", -1), ("batch_size", 0), ("batch_size", -2),
+                                          ("epochs", 1.5), ("optimizer", "rmsprop"), ("schedule", "poly"),
+                                          ("lr", 0.0)])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}.*allowed"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_unknown_layer_lists_the_layers():
+    with pytest.raises(ValueError, match="layer='conv9' is not known; allowed: conv1, conv2, conv3, conv4, conv5, pool5"):
+        check_layer("conv9")
+    backbone = AlexNetBackbone(BackboneConfig(1, 28, 0.125))
+    with pytest.raises(ValueError, match="layer='fc7'"):
+        backbone.features(torch.zeros(2, 1, 28, 28), "fc7")
+
+
+@pytest.mark.parametrize("per_class, allowed", [(0, "integer ≥ 1"), (-2, "integer ≥ 1"), ("4", "integer ≥ 1"),
+                                                (2.0, "integer ≥ 1"), (11, "≤ 10")])
+def test_label_budget_errors_name_the_value_and_the_limit(per_class, allowed):
+    labels = torch.arange(30) % 3  # 10 labeled images per class
+    with pytest.raises(ValueError) as info:
+        label_budget_split(labels, per_class)
+    assert f"labels per class={per_class!r}" in str(info.value) and allowed in str(info.value)
+
+
+def test_label_budget_counts_the_validation_images():
+    labels = torch.arange(30) % 3
+    with pytest.raises(ValueError, match="allowed: labels per class ≤ 6"):
+        label_budget_split(labels, 8, val_per_class=4)
+    with pytest.raises(ValueError, match="allowed: val_per_class ≤ 9"):
+        label_budget_split(labels, 1, val_per_class=10)
+
+
+@pytest.mark.parametrize("option, text", [("--budgets", "1,two,4"), ("--seeds", "0,1.5"), ("--budgets", ",")])
+def test_budgets_and_seeds_must_be_integers_on_the_command_line(option, text, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["curve", option, text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option}={text!r}" in err and "allowed:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("budgets", [[1, "2"], [0], 2.5, [True]])
+def test_budgets_that_are_not_positive_integers_are_refused(budgets):
+    from sslab.evaluate import check_budgets, check_seeds
+    with pytest.raises(ValueError, match=r"budgets=.*allowed: integers ≥ 1"):
+        check_budgets(budgets)
+    with pytest.raises(ValueError, match=r"seeds=.*allowed: integers ≥ 0"):
+        check_seeds(["0"])
+
+
+# ---------------------------------------------------------------- devices and folders
+
+def test_cuda_where_there_is_none(monkeypatch, no_work, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(ValueError, match=f"device='{device}' asks for CUDA.*allowed here: cpu, auto"):
+            resolve_device(device)
+    assert resolve_device("auto").type == "cpu"
+    err = cli(capsys, "pretrain", "--device", "cuda", "--out", str(tmp_path))
+    assert "device='cuda'" in err and "no usable CUDA device" in err
+
+
+def test_unwritable_output_folder_is_refused_before_training(no_work, tmp_path, capsys):
+    """Tests run as root, so a folder under a regular file stands in for a read-only disk."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "outputs"
+    err = cli(capsys, "pretrain", "--out", str(out), "--no-progress")
+    assert f"out='{out}/runs'" in err and "cannot be written" in err and "allowed:" in err
+    with pytest.raises(PermissionError, match="cannot be written"):
+        pretrain(PretrainConfig(), device="cpu", out=str(out), progress=False)
+
+
+def test_folder_dataset_that_does_not_exist(no_work, tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    err = cli(capsys, "pretrain", "--dataset", f"folder:{missing}", "--out", str(tmp_path / "out"))
+    assert f"folder:{missing}" in err and "does not exist" in err and "train/<class>" in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_folder_dataset_without_train(no_work, tmp_path, capsys):
+    root = tmp_path / "images"
+    save_png(root / "a" / "0.png", np.zeros((20, 20), np.uint8), "L")  # classes at the top, not in train/
+    err = cli(capsys, "pretrain", "--dataset", f"folder:{root}", "--out", str(tmp_path / "out"))
+    assert f"{root / 'train'} is missing" in err and "one folder per class" in err
+
+
+def test_folder_dataset_with_a_single_class(no_work, tmp_path, capsys):
+    root = grey_folder(tmp_path / "images", classes=("only",))
+    err = cli(capsys, "pretrain", "--dataset", f"folder:{root}", "--out", str(tmp_path / "out"))
+    assert "single class ('only')" in err and "at least 2" in err
+
+
+def test_folder_dataset_with_a_class_of_unreadable_images(tmp_path, capsys):
+    root = grey_folder(tmp_path / "images", classes=("a",))
+    broken = root / "train" / "b"
+    broken.mkdir()
+    (broken / "0.png").write_bytes(b"\x89PNG not really")
+    (broken / "1.jpg").write_bytes(b"")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        err = cli(capsys, "pretrain", "--dataset", f"folder:{root}", "--out", str(tmp_path / "out"),
+                  "--no-progress")
+    assert "class 'b' has no readable images" in err and str(broken) in err
+    assert not list((tmp_path / "out").glob("runs/*/checkpoint.pt"))
+
+
+def test_folder_dataset_skips_single_unreadable_images(tmp_path):
+    root = grey_folder(tmp_path / "images")
+    (root / "train" / "a" / "broken.png").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="broken.png"):
+        splits = load_dataset(f"folder:{root}", image_size=16)
+    assert len(splits.train) == 6
+
+
+def test_odd_image_modes_are_converted_not_rejected(tmp_path):
+    """Grey, RGBA, 16-bit grey and palette images next to RGB ones: all load, as RGB."""
+    from PIL import Image
+    root = tmp_path / "images"
+    save_png(root / "train" / "a" / "rgb.png", np.full((20, 20, 3), (200, 10, 10), np.uint8), "RGB")
+    save_png(root / "train" / "a" / "grey.png", np.full((20, 20), 100, np.uint8), "L")
+    rgba = np.zeros((20, 20, 4), np.uint8)  # fully transparent: composited on white
+    save_png(root / "train" / "a" / "rgba.png", rgba, "RGBA")
+    deep = Image.fromarray(np.full((20, 20), 65535, np.uint16))  # 16-bit grey at full scale
+    (root / "train" / "b").mkdir(parents=True)
+    deep.save(root / "train" / "b" / "deep.png")
+    assert Image.open(root / "train" / "b" / "deep.png").mode.startswith("I")
+    palette = Image.fromarray(np.full((20, 20, 3), (0, 0, 255), np.uint8), "RGB").convert("P")
+    palette.save(root / "train" / "b" / "palette.png")
+    save_png(root / "train" / "b" / "la.png", np.dstack([np.full((20, 20), 50, np.uint8),
+                                                        np.full((20, 20), 255, np.uint8)]), "LA")
+    with pytest.warns(UserWarning, match="no test/ folder"):
+        splits = load_dataset(f"folder:{root}", image_size=16)
+    train = splits.train
+    assert train.images.shape == (6, 3, 16, 16) and train.images.dtype == torch.uint8
+    pixel = {name: tuple(train.images[i, :, 8, 8].tolist())
+             for i, name in enumerate(["grey", "rgb", "rgba", "deep", "la", "palette"])}
+    assert pixel["rgb"] == (200, 10, 10)
+    assert pixel["grey"] == (100, 100, 100)
+    assert pixel["rgba"] == (255, 255, 255)
+    assert pixel["deep"] == (255, 255, 255)
+    assert pixel["la"] == (50, 50, 50)
+    assert pixel["palette"] == (0, 0, 255)
+
+
+def test_grey_only_folders_stay_one_channel(tmp_path):
+    from PIL import Image
+    root = grey_folder(tmp_path / "images")
+    Image.fromarray(np.full((20, 20), 1000, np.uint16)).save(root / "train" / "b" / "deep.png")
+    with pytest.warns(UserWarning, match="no test/ folder"):
+        splits = load_dataset(f"folder:{root}", image_size=16)
+    assert splits.train.images.shape == (7, 1, 16, 16)
+
+
+# ---------------------------------------------------------------- run folders
+
+def test_load_run_refuses_what_is_not_a_complete_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_run(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"not a complete run \(missing config.json, model.pt, complete.json\)"):
+        load_run(empty)
+    killed = tmp_path / "killed"  # what a run killed mid-training leaves
+    store.write_json(killed / "config.json", {"method": "rotation"})
+    store.save_torch(killed / "checkpoint.pt", {"epoch": 0})
+    with pytest.raises(ValueError, match=r"missing model.pt, complete.json.*finished `python -m sslab pretrain`"):
+        load_run(killed)
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory):
+    root = grey_folder(tmp_path_factory.mktemp("images"), per_class=8, size=32)
+    out = tmp_path_factory.mktemp("out")
+    with pytest.warns(UserWarning, match="no test/ folder"):
+        return pretrain(PretrainConfig(dataset=f"folder:{root}", epochs=1, width=0.125), device="cpu",
+                        out=str(out), progress=False, eval_limit=8)
+
+
+def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
+    store.write_json(tmp_path / "half" / "config.json", {"method": "rotation"})
+    err = cli(capsys, "probe", "--run", str(tmp_path / "half"), "--labels", "2", "--out", str(tmp_path))
+    assert "not a complete run" in err and str(tmp_path / "half") in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--labels", "0"], ["labels=0", "integers ≥ 1"]),
+    (["--layer", "conv9"], ["layer='conv9'", "conv1, conv2, conv3, conv4, conv5, pool5"]),
+    (["--probe", "svm"], ["probe='svm'", "mlp, linear, knn"]),
+    (["--seed", "-1"], ["seeds=-1", "integers ≥ 0"]),
+])
+def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expected, monkeypatch, tmp_path, capsys):
+    import sslab.evaluate as evaluate_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dataset work started before the input was checked")
+
+    monkeypatch.setattr(evaluate_module, "_splits_for", forbidden)
+    monkeypatch.setattr(evaluate_module, "run_features", forbidden)
+    argv = ["--labels", "2", *argv] if "--labels" not in argv else argv
+    err = cli(capsys, "probe", "--run", str(complete_run.path), "--out", str(tmp_path), *argv)
+    for text in expected:
+        assert text in err
+
+
+# ---------------------------------------------------------------- a real process: exit code, no traceback
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "simclr"], "method='simclr' is not known; allowed: rotation, vae, siamese-vae"),
+    (["--epochs", "0"], "epochs=0 is not allowed; allowed: an integer ≥ 1"),
+    (["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+])
+def test_command_line_exits_2_with_one_error_line(argv, expected, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sslab", "pretrain", "--out", str(tmp_path), *argv],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_dataset_names_where_it_looked_and_how_to_get_it(monkeypatch, tmp_path):
+    import sslab.data as data
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(data, "_CACHE", {})
+    monkeypatch.setenv("SSLAB_DATA", str(tmp_path / "cache"))
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("fashion-mnist", data_root=str(tmp_path / "root"), download=False)
+    message = str(info.value)
+    assert str(tmp_path / "root") in message and str(tmp_path / "not-installed") in message
+    assert "apt-get install dataset-fashion-mnist" in message

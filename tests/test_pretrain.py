@@ -1,0 +1,134 @@
+"""sslab.pretrain through its Python API: complete run folders, the cache, force, load_task."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sslab import store
+from sslab.data import DEBIAN_FASHION_MNIST
+from sslab.pretrain import PretrainConfig, evaluate_task, load_run, pretrain, unlabeled_pool
+
+pytestmark = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
+                                reason="needs the Debian package dataset-fashion-mnist")
+CPU = torch.device("cpu")
+EVAL = 64  # test images each run is evaluated on (kept small: these tests check plumbing, not accuracy)
+
+
+def _tiny(method="rotation", **overrides) -> PretrainConfig:
+    values = dict(method=method, epochs=1, limit=64, width=0.125, batch_size=32)
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+def _pretrain(config, out, **kwargs):
+    return pretrain(config, device="cpu", out=str(out), progress=False, eval_limit=EVAL, **kwargs)
+
+
+@pytest.mark.parametrize("method, metrics", [
+    ("rotation", {"loss", "rot_acc"}),
+    ("vae", {"loss", "recon", "kl"}),
+    ("siamese-vae", {"loss", "recon", "kl", "triplet"}),
+])
+def test_pretrain_writes_a_complete_run(tmp_path, method, metrics):
+    run = _pretrain(_tiny(method), tmp_path)
+    assert run.path.parent == tmp_path.resolve() / "runs"
+    # Dashes separate the name's parts, so the method's own dash becomes "_".
+    assert run.path.name.startswith(f"pretrain-{method.replace('-', '_')}-fashion_mnist-")
+    for name in ("config.json", "model.pt", "metrics.jsonl", store.COMPLETE):
+        assert (run.path / name).is_file(), name
+    assert not (run.path / "checkpoint.pt").exists(), "the resume checkpoint is removed once the run is complete"
+    config = json.loads((run.path / "config.json").read_text())
+    assert (config["method"], config["limit"], config["width"], config["epochs"]) == (method, 64, 0.125, 1)
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 0
+    assert metrics <= set(rows[0])
+    assert run.summary["images"] == 64 and run.summary["epochs_run"] == 1
+    assert {f"test_{m}" for m in metrics} <= set(run.summary)
+    assert run.summary["backbone"] == {"in_channels": 1, "image_size": 28, "width": 0.125}
+    state = torch.load(run.path / "model.pt", weights_only=True)
+    assert state["method"] == method
+
+
+def test_second_identical_pretrain_is_a_cache_hit_and_force_retrains(tmp_path):
+    first = _pretrain(_tiny(), tmp_path)
+    model = first.path / "model.pt"
+    stamp, metrics = model.stat().st_mtime_ns, (first.path / "metrics.jsonl").read_text()
+    again = _pretrain(_tiny(), tmp_path)
+    assert again.path == first.path
+    assert model.stat().st_mtime_ns == stamp, "a cache hit does not train or write again"
+    assert (first.path / "metrics.jsonl").read_text() == metrics
+    assert again.summary == first.summary
+    # Settings that do not change the result (device, progress) share the run; the seed does not.
+    other_seed = _pretrain(_tiny(seed=1), tmp_path)
+    assert other_seed.path != first.path
+    forced = _pretrain(_tiny(), tmp_path, force=True)
+    assert forced.path == first.path
+    assert model.stat().st_mtime_ns != stamp, "force trains again and replaces the run"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([first.path.name, other_seed.path.name])
+
+
+def test_load_task_round_trip_gives_identical_weights(tmp_path):
+    run = _pretrain(_tiny(), tmp_path)
+    saved = store.load_torch(run.path / "model.pt")["model"]
+    task = run.load_task("cpu")
+    assert not task.training
+    loaded = task.state_dict()
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+    reloaded = load_run(run.path).load_task()
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), loaded.values()))
+    # The loaded weights reproduce the test metrics recorded when the run finished.
+    splits, _ = unlabeled_pool(run.config)
+    again = evaluate_task(task, splits.test.images[:EVAL])
+    for key in ("test_loss", "test_rot_acc"):
+        assert again[key] == pytest.approx(run.summary[key], abs=1e-5), key
+
+
+def test_limit_takes_a_seeded_subset_of_the_unlabeled_pool():
+    _, first = unlabeled_pool(_tiny(limit=100, seed=0))
+    _, again = unlabeled_pool(_tiny(limit=100, seed=0))
+    _, other = unlabeled_pool(_tiny(limit=100, seed=1))
+    assert len(first) == 100 and (first.labels == -1).all()
+    assert torch.equal(first.images, again.images)
+    assert not torch.equal(first.images, other.images)
+    _, everything = unlabeled_pool(_tiny(limit=None))
+    assert len(everything) == 60000
+
+
+def test_method_defaults_fill_in():
+    rotation = PretrainConfig(method="rotation").resolved(CPU)
+    assert (rotation.batch_size, rotation.lr, rotation.width) == (150, 0.05, 0.25)
+    train = rotation.train_config()
+    assert (train.optimizer, train.nesterov, train.momentum, train.weight_decay) == ("sgd", True, 0.9, 5e-4)
+    vae = PretrainConfig(method="vae", lr=0.002, width=0.5).resolved(CPU)
+    assert (vae.batch_size, vae.lr, vae.width) == (128, 0.002, 0.5)
+    assert vae.train_config().optimizer == "adam"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(method="jigsaw"), "method='jigsaw' is not known; allowed: rotation, vae, siamese-vae"),
+    (dict(dataset="mnist"), "dataset='mnist' is not known"),
+    (dict(epochs=0), "epochs=0 is not allowed"),
+    (dict(limit=1), "limit=1 is not allowed"),
+    (dict(batch_size=1), "batch_size=1 is not allowed"),
+    (dict(image_size=8), "image_size=8 is not allowed"),
+    (dict(width=5.0), "width=5.0 is not allowed"),
+    (dict(lr=-0.1), "lr=-0.1 is not allowed"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
+    with pytest.raises(ValueError) as info:
+        _pretrain(_tiny(**overrides), tmp_path)
+    assert message in str(info.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_load_run_refuses_incomplete_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_run(tmp_path / "nothing")
+    (tmp_path / "half").mkdir()
+    store.write_json(tmp_path / "half" / "config.json", {"method": "rotation"})
+    with pytest.raises(ValueError, match=r"not a complete run \(missing model.pt, complete.json\)"):
+        load_run(tmp_path / "half")

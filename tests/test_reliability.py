@@ -1,0 +1,462 @@
+"""Reliability: killed runs resume, files can be trusted, concurrent runs share one folder,
+--deterministic repeats bit for bit, a failed --force leaves the complete run alone.
+
+The command-line tests run a real ``python -m sslab pretrain`` on a tiny image folder
+(2 classes of noise, 32 px, width 0.125) so each run takes seconds on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslab import store
+from sslab.__main__ import main
+from sslab.models import BackboneConfig
+from sslab.pretext import build_task
+from sslab.pretrain import PretrainConfig, load_run, pretrain
+from sslab.train import TrainConfig, fit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_image_folder(root: Path, classes: int = 2, train_per_class: int = 32, test_per_class: int = 4,
+                      size: int = 32, seed: int = 0) -> Path:
+    """``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` of grey noise."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def pretrain_command(images: Path, out: Path, epochs: int, *extra: str) -> list:
+    return [sys.executable, "-m", "sslab", "pretrain", "--dataset", f"folder:{images}", "--epochs", str(epochs),
+            "--width", "0.125", "--device", "cpu", "--out", str(out), "--no-progress", *extra]
+
+
+def start(command: list, log: Path, **env: str) -> subprocess.Popen:
+    """Start ``command`` with stdout/stderr in files (a full pipe would block the child)."""
+    return subprocess.Popen(command, cwd=REPO, stdout=open(log.with_suffix(".out"), "w"),
+                            stderr=open(log.with_suffix(".err"), "w"), env={**os.environ, **env})
+
+
+def finish(process: subprocess.Popen, log: Path, timeout: float = 240) -> tuple:
+    rc = process.wait(timeout=timeout)
+    return rc, log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+
+
+def run_folders(out: Path) -> list:
+    return sorted(p for p in (out / "runs").iterdir() if p.is_dir()) if (out / "runs").is_dir() else []
+
+
+def epochs_in(folder: Path) -> list:
+    return [row["epoch"] for row in store.read_jsonl(folder / "metrics.jsonl")]
+
+
+def tiny_config(images: Path, epochs: int = 1, **overrides) -> PretrainConfig:
+    return PretrainConfig(dataset=f"folder:{images}", epochs=epochs, width=0.125, **overrides)
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+
+def test_killed_pretrain_resumes_from_its_checkpoint(image_folder, tmp_path):
+    out = tmp_path / "out"
+    command = pretrain_command(image_folder, out, 4)
+    first = start(command, tmp_path / "first")
+    deadline = time.monotonic() + 240
+    checkpoint = None
+    while checkpoint is None:
+        assert first.poll() is None, f"the run ended before its first checkpoint: {(tmp_path / 'first.err').read_text()}"
+        assert time.monotonic() < deadline, "no checkpoint.pt after 240 s"
+        found = list(out.glob("runs/*/checkpoint.pt"))
+        checkpoint = found[0] if found else None
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    folder = checkpoint.parent
+    assert not store.is_complete(folder), "the run finished before it could be killed; the test proves nothing"
+    done = epochs_in(folder)
+    assert done and done == list(range(len(done)))
+
+    rc, stdout, stderr = finish(start(command, tmp_path / "second"), tmp_path / "second")
+    assert rc == 0, stderr
+    assert "resuming" in stderr and str(checkpoint) in stderr
+    assert stdout.strip().splitlines()[-1] == str(folder)
+    summary = store.read_json(folder / store.COMPLETE)
+    assert summary["resumed_from_epoch"] >= 1
+    assert summary["epochs_run"] == 4
+    assert epochs_in(folder) == [0, 1, 2, 3]  # each epoch exactly once
+    assert not (folder / "checkpoint.pt").exists()
+    run = load_run(folder)
+    assert run.load_task().backbone.config.width == 0.125
+    assert run_folders(out) == [folder]
+
+
+# ---------------------------------------------------------------- resume inside fit: exact
+
+def _interrupt_at(task, step: int):
+    """Make ``task.loss`` raise KeyboardInterrupt on call ``step`` (a kill mid-epoch)."""
+    calls = [0]
+    loss = task.loss
+
+    def interrupting(images):
+        calls[0] += 1
+        if calls[0] == step:
+            raise KeyboardInterrupt
+        return loss(images)
+
+    task.loss = interrupting
+    return task
+
+
+def _task(seed: int):
+    torch.manual_seed(seed)
+    return build_task("rotation", BackboneConfig(in_channels=1, image_size=28, width=0.125))
+
+
+def test_resumed_fit_matches_an_uninterrupted_one_bit_for_bit(tmp_path, make_image_set):
+    """Model, optimiser, LR schedule, shuffling generator and the global RNG (augmentation)
+    all come back from the checkpoint: a run interrupted mid-epoch 3 and resumed ends with the
+    same weights and the same per-epoch losses as a run that was never interrupted."""
+    images = make_image_set(n=48, size=28).images
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.05, schedule="step", milestones=(0.5,), seed=3)
+
+    reference = _task(0)
+    torch.manual_seed(123)
+    expected = fit(reference, (images,), cfg, torch.device("cpu"), progress=False)
+
+    checkpoint, metrics = tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl"
+    interrupted = _interrupt_at(_task(0), 2 * 3 + 2)  # 3 steps per epoch: dies in epoch 2
+    torch.manual_seed(123)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, (images,), cfg, torch.device("cpu"), checkpoint=checkpoint, metrics_path=metrics,
+            progress=False)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    assert [r["epoch"] for r in store.read_jsonl(metrics)] == [0, 1]
+
+    torch.manual_seed(999)  # whatever the global RNG is now, the checkpoint's state wins
+    resumed_task = _task(7)  # different initial weights: the checkpoint's must replace them
+    resumed = fit(resumed_task, (images,), cfg, torch.device("cpu"), checkpoint=checkpoint, metrics_path=metrics,
+                  progress=False)
+    assert resumed.resumed_from == 2
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in expected.history]
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in expected.history]
+    assert [r["epoch"] for r in store.read_jsonl(metrics)] == [0, 1, 2, 3]
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed_task.state_dict()[name]), name
+
+
+def test_resume_after_early_stop_does_not_train_on(tmp_path, make_image_set):
+    """A run that early-stopped and was killed before its caller finished must not start
+    training again on resume: it returns the best epoch's weights, as the first run would."""
+    images = make_image_set(n=32, size=28).images
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=0.05, patience=1, seed=0)
+    scores = iter([0.5, 0.9, 0.4, 0.3, 0.2, 0.1])
+    task = _task(0)
+    checkpoint = tmp_path / "checkpoint.pt"
+    first = fit(task, (images,), cfg, torch.device("cpu"), validate=lambda m: {"val_acc": next(scores)},
+                checkpoint=checkpoint, progress=False)
+    assert first.epochs_run == 3 and first.best_epoch == 1
+    best = {k: v.clone() for k, v in task.state_dict().items()}
+
+    again = _task(5)
+    second = fit(again, (images,), cfg, torch.device("cpu"), validate=lambda m: {"val_acc": 1.0},
+                 checkpoint=checkpoint, progress=False)
+    assert second.epochs_run == 3 and second.best_epoch == 1
+    for name, value in best.items():
+        assert torch.equal(value, again.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------- files that can be trusted
+
+def test_truncated_checkpoint_is_reported_with_its_path_not_loaded(image_folder, tmp_path, monkeypatch, capsys):
+    """A killed run leaves checkpoint.pt; if that file is damaged, the next run says which file
+    and stops (exit 2, no traceback) instead of training from scratch over it."""
+    import sslab.pretrain as pretrain_module
+    out = tmp_path / "out"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # dies after its last epoch's checkpoint, before model.pt
+
+    monkeypatch.setattr(pretrain_module, "evaluate_task", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(image_folder, epochs=2), device="cpu", out=str(out), progress=False)
+    monkeypatch.undo()
+    (folder,) = run_folders(out)
+    checkpoint = folder / "checkpoint.pt"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+
+    with pytest.raises(store.CorruptCheckpoint, match=str(checkpoint)):
+        store.load_torch(checkpoint)
+    argv = ["pretrain", "--dataset", f"folder:{image_folder}", "--epochs", "2", "--width", "0.125",
+            "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(checkpoint) in err and "Traceback" not in err
+    assert checkpoint.stat().st_size == len(data) // 2  # left for the person to inspect
+    assert not store.is_complete(folder)
+
+
+def test_truncated_or_empty_weights_are_reported_with_their_path(image_folder, tmp_path):
+    run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    model = run.path / "model.pt"
+    data = model.read_bytes()
+    for damaged in (data[: len(data) // 3], data[:100], b""):
+        model.write_bytes(damaged)
+        with pytest.raises(store.CorruptCheckpoint) as info:
+            load_run(run.path).load_task()
+        assert str(model) in str(info.value)
+
+
+class _RunsCode:
+    """Unpickling this runs ``touch marker`` (what a malicious shared checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, writer):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "shared.pt"
+    payload = {"model": {"weight": torch.zeros(2)}, "extra": _RunsCode(marker)}
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, path)
+    with pytest.raises(store.CorruptCheckpoint) as info:
+        store.load_torch(path)
+    assert str(path) in str(info.value)
+    assert not marker.exists()
+    # The same file without weights_only would have run the command: the test can fail.
+    if writer == "torch.save":
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_writes_are_atomic_and_files_stay_readable_for_others(tmp_path, monkeypatch):
+    target = tmp_path / "model.pt"
+    store.save_torch(target, {"w": torch.ones(3)})
+
+    def dies(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies)
+    with pytest.raises(OSError):
+        store.save_torch(target, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(store.load_torch(target)["w"], torch.ones(3))  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+    # Shared checkpoints: permissions follow the umask like any other file, not 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_jsonl_reader_drops_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "loss": 1.0}\n{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "lo')
+    assert [r["epoch"] for r in store.read_jsonl(path)] == [0, 1]
+
+
+# ---------------------------------------------------------------- a failed run never replaces a complete one
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_failed_force_leaves_the_complete_run_intact(image_folder, tmp_path, monkeypatch):
+    import sslab.pretrain as pretrain_module
+    config = tiny_config(image_folder)
+    run = pretrain(config, device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    before = _snapshot(run.path)
+    assert {"config.json", "model.pt", "metrics.jsonl", store.COMPLETE} <= set(before)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after training")
+
+    monkeypatch.setattr(pretrain_module, "evaluate_task", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain(config, device="cpu", out=str(tmp_path), force=True, progress=False, eval_limit=8)
+    monkeypatch.undo()
+    assert _snapshot(run.path) == before
+    assert [r.path for r in [load_run(run.path)]] == [run.path]
+    assert store.list_runs("pretrain", out=str(tmp_path)) == [run.path]
+
+    # Without force the complete run is reused as is; with force the new one replaces it.
+    assert _snapshot(pretrain(config, device="cpu", out=str(tmp_path), progress=False).path) == before
+    redone = pretrain(config, device="cpu", out=str(tmp_path), force=True, progress=False, eval_limit=8)
+    assert redone.path == run.path and store.is_complete(run.path)
+    assert run_folders(tmp_path) == [run.path]  # no .new or .old folder left
+
+
+def test_complete_runs_are_read_from_a_folder_that_cannot_be_written(image_folder, tmp_path, monkeypatch):
+    """A shared, read-only outputs folder: reusing a complete run needs no write access."""
+    config = tiny_config(image_folder)
+    run = pretrain(config, device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+
+    def read_only(folder, parameter="out"):
+        raise PermissionError(f"{parameter}={str(folder)!r} cannot be written")
+
+    monkeypatch.setattr(store, "check_writable", read_only)
+    assert pretrain(config, device="cpu", out=str(tmp_path), progress=False).path == run.path
+    with pytest.raises(PermissionError, match="cannot be written"):
+        pretrain(tiny_config(image_folder, epochs=2), device="cpu", out=str(tmp_path), progress=False)
+
+
+def test_crash_between_the_two_renames_of_force_is_recovered(image_folder, tmp_path, monkeypatch):
+    """--force swaps the new run in with two renames; a kill between them leaves the new
+    complete run as ``<name>.new`` and no ``<name>``: the next call finishes the swap."""
+    import shutil
+
+    import sslab.pretrain as pretrain_module
+    config = tiny_config(image_folder)
+    run = pretrain(config, device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    new = run.path.with_name(run.path.name + ".new")
+    shutil.copytree(run.path, new)
+    run.path.rename(run.path.with_name(run.path.name + ".old"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again although a complete run was there")
+
+    monkeypatch.setattr(pretrain_module, "fit", no_training)
+    recovered = pretrain(config, device="cpu", out=str(tmp_path), progress=False)
+    assert recovered.path == run.path and store.is_complete(run.path)
+    assert run_folders(tmp_path) == [run.path]
+
+
+# ---------------------------------------------------------------- two processes, one config
+
+def test_two_processes_with_the_same_config_share_one_run(image_folder, tmp_path):
+    out = tmp_path / "out"
+    command = pretrain_command(image_folder, out, 1)
+    processes = [start(command, tmp_path / f"p{i}") for i in range(2)]
+    results = [finish(p, tmp_path / f"p{i}") for i, p in enumerate(processes)]
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr
+        assert "Traceback" not in stderr
+    (folder,) = run_folders(out)
+    assert [r[1].strip().splitlines()[-1] for r in results] == [str(folder)] * 2
+    assert [r[1].strip().splitlines()[-2] for r in results][0] == [r[1].strip().splitlines()[-2] for r in results][1]
+    assert epochs_in(folder) == [0]  # one writer: each epoch once
+    assert store.is_complete(folder) and not (folder / "checkpoint.pt").exists()
+    load_run(folder).load_task()
+    assert not list(folder.parent.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+def test_lock_makes_the_second_process_wait(tmp_path):
+    """While one process holds a run folder's lock, another asking for it without waiting is
+    refused, and a waiting one gets it once the first lets go."""
+    folder = tmp_path / "run"
+    released = tmp_path / "released"
+    code = ("import pathlib, sys, time; from sslab import store\n"
+            "with store.locked(sys.argv[1]):\n"
+            "    print('locked', flush=True); time.sleep(2); pathlib.Path(sys.argv[2]).touch()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), str(released)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BlockingIOError):
+            with store.locked(folder, wait=False):
+                pass
+        messages = []
+        with store.locked(folder, poll=0.05, announce=messages.append):
+            assert released.exists()  # only once the holder was done
+        assert messages and folder.name in messages[0]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- --deterministic
+
+def test_deterministic_cpu_runs_repeat_bit_for_bit(image_folder, tmp_path):
+    outs = [tmp_path / "a", tmp_path / "b"]
+    # One thread each: the two runs share the CPU cores side by side.
+    processes = [start(pretrain_command(image_folder, out, 2, "--deterministic", "--method", "vae"),
+                       tmp_path / out.name, OMP_NUM_THREADS="1") for out in outs]
+    results = [finish(p, tmp_path / out.name) for p, out in zip(processes, outs)]
+    assert all(rc == 0 for rc, _, _ in results), results
+    folders = [run_folders(out)[0] for out in outs]
+    assert folders[0].name == folders[1].name
+    metrics = [store.read_jsonl(f / "metrics.jsonl") for f in folders]
+    keys = [k for k in metrics[0][0] if k not in ("seconds", "images_per_s")]
+    assert len(metrics[0]) == len(metrics[1]) == 2
+    for row_a, row_b in zip(*metrics):
+        assert [row_a[k] for k in keys] == [row_b[k] for k in keys]
+    summaries = [store.read_json(f / store.COMPLETE) for f in folders]
+    assert {k: v for k, v in summaries[0].items() if k.startswith("test_")} == \
+           {k: v for k, v in summaries[1].items() if k.startswith("test_")}
+    weights = [store.load_torch(f / "model.pt")["model"] for f in folders]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+def test_deterministic_is_a_parameter_of_pretrain_and_the_command_line():
+    import inspect
+
+    from sslab.__main__ import build_parser
+    assert inspect.signature(pretrain).parameters["deterministic"].default is False
+    args = build_parser().parse_args(["pretrain", "--deterministic"])
+    assert args.deterministic is True
+
+
+def test_json_files_are_complete_json(tmp_path):
+    path = tmp_path / "table.json"
+    store.write_json(path, {"rows": list(range(5))})
+    assert json.loads(path.read_text()) == {"rows": [0, 1, 2, 3, 4]}
+
+
+# ---------------------------------------------------------------- sweeps skip what is done
+
+def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_path, monkeypatch):
+    import sslab.evaluate as evaluate_module
+    from sslab.evaluate import EvalConfig, label_curve
+    run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    cfg = EvalConfig(val_per_class=2, probe_epochs=2, samples_per_epoch=16, probe_patience=0)
+    real_fit, calls = evaluate_module.fit, []
+
+    def killed_on_second_cell(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "fit", killed_on_second_cell)
+    with pytest.raises(KeyboardInterrupt):
+        label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path), config=cfg,
+                    progress=False)
+    assert len(calls) == 2
+    calls.clear()
+    table = label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),
+                        config=cfg, progress=False)
+    assert len(calls) == 1  # the first cell was complete and is read back, not trained again
+    assert sorted(row["budget"] for row in table.rows) == [1, 2]
+    calls.clear()
+    again = label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),
+                        config=cfg, progress=False)
+    assert calls == [] and [r["top1"] for r in again.rows] == [r["top1"] for r in table.rows]
