@@ -44,8 +44,10 @@ class SiameseVAETask(VAETask):
         mu, rec, kl = self.vae_terms(x)
         positive_mu, _ = self.encode(self.positive_augment.apply(x))
         n = x.shape[0]
-        shift = int(torch.randint(1, max(2, n), (1,))) if n > 1 else 0
-        negative_mu = positive_mu.roll(shift, dims=0)
+        # Rolled by a random offset in [1, n): never the anchor itself. Drawn on the device, so the
+        # step never waits for the host (and torch.compile sees no data-dependent Python int).
+        shift = torch.randint(1, max(2, n), (1,), device=x.device)
+        negative_mu = positive_mu[(torch.arange(n, device=x.device) + shift) % n]
         trip = triplet_loss(mu, positive_mu, negative_mu, self.margin)
         return {"loss": rec + self.beta * kl + self.triplet_weight * trip,
                 "recon": rec.detach(), "kl": kl.detach(), "triplet": trip.detach()}
