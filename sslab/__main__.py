@@ -42,7 +42,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=5, help="pretraining epochs")
+    p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128)")

@@ -34,7 +34,7 @@ class PretrainConfig:
 
     method: str = "rotation"
     dataset: str = "fashion-mnist"
-    epochs: int = 5
+    epochs: int = 3
     limit: Optional[int] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
