@@ -103,7 +103,7 @@ def test_pretrain_help_mentions_every_flag_and_its_default(capsys):
     help_text = " ".join(out.split())
     for flag in PRETRAIN_FLAGS:
         assert flag in help_text, flag
-    for default in ("(default: rotation)", "(default: fashion-mnist)", "(default: 5)", "(default: auto)",
+    for default in ("(default: rotation)", "(default: fashion-mnist)", "(default: 3)", "(default: auto)",
                     "(default: 0)"):
         assert default in help_text, default
     pretrain = build_parser()._subparsers._group_actions[0].choices["pretrain"]
