@@ -59,6 +59,18 @@ def _summary_entries(table) -> list:
     return ResultTable(list(table)).summary()
 
 
+def _row_order(table):
+    """Sort key for (method, protocol) series: the order the rows were computed in (methods as
+    the sweep listed them), scratch last."""
+    rows = getattr(table, "rows", None) or (table if isinstance(table, list) else [])
+    seen = list(dict.fromkeys((r["method"], r["protocol"]) for r in rows if "method" in r and "seed" in r))
+
+    def key(item):
+        series = item[0]
+        return (series[1] == "scratch", seen.index(series) if series in seen else len(seen), series)
+    return key
+
+
 def _series_label(method: str, protocol: str) -> str:
     return method if protocol in ("probe", "scratch") else f"{method} ({protocol})"
 
@@ -84,7 +96,7 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
         if methods is not None and e["method"] not in methods and e["protocol"] != "scratch":
             continue
         groups.setdefault((e["method"], e["protocol"]), []).append(e)
-    for i, ((method, protocol), entries) in enumerate(groups.items()):
+    for i, ((method, protocol), entries) in enumerate(sorted(groups.items(), key=_row_order(table))):
         entries = sorted(entries, key=lambda e: e["budget"])
         x = np.array([e["budget"] for e in entries])
         y = 100 * np.array([e[f"{metric}_mean"] for e in entries])
@@ -262,7 +274,7 @@ def vae_gallery(gallery: dict):
     rows = [("test input", inputs)] + [(f"{k} reconstruction", v) for k, v in recon.items()] + \
            [(f"{k} prior sample", v) for k, v in samples.items()]
     n = inputs.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.25 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 2.2, 1.15 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows):
         for i in range(n):
             _image(axes[r, i], images[i])
@@ -381,9 +393,11 @@ def umap_panels(embeddings: list, classes: Sequence[str], point_size: float = 4.
         ax.set_title(f"{e.name} — {e.space}\n{e.score_label}", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
+    right = 1 - 1.8 / (4.2 * n + 1.8)
+    fig.tight_layout(rect=(0, 0, right, 1))
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", markerscale=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (4.2 * n + 1.8), 1))
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(right, 0.5), markerscale=3, fontsize=8,
+               frameon=False)
     return fig
 
 

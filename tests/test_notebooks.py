@@ -1,0 +1,301 @@
+"""The notebooks: documented typed parameters, checked values, the same pretraining config
+in every notebook, and a real run of all five under nbval (smoke parameters, CPU) plus a
+papermill batch run of 02 at 5 labels per class.
+
+The executions write under a temporary outputs folder (``SSLAB_OUTPUTS``, inherited by the
+kernels), never into the repository's outputs/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sslab import lab, store
+
+papermill = pytest.importorskip("papermill")
+pytest.importorskip("nbval")
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in lab.NOTEBOOKS]
+SMOKE = ROOT / "params" / "smoke.yml"
+COMMON = ["dataset", "methods", "epochs", "limit", "device"]
+
+
+def _cells(path):
+    return nbformat.read(path, as_version=4).cells
+
+
+def _parameters(path) -> dict:
+    """name → papermill's view of each declared parameter (type, default, help)."""
+    return papermill.inspect_notebook(str(path))
+
+
+def _defaults(path) -> dict:
+    """The parameter cell's values, by running it in a fresh namespace."""
+    cell = next(c for c in _cells(path) if "parameters" in c.metadata.get("tags", []))
+    namespace: dict = {}
+    exec(cell.source, namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_layout_and_documented_typed_parameters(path):
+    cells = _cells(path)
+    assert cells[0].cell_type == "markdown" and cells[0].source.startswith("# ")
+    assert "papermill" in cells[0].source and "make lab" in cells[0].source
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    params = _parameters(path)
+    assert set(COMMON) <= set(params)
+    for name, p in params.items():
+        assert p["inferred_type_name"] in ("str", "int", "list", "bool"), name
+        assert p["help"].strip(), f"{path.stem}: parameter {name} has no help comment"
+    if path.stem in ("02_probe", "03_latent_umap", "04_label_curves"):
+        assert params["interactive"]["default"] == "True"
+    # the cell after the parameters (and its markdown) checks them all through sslab
+    check = next(c for c in cells[tagged[0] + 1:] if c.cell_type == "code")
+    assert check.source.startswith("settings = lab.check_notebook_params(")
+    assert all(f"{name}={name}" in check.source for name in params)
+    # the defaults pass the check
+    lab.check_notebook_params(**_defaults(path))
+
+
+def test_every_notebook_derives_the_same_pretraining_configs():
+    """02–05 find the runs 01 trained only if their parameters give the same configs."""
+    configs = {}
+    for path in NOTEBOOKS:
+        settings = lab.check_notebook_params(**{k: v for k, v in _defaults(path).items() if k in COMMON})
+        configs[path.stem] = [settings.pretrain_config(m) for m in settings.methods]
+    first = configs["01_pretext"]
+    assert all(c == first for c in configs.values()), configs
+
+
+def test_smoke_and_full_params_are_valid_for_every_notebook():
+    for params_file in (SMOKE, ROOT / "params" / "full.yml"):
+        params = lab.load_params(params_file)
+        for path in NOTEBOOKS:
+            declared = set(_parameters(path))
+            mine = {k: v for k, v in params.items() if k in declared}
+            if mine.get("device") == "auto" or "device" not in mine:
+                mine["device"] = "cpu"  # full.yml says auto; check the rest on this machine
+            lab.check_notebook_params(**mine)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(labels="abc"), r"parameter labels='abc' is not allowed; allowed: an integer ≥ 1"),
+    (dict(labels=0), r"labels=0 .*≥ 1"),
+    (dict(methods=["rotation", "jigsaw"]), r"methods=\['rotation', 'jigsaw'\].*'jigsaw' is not one"),
+    (dict(methods=[]), r"methods=\[\].*non-empty"),
+    (dict(budgets=[1, "x"]), r"budgets=\[1, 'x'\]"),
+    (dict(budgets="1,x"), r"budgets='1,x'"),
+    (dict(seeds=[-1]), r"seeds=\[-1\]"),
+    (dict(layer="fc7"), r"layer='fc7'.*conv1, conv2"),
+    (dict(probe="svm"), r"probe='svm'.*mlp, linear, knn"),
+    (dict(epochs=1.5), r"epochs=1.5"),
+    (dict(limit=1), r"limit=1"),
+    (dict(interactive="yes"), r"interactive='yes'.*True or False"),
+    (dict(dataset="imagenet"), r"dataset='imagenet'.*fashion-mnist"),
+    (dict(device="tpu"), r"device='tpu'"),
+    (dict(points=5), r"points=5"),
+])
+def test_check_notebook_params_names_parameter_value_and_what_is_allowed(params, message):
+    with pytest.raises(ValueError, match=message):
+        lab.check_notebook_params(**params)
+
+
+def test_check_notebook_params_accepts_command_line_spellings():
+    s = lab.check_notebook_params(methods="rotation,vae", budgets="16,1,4", seeds=2, limit=0, device="cpu")
+    assert s.methods == ("rotation", "vae") and s.budgets == (1, 4, 16) and s.seeds == (2,)
+    assert s.limit is None and str(s.device) == "cpu"
+    with pytest.raises(TypeError, match="unknown notebook parameter"):
+        lab.check_notebook_params(label=3)
+
+
+# ---------------------------------------------------------------- executions
+
+def _html_rows(html: str) -> list:
+    """The cell texts of each <tr> of a pandas HTML table (header cells included)."""
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            elif tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.rows[-1].append(self.cell.strip())
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Rows()
+    parser.feed(html)
+    return [row for row in parser.rows if row]
+
+
+def _kernel_env(outputs: Path) -> dict:
+    """The environment the kernels inherit: outputs in a temporary folder, one thread per
+    process (two spin-waiting threads on a shared 2-core machine are far slower), and no
+    MPLBACKEND (it would silently drop the inline figures)."""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["SSLAB_OUTPUTS"] = str(outputs)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"
+    return env
+
+
+@pytest.fixture(scope="module")
+def shared_outputs(tmp_path_factory):
+    """One outputs folder for the executions below, so the papermill run of 02 reuses the
+    runs the nbval run pretrained."""
+    return tmp_path_factory.mktemp("notebook-outputs")
+
+
+def test_notebooks_run_under_nbval_with_the_smoke_parameters(tmp_path, shared_outputs):
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for path in NOTEBOOKS:
+        papermill.execute_notebook(str(path), str(prepared / path.name), parameters=lab.load_params(SMOKE),
+                                   prepare_only=True, progress_bar=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-q",
+         "-W", "ignore::DeprecationWarning", "--rootdir", str(prepared), str(prepared)],
+        cwd=prepared, env=_kernel_env(shared_outputs), capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    # the kernels wrote into the temporary outputs folder: runs, figures (PNG + PDF), tables
+    figures = shared_outputs / "figures"
+    for stem in ("01_training_curves", "01_rotation_examples", "01_vae_gallery", "02_confusion_best",
+                 "03_umap_conv4", "04_label_curves", "05_finetune"):
+        assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file(), stem
+    smoke = lab.load_params(SMOKE)
+    assert len(store.list_runs("pretrain", str(shared_outputs))) == len(smoke["methods"])
+    table = json.loads((shared_outputs / "tables" / "nb04_label_curves.json").read_text())
+    assert {(r["method"], r["budget"], r["seed"]) for r in table["rows"]} == {
+        (m, b, s) for m in [*smoke["methods"], "scratch"] for b in smoke["budgets"] for s in smoke["seeds"]}
+
+
+def test_papermill_batch_run_of_02_at_5_labels_per_class(tmp_path, shared_outputs, monkeypatch):
+    for key, value in _kernel_env(shared_outputs).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    out = tmp_path / "02_probe-5.ipynb"
+    params = {**lab.load_params(SMOKE), "labels": 5, "interactive": False}
+    params = {k: v for k, v in params.items() if k in _parameters(NOTEBOOKS[1])}
+    papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters=params, cwd=str(tmp_path),
+                               progress_bar=False, kernel_name="python3")
+    nb = nbformat.read(out, as_version=4)
+    table_cell = next(c for c in nb.cells if "results-table" in c.metadata.get("tags", []))
+    html = next(o for o in table_cell.outputs if o.output_type == "execute_result")["data"]["text/html"]
+    header, *body = _html_rows(html)
+    assert header[1:5] == ["method", "protocol", "labels per class", "seeds"], header
+    assert [row[1] for row in body] == [*params["methods"], "scratch"]
+    assert all(row[3] == "5" for row in body), body
+    # figures are embedded, and no cell failed
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    saved = json.loads((shared_outputs / "tables" / "nb02_probe.json").read_text())
+    assert {r["budget"] for r in saved["rows"]} == {5}
+
+
+def test_a_bad_parameter_stops_in_the_check_cell_with_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    out = tmp_path / "bad.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters={"labels": "abc"},
+                                   progress_bar=False, kernel_name="python3")
+    assert error.value.ename == "ValueError"
+    assert "labels='abc'" in error.value.evalue and "an integer ≥ 1" in error.value.evalue
+    nb = nbformat.read(out, as_version=4)
+    failed = [c for c in nb.cells if c.cell_type == "code" and any(o.output_type == "error" for o in c.outputs)]
+    assert len(failed) == 1 and failed[0].source.startswith("settings = lab.check_notebook_params(")
+
+
+# ---------------------------------------------------------------- tables and sentences
+
+def _result_rows():
+    from sslab.evaluate import ResultTable
+    rows = []
+    for budget, base in ((1, 0.50), (4, 0.60)):
+        for seed, jitter in ((0, -0.01), (1, 0.01)):
+            # distinct gains per budget, so "largest" and "closest" have one answer
+            for method, protocol, delta in (("rotation", "probe", 0.04),
+                                            ("rotation", "finetune", 0.06 if budget == 1 else 0.05),
+                                            ("vae", "probe", -0.02 if budget == 1 else -0.03),
+                                            ("scratch", "scratch", 0.0)):
+                top1 = base + delta + jitter
+                confusion = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
+                rows.append({"method": method, "protocol": protocol, "probe": "mlp", "layer": "conv4",
+                             "budget": budget, "seed": seed, "top1": top1, "top5": top1 + 0.2, "epochs": 3,
+                             "seconds": 1.0, "per_class": [0.8, 0.9, 0.5], "confusion": confusion,
+                             "classes": ["a", "b", "c"]})
+    return ResultTable(rows)
+
+
+def test_tables_show_mean_and_std_in_percent_in_the_sweep_order():
+    table = _result_rows()
+    pivot = lab.pivot_frame(table, "top1")
+    assert list(pivot.index) == ["rotation", "rotation (finetune)", "vae", "scratch"]
+    assert list(pivot.columns) == ["1", "4"]
+    assert pivot.loc["rotation", "1"] == "54.0 ± 1.4" and pivot.loc["scratch", "4"] == "60.0 ± 1.4"
+    gains = lab.gain_frame(table, "top1")
+    assert gains.loc["rotation", "1"] == "+4.0 ± 0.0 (2/2)" and gains.loc["vae", "4"] == "-3.0 ± 0.0 (0/2)"
+    frame = lab.results_frame(table, budget=4)
+    assert frame["labels per class"].tolist() == [4] * 4
+    assert frame["method"].tolist() == ["rotation", "rotation", "vae", "scratch"]
+    assert frame["top-1 %"].tolist()[0] == "64.0 ± 1.4"
+
+
+def test_best_series_confusion_and_sentences_come_from_the_numbers():
+    table = _result_rows()
+    assert lab.best_series(table) == ("rotation", "finetune")
+    confusion = lab.confusion_of(table, "vae", "probe", budget=1)
+    assert confusion.tolist() == [[16, 4, 0], [2, 18, 0], [0, 10, 10]]  # two seeds summed
+    assert lab.confusion_sentence(table, "vae", "probe") == (
+        "vae: most often c is taken for b (50% of c); the hardest class is c (50% right).")
+    assert lab.curve_sentence(table) == (
+        "rotation beats scratch at 1, 4 label(s) per class (largest gain +4.0 points at 1); "
+        "vae never beats scratch (closest -2.0 points at 1) — top-1, mean over seeds.")
+    assert lab.finetune_sentence(table) == (
+        "Fine-tuned minus frozen probe, top-1 percentage points by labels per class (mean over seeds): "
+        "rotation +2.0 at 1, +1.0 at 4.")
+    from sslab.evaluate import ResultTable
+    one_budget = ResultTable([r for r in table.rows if r["budget"] == 4 and r["protocol"] != "finetune"])
+    assert lab.probe_sentence(one_budget) == (
+        "At 4 labeled images per class the best is rotation with 64.0% top-1, +4.0 points over scratch "
+        "(mean over 2 seeds).")
+
+
+def test_references_only_for_a_comparable_dataset():
+    assert lab.references("fashion-mnist", [1, 4, 16, 64]) == []
+    refs = lab.references("cifar10", [1, 4, 16, 64, 100])
+    assert refs[0]["budgets"] == [20, 100] and refs[0]["values"] == [64.6, 75.3]
+    assert "reference" in refs[0]["label"]
+
+
+def test_headline_reads_the_table_notebook_04_wrote(isolated_outputs):
+    table = _result_rows()
+    table.save(isolated_outputs / "tables" / lab.TABLES["04_label_curves"])
+    text = lab.headline()
+    assert "54.0 ± 1.4" in text and "+4.0 ± 0.0 (2/2)" in text and "nb04_label_curves.csv" in text
+
+
+def test_lab_command_rejects_unknown_notebooks_and_missing_params(capsys):
+    assert lab.main(["--notebooks", "07"]) == 2
+    assert "--notebooks='07' is not allowed" in capsys.readouterr().err
+    assert lab.main(["--params", "params/nope.yml"]) == 2
+    assert "params/nope.yml" in capsys.readouterr().err
