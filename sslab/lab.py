@@ -21,14 +21,15 @@ import torch
 
 from . import store
 from .data import check_dataset_name, load_dataset
+from .embed import SCORES as SCORE_FUNCTIONS
+from .evaluate import PROBES
 from .models import LAYERS, check_layer
 from .pretext import TASKS, check_method
 from .pretrain import PretrainConfig, Run, describe, pretrain
 from .train import resolve_device
 
 NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune")
-PROBES = ("mlp", "linear", "knn")
-SCORES = ("knn", "silhouette")
+SCORES = tuple(SCORE_FUNCTIONS)
 # Table names under outputs/tables/ written by the notebooks (the last run of each wins).
 TABLES = {"02_probe": "nb02_probe", "04_label_curves": "nb04_label_curves", "05_finetune": "nb05_finetune"}
 
