@@ -593,21 +593,37 @@ def show(fig, name: str, out: Optional[str] = None) -> None:
 
 # ---------------------------------------------------------------- widgets (JupyterLab)
 
-def _widget_output(draw, controls: dict):
-    """A box of ``controls`` above an output that ``draw(**values)`` refills on every change."""
+# The explorers redraw into an Image widget (and an HTML widget for tables) instead of
+# capturing output in an Output widget: Output-widget capture can leave papermill/nbclient
+# waiting forever for a cell to finish (nteract/papermill#723), and batch runs must not hang.
+
+def _explorer(draw, controls: dict):
+    """``controls`` above a table and a figure that ``draw(**values)`` refills on every change.
+    ``draw`` returns a Figure, ``(html, Figure)`` or None (nothing to show)."""
     import ipywidgets as widgets
-    from IPython.display import display
-    output = widgets.interactive_output(lambda **values: _draw_and_show(draw, values, display), controls)
-    return widgets.VBox([widgets.HBox(list(controls.values())), output])
+    html, image = widgets.HTML(), widgets.Image(format="png")
+
+    def update(change=None):
+        result = draw(**{name: control.value for name, control in controls.items()})
+        table, fig = result if isinstance(result, tuple) else ("", result)
+        html.value = table
+        image.value = _png(fig) if fig is not None else b""
+        image.layout.display = None if fig is not None else "none"
+
+    for control in controls.values():
+        control.observe(update, names="value")
+    update()
+    return widgets.VBox([widgets.HBox(list(controls.values())), html, image])
 
 
-def _draw_and_show(draw, values: dict, display) -> None:
+def _png(fig, dpi: int = 90) -> bytes:
+    """A figure as PNG bytes; the figure is closed so the inline backend does not show it again."""
+    import io
     import matplotlib.pyplot as plt
-    result = draw(**values)
-    if result is not None:
-        display(result)
-        if hasattr(result, "savefig"):
-            plt.close(result)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def confusion_explorer(table):
@@ -623,7 +639,7 @@ def confusion_explorer(table):
         rows = [r for r in table.rows if (r["method"], r["protocol"]) == (method, protocol)]
         return plots.confusion(confusion_of(table, method, protocol), classes, f"{series_name(method, protocol)}: "
                                f"{rows[0]['budget']} labels/class, {len(rows)} seed(s)")
-    return _widget_output(draw, {"pick": choice})
+    return _explorer(draw, {"pick": choice})
 
 
 def curve_explorer(table):
@@ -643,7 +659,7 @@ def curve_explorer(table):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         plots.plot_label_curves(table, metric, ax, protocols=set(protocols), methods=set(methods))
         return fig
-    return _widget_output(draw, controls)
+    return _explorer(draw, controls)
 
 
 def budget_explorer(table):
@@ -654,11 +670,10 @@ def budget_explorer(table):
     slider = widgets.SelectionSlider(options=budgets, value=budgets[0], description="labels/class")
 
     def draw(budget):
-        from IPython.display import display
-        display(results_frame(table, budget))
-        return plots.accuracy_bars([r for r in table.rows if r["budget"] == budget],
-                                   title=f"{budget} labeled images per class")
-    return _widget_output(draw, {"budget": slider})
+        return (results_frame(table, budget).to_html(index=False),
+                plots.accuracy_bars([r for r in table.rows if r["budget"] == budget],
+                                    title=f"{budget} labeled images per class"))
+    return _explorer(draw, {"budget": slider})
 
 
 def umap_explorer(runs: dict, settings: LabSettings, panels: list):
@@ -676,7 +691,7 @@ def umap_explorer(runs: dict, settings: LabSettings, panels: list):
             cache[layer] = embeddings(runs, settings, layer)
         chosen = [e for e in cache[layer] if e.name in shown]
         return plots.umap_panels(chosen, classes) if chosen else None
-    return _widget_output(draw, {"layer": layer, "shown": shown})
+    return _explorer(draw, {"layer": layer, "shown": shown})
 
 
 # ---------------------------------------------------------------- make lab

@@ -178,26 +178,40 @@ def test_notebooks_run_under_nbval_with_the_smoke_parameters(tmp_path, shared_ou
         cwd=prepared, env=_kernel_env(shared_outputs), capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     # the kernels wrote into the temporary outputs folder: runs, figures (PNG + PDF), tables
+    smoke = lab.load_params(SMOKE)
     figures = shared_outputs / "figures"
     for stem in ("01_training_curves", "01_rotation_examples", "01_vae_gallery", "02_confusion_best",
-                 "03_umap_conv4", "04_label_curves", "05_finetune"):
+                 f"03_umap_{smoke['layer']}", "04_label_curves", "05_finetune"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file(), stem
-    smoke = lab.load_params(SMOKE)
     assert len(store.list_runs("pretrain", str(shared_outputs))) == len(smoke["methods"])
     table = json.loads((shared_outputs / "tables" / "nb04_label_curves.json").read_text())
     assert {(r["method"], r["budget"], r["seed"]) for r in table["rows"]} == {
         (m, b, s) for m in [*smoke["methods"], "scratch"] for b in smoke["budgets"] for s in smoke["seeds"]}
 
 
-def test_papermill_batch_run_of_02_at_5_labels_per_class(tmp_path, shared_outputs, monkeypatch):
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _outputs(nb):
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_papermill_batch_run_of_02_at_5_labels_per_class(tmp_path, shared_outputs, monkeypatch, interactive):
+    """``papermill notebooks/02_probe.ipynb OUT -f params/smoke.yml -p labels 5`` (widgets on, the
+    default) and the same with ``-p interactive False``: both finish headless (a per-cell
+    timeout turns a hang into a failure), the table is for 5 labels per class, figures are
+    embedded, and widgets appear only when asked for."""
     for key, value in _kernel_env(shared_outputs).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MPLBACKEND", raising=False)
     out = tmp_path / "02_probe-5.ipynb"
-    params = {**lab.load_params(SMOKE), "labels": 5, "interactive": False}
+    params = {**lab.load_params(SMOKE), "labels": 5}
+    if not interactive:
+        params["interactive"] = False
     params = {k: v for k, v in params.items() if k in _parameters(NOTEBOOKS[1])}
     papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters=params, cwd=str(tmp_path),
-                               progress_bar=False, kernel_name="python3")
+                               progress_bar=False, kernel_name="python3", execution_timeout=600)
     nb = nbformat.read(out, as_version=4)
     table_cell = next(c for c in nb.cells if "results-table" in c.metadata.get("tags", []))
     html = next(o for o in table_cell.outputs if o.output_type == "execute_result")["data"]["text/html"]
@@ -205,9 +219,10 @@ def test_papermill_batch_run_of_02_at_5_labels_per_class(tmp_path, shared_output
     assert header[1:5] == ["method", "protocol", "labels per class", "seeds"], header
     assert [row[1] for row in body] == [*params["methods"], "scratch"]
     assert all(row[3] == "5" for row in body), body
-    # figures are embedded, and no cell failed
-    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    outputs = _outputs(nb)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any(WIDGET_VIEW in o.get("data", {}) for o in outputs) == interactive
     saved = json.loads((shared_outputs / "tables" / "nb02_probe.json").read_text())
     assert {r["budget"] for r in saved["rows"]} == {5}
 
@@ -299,3 +314,20 @@ def test_lab_command_rejects_unknown_notebooks_and_missing_params(capsys):
     assert "--notebooks='07' is not allowed" in capsys.readouterr().err
     assert lab.main(["--params", "params/nope.yml"]) == 2
     assert "params/nope.yml" in capsys.readouterr().err
+
+
+def test_explorers_redraw_their_figure_and_table_when_a_control_changes():
+    pytest.importorskip("ipywidgets")
+    table = _result_rows()
+    box = lab.budget_explorer(table)
+    slider, html, image = box.children[0].children[0], box.children[1], box.children[2]
+    assert image.value[:8] == b"\x89PNG\r\n\x1a\n" and "54.0 ± 1.4" in html.value
+    first = bytes(image.value)
+    slider.value = 4
+    assert "64.0 ± 1.4" in html.value and "54.0 ± 1.4" not in html.value
+    assert bytes(image.value) != first
+    box = lab.confusion_explorer(table)
+    choice, image = box.children[0].children[0], box.children[2]
+    before = bytes(image.value)
+    choice.value = next(value for _, value in choice.options if value != choice.value)
+    assert bytes(image.value) != before and image.value[:4] == b"\x89PNG"
