@@ -51,13 +51,14 @@ def cmd_probe(args) -> int:
     run = load_run(args.run)
     cfg = EvalConfig(val_per_class=args.val_per_class)
     rows = [probe_run(run, args.labels, args.seed, args.layer, args.probe, args.device, args.out, cfg,
-                      progress=args.progress)]
+                      progress=args.progress, deterministic=args.deterministic)]
     if args.finetune:
         rows.append(finetune_run(run, args.labels, args.seed, args.layer, args.device, args.out, cfg,
-                                 progress=args.progress))
+                                 progress=args.progress, deterministic=args.deterministic))
     if args.scratch:
         rows.append(scratch_run(run.config.dataset, args.labels, args.seed, like=run, layer=args.layer,
-                                device=args.device, out=args.out, config=cfg, progress=args.progress))
+                                device=args.device, out=args.out, config=cfg, progress=args.progress,
+                                deterministic=args.deterministic))
     for row in rows:
         top5 = "-" if row["top5"] is None else f"{100 * row['top5']:.2f} %"
         print(f"{row['method']:<12} {row['protocol']:<9} {row['probe']:<6} {row['layer']} labels={row['budget']} "
@@ -111,7 +112,8 @@ def cmd_curve(args) -> int:
             return 3
     else:
         table = label_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch, args.finetune,
-                            args.device, args.out, cfg, args.name, progress=args.progress, shard=shard)
+                            args.device, args.out, cfg, args.name, progress=args.progress, shard=shard,
+                            deterministic=args.deterministic)
         if shard is not None:
             print(f"shard {shard[0]}/{shard[1]}: computed {len(table)} cell(s); run with --merge when all shards "
                   f"are done")

@@ -325,7 +325,8 @@ def budget_split(splits: DatasetSplits, budget: int, seed: int, val_per_class: i
 
 
 def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str = "mlp", device="auto",
-              out=None, config: Optional[EvalConfig] = None, progress: bool = False) -> dict:
+              out=None, config: Optional[EvalConfig] = None, progress: bool = False,
+              deterministic: bool = False) -> dict:
     """Train a ``probe`` head on frozen ``layer`` features of ``run`` with ``labels`` images per
     class; return the test-set result row (top-1, top-5, per-class accuracy, confusion)."""
     run = run if isinstance(run, Run) else load_run(run)
@@ -354,7 +355,8 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
         # Standardise with statistics of the whole unlabeled train pool: no labels involved.
         mean, std = feats.mean(0), feats.std(0).clamp(min=1e-6)
         head = FeatureProbe(feats.shape[1], classes, probe, cfg.hidden, mean, std).to(dev)
-        fit_result = _fit_head(head, feats, y, train_idx.to(dev), val_idx.to(dev), cfg, seed, dev, progress)
+        fit_result = _fit_head(head, feats, y, train_idx.to(dev), val_idx.to(dev), cfg, seed, dev, progress,
+                               deterministic)
         metrics = classification_metrics(predict(head, test_feats), test_y)
         row = _row(run.method, "probe", probe, cfg, budget, seed, metrics, splits.train.classes, fit_result.epochs_run,
                    time.perf_counter() - t0, fit_result.history)
@@ -369,18 +371,19 @@ def _validator(model, inputs, targets):
     return validate
 
 
-def _fit_head(head, feats, y, train_idx, val_idx, cfg: EvalConfig, seed, dev, progress):
+def _fit_head(head, feats, y, train_idx, val_idx, cfg: EvalConfig, seed, dev, progress, deterministic=False):
     order = train_idx[_repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
     train_cfg = TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, len(order)), optimizer="adam",
                             lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
                             patience=cfg.probe_patience, seed=seed)
     return fit(head, (feats[order], y[order]), train_cfg, dev, validate=_validator(head, feats[val_idx], y[val_idx]),
-               progress=progress, desc="probe")
+               progress=progress, desc="probe", deterministic=deterministic)
 
 
 def scratch_run(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = None, width: Optional[float] = None,
                 image_size: Optional[int] = None, layer: str = "conv4", device="auto", out=None,
-                config: Optional[EvalConfig] = None, data_root: Optional[str] = None, progress: bool = False) -> dict:
+                config: Optional[EvalConfig] = None, data_root: Optional[str] = None, progress: bool = False,
+                deterministic: bool = False) -> dict:
     """The supervised baseline: the same backbone (shaped ``like`` a pretrained run), randomly
     initialised, with the same classifier head, trained end to end on the same labeled images
     with the same augmentation, schedule and early stopping."""
@@ -401,13 +404,13 @@ def scratch_run(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = 
         head = FeatureProbe(pooled_dim(backbone, layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden)
         model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
         return _train_end_to_end(model, splits, "scratch", "scratch", cfg, budget, seed, cfg.epochs, cfg.lr, None,
-                                 folder, cell, dev, progress)
+                                 folder, cell, dev, progress, deterministic)
 
     return _locked_cell(cell, out, compute)
 
 
 def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="auto", out=None,
-                 config: Optional[EvalConfig] = None, progress: bool = False) -> dict:
+                 config: Optional[EvalConfig] = None, progress: bool = False, deterministic: bool = False) -> dict:
     """Fine-tuning: the pretrained backbone plus its trained ``mlp`` probe head (trained first if
     missing), trained together with a small learning rate, the backbone ``backbone_lr_scale``
     times slower than the head, ``finetune_epochs`` (15, as in the study) with early stopping."""
@@ -418,7 +421,7 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
-        probe_row = probe_run(run, budget, seed, layer, "mlp", dev, out, cfg)
+        probe_row = probe_run(run, budget, seed, layer, "mlp", dev, out, cfg, deterministic=deterministic)
         splits = _splits_for(run.config)
         task = run.load_task(dev)
         feats = run_features(run, "train", layer, cfg.grid, dev)
@@ -428,13 +431,13 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
         groups = [{"params": list(model.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale},
                   {"params": list(model.probe.parameters()), "lr_scale": 1.0}]
         return _train_end_to_end(model, splits, run.method, "finetune", cfg, budget, seed, cfg.finetune_epochs,
-                                 cfg.finetune_lr, groups, folder, cell, dev, progress)
+                                 cfg.finetune_lr, groups, folder, cell, dev, progress, deterministic)
 
     return _locked_cell(cell, out, compute)
 
 
 def _train_end_to_end(model, splits, method, protocol, cfg, budget, seed, epochs, lr, groups, folder, cell, dev,
-                      progress) -> dict:
+                      progress, deterministic=False) -> dict:
     train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
     images = splits.train.images.to(dev)
     y = splits.train.labels.to(dev)
@@ -445,7 +448,7 @@ def _train_end_to_end(model, splits, method, protocol, cfg, budget, seed, epochs
     t0 = time.perf_counter()
     result = fit(model, (images[order], y[order]), train_cfg, dev, param_groups=groups,
                  validate=_validator(model, images[va], y[va]), progress=progress, desc=protocol,
-                 checkpoint=folder / "checkpoint.pt")
+                 checkpoint=folder / "checkpoint.pt", deterministic=deterministic)
     metrics = classification_metrics(predict(model, splits.test.images.to(dev)), splits.test.labels.to(dev))
     row = _row(method, protocol, "mlp", cfg, budget, seed, metrics, splits.train.classes, result.epochs_run,
                time.perf_counter() - t0, result.history)
@@ -563,7 +566,7 @@ def curve_cells(methods: Sequence[str], budgets, seeds, scratch: bool, finetune:
 def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", probe: str = "mlp",
                 scratch: bool = True, finetune: bool = False, device="auto", out=None,
                 config: Optional[EvalConfig] = None, name: Optional[str] = None, progress: bool = True,
-                shard: Optional[tuple] = None) -> ResultTable:
+                shard: Optional[tuple] = None, deterministic: bool = False) -> ResultTable:
     """Accuracy against labels per class for each pretrained run (and the scratch baseline).
 
     ``pretrained_runs``: Runs (or run folders) of one dataset. Every method is evaluated on
@@ -597,11 +600,13 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
             bar.set_postfix_str(f"{method} {protocol} k={budget} seed={seed}")
         if protocol == "scratch":
             rows.append(scratch_run(like.config.dataset if like else "fashion-mnist", budget, seed, like=like,
-                                    layer=layer, device=device, out=out, config=cfg))
+                                    layer=layer, device=device, out=out, config=cfg, deterministic=deterministic))
         elif protocol == "finetune":
-            rows.append(finetune_run(by_method[method], budget, seed, layer, device, out, cfg))
+            rows.append(finetune_run(by_method[method], budget, seed, layer, device, out, cfg,
+                                     deterministic=deterministic))
         else:
-            rows.append(probe_run(by_method[method], budget, seed, layer, probe, device, out, cfg))
+            rows.append(probe_run(by_method[method], budget, seed, layer, probe, device, out, cfg,
+                                  deterministic=deterministic))
         if bar is not None:
             bar.update(1)
     if bar is not None:

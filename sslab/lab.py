@@ -26,7 +26,7 @@ from .evaluate import PROBES
 from .models import LAYERS, check_layer
 from .pretext import TASKS, check_method
 from .pretrain import PretrainConfig, Run, describe, pretrain
-from .train import resolve_device
+from .train import make_deterministic, resolve_device
 
 NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune")
 SCORES = tuple(SCORE_FUNCTIONS)
@@ -135,6 +135,7 @@ CHECKS = {
     "score": lambda v: _check_choice("score", v, SCORES),
     "examples": lambda v: _check_int("examples", v, 1, " (images per gallery)"),
     "out": _check_out,
+    "deterministic": lambda v: _check_bool("deterministic", v),
 }
 
 
@@ -158,6 +159,7 @@ class LabSettings:
     score: str = "knn"
     examples: int = 8
     out: Optional[str] = None
+    deterministic: bool = False
     given: tuple = ()  # the parameter names the notebook set (what frame() shows)
 
     def pretrain_config(self, method: str) -> PretrainConfig:
@@ -200,6 +202,8 @@ def check_notebook_params(**params) -> LabSettings:
     settings = LabSettings(**checked, given=tuple(params))
     if "device" not in params:
         settings.device = resolve_device("auto")
+    if settings.deterministic:
+        make_deterministic()  # process-wide: feature extraction and the UMAP inputs repeat too
     return settings
 
 
@@ -226,7 +230,8 @@ def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print)
         folder = store.run_dir("pretrain", method, config.dataset, asdict(resolved), settings.out)
         reused = store.is_complete(folder)
         started = time.perf_counter()
-        run = pretrain(config, device=settings.device, out=settings.out, progress=progress)
+        run = pretrain(config, device=settings.device, out=settings.out, progress=progress,
+                       deterministic=settings.deterministic)
         if announce:
             how = "reused" if reused else f"trained now in {time.perf_counter() - started:.0f} s"
             announce(f"{how}: {run.path.name} — {describe(run)}")
@@ -349,7 +354,7 @@ def evaluate_budgets(runs: dict, settings: LabSettings, budgets=None, scratch: b
     return label_curve(list(runs.values()), budgets=list(budgets), seeds=list(settings.seeds),
                        layer=settings.layer, probe=settings.probe, scratch=scratch, finetune=finetune,
                        device=settings.device, out=settings.out, config=settings.eval_config(), name=name,
-                       progress=False)
+                       progress=False, deterministic=settings.deterministic)
 
 
 def _pm(mean, std, n: int = 2) -> str:

@@ -180,6 +180,16 @@ class FitResult:
     resumed_from: int = 0
 
 
+def make_deterministic() -> None:
+    """Make every later torch call in this process pick deterministic algorithms, so a CPU
+    run repeats bit for bit (``--deterministic``, the notebooks' ``deterministic`` parameter).
+    The setting is process-wide: torch has no per-call switch."""
+    # cuBLAS reads this when its first handle is made; with it CUDA matmuls repeat too.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
         param_groups: Optional[list] = None,
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
@@ -202,9 +212,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     """
     cfg.validate()
     if deterministic:
-        # cuBLAS reads this when its first handle is made; with it CUDA matmuls repeat too.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        make_deterministic()
     n = data[0].shape[0]
     if distributed is None:
         steps = batches_per_epoch(n, cfg.batch_size)

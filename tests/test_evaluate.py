@@ -215,3 +215,22 @@ def test_probe_command_prints_top1_and_top5(tiny_runs):
     bad = subprocess.run([sys.executable, "-m", "sslab", "probe", "--run", out, "--labels", "2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not a complete run" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny_runs, tmp_path, monkeypatch):
+    runs, _ = tiny_runs
+    seen = []
+    real_fit = ev.fit
+
+    def recording_fit(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "fit", recording_fit)
+    tables = [ev.label_curve(runs, budgets=[2], seeds=[0], scratch=True, finetune=True, device="cpu",
+                             out=str(tmp_path / name), config=TINY, progress=False, deterministic=True)
+              for name in ("a", "b")]
+    # per run: probe, finetune (its probe is reused), plus one scratch cell; twice
+    assert seen == [True] * 2 * (2 * len(runs) + 1)
+    keys = ("method", "protocol", "top1", "top5", "epochs", "per_class", "confusion")
+    assert [[row[k] for k in keys] for row in tables[0].rows] == [[row[k] for k in keys] for row in tables[1].rows]

@@ -103,6 +103,7 @@ def test_smoke_and_full_params_are_valid_for_every_notebook():
     (dict(dataset="imagenet"), r"dataset='imagenet'.*fashion-mnist"),
     (dict(device="tpu"), r"device='tpu'"),
     (dict(points=5), r"points=5"),
+    (dict(deterministic="yes"), r"deterministic='yes'.*True or False"),
 ])
 def test_check_notebook_params_names_parameter_value_and_what_is_allowed(params, message):
     with pytest.raises(ValueError, match=message):
@@ -115,6 +116,23 @@ def test_check_notebook_params_accepts_command_line_spellings():
     assert s.limit is None and str(s.device) == "cpu"
     with pytest.raises(TypeError, match="unknown notebook parameter"):
         lab.check_notebook_params(label=3)
+
+
+def test_the_deterministic_parameter_reaches_pretraining_and_the_sweep(monkeypatch):
+    import torch
+    for path in NOTEBOOKS:
+        assert _parameters(path)["deterministic"]["default"] == "False", path.stem
+        check = next(c.source for c in _cells(path) if "lab.check_notebook_params(" in c.source)
+        assert "deterministic=deterministic" in check, path.stem
+    calls = []
+    monkeypatch.setattr(lab, "pretrain", lambda config, **kw: calls.append(("pretrain", kw["deterministic"])))
+    monkeypatch.setattr("sslab.evaluate.label_curve", lambda runs, **kw: calls.append(("curve", kw["deterministic"])))
+    settings = lab.check_notebook_params(methods=["rotation"], budgets=[1], device="cpu", deterministic=True)
+    assert settings.deterministic and torch.are_deterministic_algorithms_enabled()
+    lab.pretrain_runs(settings, announce=None)
+    lab.evaluate_budgets({}, settings)
+    assert calls == [("pretrain", True), ("curve", True)]
+    assert lab.check_notebook_params(device="cpu").deterministic is False
 
 
 # ---------------------------------------------------------------- executions
