@@ -51,6 +51,9 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
+    p.add_argument("--data-budget", type=float, default=None, metavar="GB",
+                   help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
+                        "a larger pool streams from pinned host memory in chunks, with the same result")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +103,7 @@ def cmd_pretrain(args) -> int:
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                             seed=args.seed, data_root=args.data_root)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
-                   deterministic=args.deterministic, sync_bn=args.sync_bn)
+                   deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget)
     from .distributed import is_main_process
     if is_main_process():  # under torchrun, rank 0 speaks for all
         print(describe(run))

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import distributed, store
+from . import distributed, store, stream
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig
 from .pretext import PretextTask, build_task, check_method
@@ -148,14 +148,19 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
-             sync_bn: bool = False) -> Run:
+             sync_bn: bool = False, data_budget: Optional[float] = None) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
     the new run is complete). A run killed part-way resumes from its last checkpoint.
 
     Started by torchrun with several processes, it trains with DistributedDataParallel (see
     :mod:`sslab.distributed`; ``sync_bn``: SyncBatchNorm across them, CUDA only): rank 0 does
-    everything below, the other ranks train beside it, and every rank returns the same Run."""
+    everything below, the other ranks train beside it, and every rank returns the same Run.
+
+    ``data_budget``: GB of device memory the unlabeled images may take (default: half of what
+    is free on CUDA, no limit on the CPU); a larger pool stays in pinned host memory and is
+    streamed to the device chunk by chunk (:mod:`sslab.stream`) — same batches, same result."""
+    budget = check_data_budget(data_budget)
     ddp = distributed.from_environment(device, sync_bn)
     dev = resolve_device(device) if ddp is None else ddp.device
     config = config.resolved(dev)
@@ -165,11 +170,21 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
         return ddp.pretrain(
             lambda: _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, ddp),
             lambda work: _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp))
-    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit)
+    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, budget=budget)
+
+
+def check_data_budget(data_budget) -> Optional[int]:
+    """``data_budget`` in GB → bytes (None stays None: the device's own default)."""
+    if data_budget is None:
+        return None
+    if isinstance(data_budget, bool) or not isinstance(data_budget, (int, float)) or not data_budget >= 0:
+        raise ValueError(f"data_budget={data_budget!r} is not allowed; allowed: a number of GB ≥ 0 "
+                         f"(0 streams everything from host memory), or None for half the free device memory")
+    return int(data_budget * 2 ** 30)
 
 
 def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, progress: bool,
-                       deterministic: bool, eval_limit: int, ddp=None) -> Run:
+                       deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None) -> Run:
     if store.is_complete(folder) and not force:  # reading a complete run needs no write access
         return load_run(folder)
     store.check_writable(folder.parent, "out")
@@ -183,11 +198,11 @@ def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, 
         work = folder
         if force and store.is_complete(folder):
             work = folder.with_name(folder.name + ".new")
-        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp)
+        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp, budget)
 
 
 def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, progress: bool,
-                deterministic: bool, eval_limit: int, ddp=None) -> Optional[Run]:
+                deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None) -> Optional[Run]:
     """Train into ``work`` and return the complete Run (``None`` on torchrun ranks other than 0,
     which write nothing)."""
     if ddp is not None:
@@ -201,9 +216,17 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
         work.mkdir(parents=True, exist_ok=True)
         store.write_json(work / "config.json", asdict(config))
     # Under torchrun the pool stays in host memory; each rank copies its shard of every epoch to its device.
-    images = pool.images.to(dev) if ddp is None else pool.images
+    if ddp is None:
+        # On the device when the pool fits the budget; otherwise streamed from pinned host memory.
+        allowed = stream.device_budget(dev) if budget is None else budget
+        data = stream.place((pool.images,), dev, allowed)
+        if isinstance(data, stream.StreamedData):
+            print(f"streaming {len(pool)} images ({stream.nbytes((pool.images,)) / 2 ** 30:.3g} GB) from host "
+                  f"memory in chunks: over the device budget of {allowed / 2 ** 30:.3g} GB", file=sys.stderr)
+    else:
+        data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
-    result: FitResult = fit(task, (images,), train_config, dev, checkpoint=work / "checkpoint.pt",
+    result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
                             deterministic=deterministic, distributed=ddp)

@@ -199,7 +199,10 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
     ``data``: a tuple of tensors on ``device`` sharing their first dimension; each step passes
-    one slice of each to ``model.loss``. ``validate(model)`` (optional) returns a dict with
+    one slice of each to ``model.loss``. Or a :class:`sslab.stream.StreamedData` (data larger
+    than the device's memory budget, kept in host memory): the same permutation's batches are
+    then copied to the device chunk by chunk while the previous chunk trains — the same
+    images in the same order, so the result is the same. ``validate(model)`` (optional) returns a dict with
     ``monitor`` (higher is better): with ``cfg.patience`` > 0 training stops after that many
     epochs without improvement, and the best epoch's weights are restored at the end.
     ``checkpoint``: where the full training state (model, optimiser, epoch, RNG, early-stopping
@@ -213,7 +216,12 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     cfg.validate()
     if deterministic:
         make_deterministic()
-    n = data[0].shape[0]
+    from .stream import StreamedData
+    streamed = isinstance(data, StreamedData)
+    if streamed and distributed is not None:
+        raise ValueError("data=StreamedData is not allowed with distributed training; allowed: host tensors "
+                         "(each rank copies its shard of every epoch to its device)")
+    n = len(data) if streamed else data[0].shape[0]
     if distributed is None:
         steps = batches_per_epoch(n, cfg.batch_size)
     else:
@@ -274,16 +282,22 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = torch.randperm(n, generator=generator)
-        if distributed is None:
+        if streamed:
+            epoch_data = None  # each step's batch comes whole from the stream (host indices)
+        elif distributed is None:
             epoch_data, order = data, order.to(device)
         else:
             epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
         chunks = torch.tensor_split(order, steps)
         sums: dict = {}
         timer.start()
-        for step, index in enumerate(chunks):
+        steps_data = zip(chunks, data.batches(chunks)) if streamed else ((index, None) for index in chunks)
+        for step, (index, batch) in enumerate(steps_data):
             factor = lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
-            loss = train_step(step_model, epoch_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
+            if batch is not None:
+                loss = train_step(step_model, batch, slice(None), optimizer, cfg.lr * factor, on_cuda, sums)
+            else:
+                loss = train_step(step_model, epoch_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0 or step == steps - 1:

@@ -16,7 +16,8 @@ from sslab.data import DEBIAN_FASHION_MNIST
 needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                                          reason="needs the Debian package dataset-fashion-mnist")
 PRETRAIN_FLAGS = ["--method", "--dataset", "--epochs", "--limit", "--batch-size", "--lr", "--image-size", "--width",
-                  "--seed", "--force", "--device", "--data-root", "--out", "--deterministic", "--no-progress"]
+                  "--seed", "--force", "--device", "--data-root", "--out", "--deterministic", "--no-progress",
+                  "--data-budget"]
 
 
 def sslab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -112,3 +112,48 @@ def test_bad_arguments_name_the_parameter():
         StreamedData((images, labels[:5]), "cpu")
     with pytest.raises(ValueError, match="budget_bytes=-1"):
         place((images,), "cpu", budget_bytes=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fit_on_streamed_data_trains_exactly_as_on_resident_data(device, tmp_path):
+    from sslab.train import fit
+    images, _ = _data(n=60)
+    cfg = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.01, schedule="cosine", seed=3)
+    results, states = [], []
+    for streamed in (False, True):
+        torch.manual_seed(0)
+        task = build_task("rotation", BackboneConfig(1, 28, 0.125))
+        if streamed:
+            data = StreamedData((images,), device, chunk_bytes=20 * 28 * 28)  # 20 images a chunk: several chunks
+        else:
+            data = (images.to(device),)
+        results.append(fit(task, data, cfg, torch.device(device), progress=False, checkpoint=tmp_path / f"{streamed}.pt"))
+        states.append({k: v.detach().cpu().clone() for k, v in task.state_dict().items()})
+    assert data.chunks_served >= 2 * 3  # each epoch went through the chunks
+    assert [r["loss"] for r in results[0].history] == [r["loss"] for r in results[1].history]
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, msg=key)
+
+
+def test_pretrain_over_its_data_budget_streams_and_gets_the_same_run(tmp_path, capfd):
+    from sslab.pretrain import PretrainConfig, pretrain
+    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=64, width=0.125, batch_size=16)
+    try:
+        resident = pretrain(config, device="cpu", out=str(tmp_path / "a"), progress=False)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed here")
+    capfd.readouterr()
+    streamed = pretrain(config, device="cpu", out=str(tmp_path / "b"), progress=False, data_budget=0)
+    assert "streaming 64 images" in capfd.readouterr().err
+    assert resident.path.name == streamed.path.name  # the budget is not part of the config
+    weights = [store_load(run) for run in (resident, streamed)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    with pytest.raises(ValueError, match=r"data_budget=-1 is not allowed; allowed: a number of GB ≥ 0"):
+        pretrain(config, device="cpu", out=str(tmp_path / "c"), data_budget=-1)
+    assert not (tmp_path / "c").exists()
+
+
+def store_load(run):
+    from sslab import store
+    return store.load_torch(run.path / "model.pt")["model"]
