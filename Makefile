@@ -6,6 +6,7 @@ VENV        := .venv
 PY          := $(VENV)/bin/python
 PARAMS      ?=
 PYTEST_ARGS ?=
+LAB_ARGS    ?=
 
 .PHONY: lab test setup data clean-outputs
 
@@ -21,7 +22,7 @@ data: setup
 	@$(PY) -m sslab datasets --ensure fashion-mnist
 
 lab: data
-	$(PY) -m sslab.lab $(if $(PARAMS),--params $(PARAMS))
+	$(PY) -m sslab.lab $(if $(PARAMS),--params $(PARAMS)) $(LAB_ARGS)
 
 test: data
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -760,6 +760,84 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
     return done
 
 
+OUTPUTS_NOTE = "**Outputs shown below**:"
+# Cell metadata papermill and the kernel add on every run (times, status): volatile, not committed.
+VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
+
+
+def machine_description() -> str:
+    """What ran the notebooks, in words, for the committed notebooks' first cell."""
+    import os
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__.split('+')[0]}"
+    return (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+            f"torch {torch.__version__.split('+')[0]}")
+
+
+def published_notebook(executed: Path, machine: str, total_seconds: Optional[float] = None):
+    """An executed notebook made fit to commit: papermill's injected-parameters cell and the
+    volatile metadata (times, status) removed, outputs and execution counts kept, and the
+    first cell's "Outputs shown below" paragraph rewritten from the run itself — parameters
+    papermill set, date, machine, and how long the notebook took."""
+    import nbformat
+    nb = nbformat.read(str(executed), as_version=4)
+    run = nb.metadata.get("papermill")
+    if run is None:
+        raise ValueError(f"{executed} was not executed by papermill; allowed: an executed copy from make lab")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    if errors or run.get("exception"):
+        raise ValueError(f"{executed} holds an error output ({errors[0].ename if errors else 'exception'}); "
+                         f"only complete runs are published")
+    injected = run.get("parameters") or {}
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_KEYS:
+            cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+    nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")})
+    given = ", ".join(f"`{k}` = {v!r}" for k, v in injected.items())
+    if given:
+        given = f" except {given}"
+        if injected.get("interactive") is False:
+            given += " (a batch run: static figures, no widgets)"
+    day = str(run.get("end_time") or "")[:10]
+    took = f"This notebook took {run['duration']:.0f} s" if run.get("duration") is not None else ""
+    if took and total_seconds is not None:
+        took += f" (all five: {total_seconds:.0f} s)"
+    note = (f"{OUTPUTS_NOTE} a real run of the whole pipeline with `make lab` (`python -m sslab.lab`) at this "
+            f"notebook's defaults{given}, on {machine}, on {day}. {took + '. ' if took else ''}"
+            f"The parameters are the table under the parameters cell.")
+    first = nb.cells[0]
+    paragraphs = first.source.split("\n\n")
+    kept = [p for p in paragraphs if not p.startswith(OUTPUTS_NOTE)]
+    first.source = "\n\n".join([*kept, note])
+    return nb
+
+
+def publish(executed_dir: Path, names: Sequence[str] = NOTEBOOKS, machine: Optional[str] = None,
+            announce=print, dest: Optional[Path] = None) -> list:
+    """Copy the executed notebooks in ``executed_dir`` over ``notebooks/`` (or ``dest``), made fit
+    to commit by :func:`published_notebook`. All of them are checked before any is written."""
+    import nbformat
+    executed = [Path(executed_dir) / f"{name}.ipynb" for name in names]
+    missing = [str(p) for p in executed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no executed notebook at {', '.join(missing)}; run make lab first")
+    durations = [nbformat.read(str(p), as_version=4).metadata.get("papermill", {}).get("duration") for p in executed]
+    total = sum(durations) if all(d is not None for d in durations) and len(names) == len(NOTEBOOKS) else None
+    machine = machine or machine_description()
+    published = [published_notebook(p, machine, total) for p in executed]
+    written = []
+    for name, nb in zip(names, published):
+        target = Path(dest or notebooks_dir()) / f"{name}.ipynb"
+        store.write_text(target, nbformat.writes(nb) + "\n")
+        if announce:
+            announce(f"published {target}")
+        written.append(target)
+    return written
+
+
 def headline(out: Optional[str] = None) -> str:
     """The label-curve table written by notebook 04 (top-1 mean ± std, paired gains), as text."""
     from .evaluate import ResultTable
@@ -788,7 +866,23 @@ def main(argv=None) -> int:
     parser.add_argument("--interactive", action="store_true",
                         help="keep the ipywidgets in the executed copies (batch runs are static by default)")
     parser.add_argument("--output-dir", default=None, help="where executed notebooks go (default: outputs/notebooks)")
+    parser.add_argument("--publish", action="store_true",
+                        help="after the run, copy the executed notebooks over notebooks/ (outputs kept, volatile "
+                             "metadata removed, first cell says which run produced them): how the committed "
+                             "notebooks are made")
+    parser.add_argument("--publish-from", default=None, metavar="DIR",
+                        help="only publish the executed notebooks already in DIR (e.g. a fresh clone's "
+                             "outputs/notebooks), without running anything")
+    parser.add_argument("--machine", default=None,
+                        help="what ran the notebooks, for the published first cell (default: this machine)")
     args = parser.parse_args(argv)
+    if args.publish_from:
+        try:
+            publish(Path(args.publish_from), machine=args.machine)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         import yaml
         params = load_params(args.params)
@@ -817,6 +911,8 @@ def main(argv=None) -> int:
     print(f"figures (PNG + PDF): {store.outputs_root() / 'figures'}")
     print(f"tables (CSV + JSON): {store.outputs_root() / 'tables'}")
     print(f"runs: {store.outputs_root() / 'runs'}")
+    if args.publish:
+        publish(done[0][1].parent, [n for n, _, _ in done], machine=args.machine)
     return 0
 
 

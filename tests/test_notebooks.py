@@ -243,6 +243,19 @@ def test_papermill_batch_run_of_02_at_5_labels_per_class(tmp_path, shared_output
     assert any(WIDGET_VIEW in o.get("data", {}) for o in outputs) == interactive
     saved = json.loads((shared_outputs / "tables" / "nb02_probe.json").read_text())
     assert {r["budget"] for r in saved["rows"]} == {5}
+    # how the committed notebooks are made from such a run
+    (tmp_path / "published").mkdir()
+    out.rename(tmp_path / "02_probe.ipynb")
+    [written] = lab.publish(tmp_path, ["02_probe"], machine="the test machine", announce=None,
+                            dest=tmp_path / "published")
+    clean = nbformat.read(written, as_version=4)
+    assert set(clean.metadata) == {"kernelspec", "language_info"}
+    assert not [c for c in clean.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(clean.cells) == len(nb.cells) - 1 and _outputs(clean) == _outputs(nb)
+    assert not [c for c in clean.cells if set(c.metadata) & {"papermill", "execution"}]
+    note = clean.cells[0].source.split("\n\n")[-1]
+    assert note.startswith(lab.OUTPUTS_NOTE) and "`labels` = 5" in note and "the test machine" in note
+    assert clean.cells[0].source.count(lab.OUTPUTS_NOTE) == 1
 
 
 def test_a_bad_parameter_stops_in_the_check_cell_with_a_clear_error(tmp_path, monkeypatch):
