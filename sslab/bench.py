@@ -376,6 +376,7 @@ class StudyConfig:
     umap_points: int = 2000
     data_root: Optional[str] = None
     eval: dict = field(default_factory=dict)
+    probes_alone: bool = True  # also time the probe sweep one head at a time, for comparison
 
 
 def quick_study(**changes) -> StudyConfig:
@@ -461,13 +462,22 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
                 for split in ("train", "test"):
                     phase.count += len(evaluate.run_features(run, split, cfg.layer, cfg.grid, dev))
             phase.detail = f"{cfg.layer} pooled {cfg.grid}×{cfg.grid}, train + test, {len(runs)} nets"
+        cells = [(run, budget, seed) for budget in budgets for seed in seeds for run in runs]
+        sweep = f"{cfg.probe} head, {len(budgets)} budgets × {len(seeds)} seeds × {len(runs)} methods"
         with _Phase(rows, dev, "probes", progress) as phase:
-            for budget in budgets:
-                for seed in seeds:
-                    for run in runs:
-                        evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, out, cfg)
-                        phase.count += 1
-            phase.detail = f"{cfg.probe} head, {len(budgets)} budgets × {len(seeds)} seeds × {len(runs)} methods"
+            # as label_curve runs them: the heads trained together in batched groups, then stored
+            evaluate.probe_cells_together([(*cell, cfg.probe) for cell in cells], cfg, dev, out)
+            for run, budget, seed in cells:
+                evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, out, cfg)
+                phase.count += 1
+            phase.detail = f"{sweep}, heads trained together"
+        if config.probes_alone:
+            with _Phase(rows, dev, "probes one at a time", progress) as phase:
+                alone = str(Path(out) / "probes-alone")  # fresh cells: nothing reused from the phase above
+                for run, budget, seed in cells:
+                    evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, alone, cfg)
+                    phase.count += 1
+                phase.detail = f"{sweep}, the same cells each trained alone (for comparison; not in a sweep)"
         if config.scratch:
             with _Phase(rows, dev, "scratch", progress) as phase:
                 for budget in budgets:
@@ -489,7 +499,9 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
     finally:
         if scratch_folder is not None:
             shutil.rmtree(scratch_folder, ignore_errors=True)
-    rows.append(PhaseRow("total", 0, time.perf_counter() - started, "wall time of everything above"))
+    comparison = sum(r.seconds for r in rows if r.phase == "probes one at a time")
+    rows.append(PhaseRow("total", 0, time.perf_counter() - started - comparison,
+                         "wall time of everything above" + (" but the one-at-a-time comparison" if comparison else "")))
     return rows
 
 
@@ -691,6 +703,10 @@ def add_bench_command(sub, formatter) -> None:
                        help="labels per class (default 1,2,4,8,16,32,64)")
     study.add_argument("--seeds", type=_list_of(int, "seeds"), default=None, help="seeds (default 0,1,2)")
     study.add_argument("--no-finetune", dest="finetune", action="store_false", default=None, help="skip fine-tuning")
+    study.add_argument("--no-scratch", dest="scratch", action="store_false", default=None,
+                       help="skip the scratch baselines")
+    study.add_argument("--no-probes-alone", dest="probes_alone", action="store_false", default=None,
+                       help="skip timing the probe sweep one head at a time (the comparison with batched heads)")
     study.add_argument("--umap-points", type=int, default=None, help="test points per UMAP (0 = skip; default 2000)")
     study.add_argument("--dataset", default=None, help="dataset (default fashion-mnist)")
     study.add_argument("--data-root", default=None, help="folder to look in first for the dataset")
@@ -742,7 +758,8 @@ def _cmd_study(args, device: torch.device, info: dict) -> int:
              "limit": args.limit, "budgets": tuple(args.budgets) if args.budgets else None,
              "seeds": tuple(args.seeds) if args.seeds else None, "finetune": args.finetune,
              "umap_points": args.umap_points, "dataset": args.dataset, "data_root": args.data_root,
-             "batch_size": args.batch_size, "width": args.width}
+             "batch_size": args.batch_size, "width": args.width, "probes_alone": args.probes_alone,
+             "scratch": args.scratch}
     config = replace(config, **{k: v for k, v in flags.items() if v is not None})
     if isinstance(config.epochs, bool) or not isinstance(config.epochs, int) or config.epochs < 1:
         raise ValueError(f"epochs={config.epochs!r} is not allowed; allowed: an integer ≥ 1")

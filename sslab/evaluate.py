@@ -365,6 +365,77 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
     return _locked_cell(cell, out, compute)
 
 
+def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto", out=None,
+                         deterministic: bool = False) -> int:
+    """Compute the missing probe cells among ``items`` = [(run, budget, seed, probe kind)] with
+    their heads trained together (:mod:`sslab.probe_batch`), in groups of heads whose epochs have
+    the same steps; each cell is stored exactly as :func:`probe_run` stores it, so a later
+    ``probe_run`` (or a fine-tuning cell that needs the probe) finds it. ``knn`` cells are left to
+    ``probe_run``. The cells' locks are taken in a fixed order, so two processes never deadlock
+    and never compute the same cell twice. Returns how many cells were computed."""
+    import contextlib
+
+    from .probe_batch import train_heads
+    from .train import make_deterministic
+    if deterministic:
+        make_deterministic()
+    dev = resolve_device(device)
+    wanted = {}
+    for run, budget, seed, kind in items:
+        if kind == "knn":
+            continue
+        cell_cfg = replace(cfg, probe=kind).validate()
+        cell = _cell_config("probe", run.method, run.config.dataset, budget, seed, cell_cfg, pretrained=run.path.name)
+        folder, cached = _cached_cell(cell, out)
+        if cached is None:
+            wanted[str(folder)] = (run, budget, seed, kind, cell, folder)
+    if len(wanted) < 2:
+        return 0  # one cell: probe_run is the same work
+    computed = 0
+    with contextlib.ExitStack() as locks:
+        for key in sorted(wanted):
+            locks.enter_context(store.locked(wanted[key][5]))
+        groups: dict = {}
+        stats: dict = {}
+        for key in sorted(wanted):
+            run, budget, seed, kind, cell, folder = wanted[key]
+            if _cached_cell(cell, out)[1] is not None:
+                continue  # another process computed it while we waited for its lock
+            splits = _splits_for(run.config)
+            train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
+            feats = run_features(run, "train", cfg.layer, cfg.grid, dev)
+            if run.path.name not in stats:  # standardise with the whole unlabeled pool, as probe_run does
+                stats[run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
+            mean, std = stats[run.path.name]
+            y = splits.train.labels.to(dev)
+            order = train_idx.to(dev)[_repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
+            torch.manual_seed(seed)
+            head = FeatureProbe(feats.shape[1], splits.train.num_classes, kind, cfg.hidden, mean, std).to(dev)
+            entry = dict(run=run, budget=budget, seed=seed, kind=kind, cell=cell, folder=folder, head=head,
+                         split=(train_idx, val_idx), train=(feats[order], y[order]),
+                         val=(feats[val_idx.to(dev)], y[val_idx.to(dev)]), classes=splits.train.classes)
+            groups.setdefault((kind, len(order), len(val_idx), feats.shape[1]), []).append(entry)
+        for (kind, n, _, _), entries in groups.items():
+            started = time.perf_counter()
+            train_cfg = TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, n), optimizer="adam",
+                                    lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
+                                    patience=cfg.probe_patience)
+            results = train_heads([e["head"] for e in entries], [e["train"] for e in entries],
+                                  [e["val"] for e in entries], train_cfg, [e["seed"] for e in entries], dev)
+            share = (time.perf_counter() - started) / len(entries)
+            for e, result in zip(entries, results):
+                run = e["run"]
+                test_feats = run_features(run, "test", cfg.layer, cfg.grid, dev)
+                test_y = _splits_for(run.config).test.labels.to(dev)
+                metrics = classification_metrics(predict(e["head"], test_feats), test_y)
+                row = _row(run.method, "probe", kind, replace(cfg, probe=kind), e["budget"], e["seed"], metrics,
+                           e["classes"], result.epochs_run, share, result.history)
+                row["trained_with"] = len(entries)  # heads in its batch
+                _finish_cell(e["folder"], e["cell"], row, e["split"], {"head": e["head"].state_dict()})
+                computed += 1
+    return computed
+
+
 def _validator(model, inputs, targets):
     def validate(m):
         return {"val_acc": topk_accuracy(predict(model, inputs), targets, 1)}
@@ -566,13 +637,17 @@ def curve_cells(methods: Sequence[str], budgets, seeds, scratch: bool, finetune:
 def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", probe: str = "mlp",
                 scratch: bool = True, finetune: bool = False, device="auto", out=None,
                 config: Optional[EvalConfig] = None, name: Optional[str] = None, progress: bool = True,
-                shard: Optional[tuple] = None, deterministic: bool = False) -> ResultTable:
+                shard: Optional[tuple] = None, deterministic: bool = False,
+                batch_probes: bool = True) -> ResultTable:
     """Accuracy against labels per class for each pretrained run (and the scratch baseline).
 
     ``pretrained_runs``: Runs (or run folders) of one dataset. Every method is evaluated on
     the same labeled/validation images for a given budget and seed. Features are extracted
     once per run and layer. Writes ``outputs/tables/<name>.csv`` and ``.json`` and returns
     the :class:`ResultTable`. ``shard=(i, n)`` computes only every n-th cell starting at i.
+    ``batch_probes``: train the probe heads the sweep needs together, in batched groups
+    (:func:`probe_cells_together`; the same training as one at a time, to rounding), before
+    the cells are read in order; ``False`` trains each one alone in :func:`probe_run`.
     """
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
     if not runs and not scratch:
@@ -590,6 +665,12 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
         index, count = shard
         cells = cells[index::count]
     like = runs[0] if runs else None
+    if batch_probes:
+        # Every probe head this sweep needs (fine-tuning starts from the mlp probe) trains in
+        # batched groups first; the loop below then finds those cells stored.
+        needed = [(by_method[m], b, s, probe if protocol == "probe" else "mlp")
+                  for m, protocol, b, s in cells if protocol in ("probe", "finetune")]
+        probe_cells_together(needed, cfg, device, out, deterministic)
     rows = []
     bar = None
     if progress:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sslab import bench
+from sslab import bench, store
 from sslab.__main__ import main
 from sslab.models import BackboneConfig
 from sslab.pretext import build_task
@@ -122,18 +122,27 @@ def _write_folder_dataset(root, classes=3, train=14, test=4, size=32):
 def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     _write_folder_dataset(tmp_path / "images")
     config = bench.StudyConfig(
-        methods=("rotation",), dataset=f"folder:{tmp_path / 'images'}", epochs=1, budgets=(1,), seeds=(0,),
+        methods=("rotation",), dataset=f"folder:{tmp_path / 'images'}", epochs=1, budgets=(1,), seeds=(0, 1),
         umap_points=0, eval={"probe_epochs": 2, "epochs": 1, "finetune_epochs": 1, "samples_per_epoch": 16,
                              "batch_size": 8, "val_per_class": 2})
     out = tmp_path / "study"
     rows = bench.time_study(config, "cpu", out=str(out), progress=False)
     phases = [r.phase for r in rows]
-    assert phases == ["load data", "pretrain rotation", "features", "probes", "scratch", "finetune", "total"]
+    assert phases == ["load data", "pretrain rotation", "features", "probes", "probes one at a time", "scratch",
+                      "finetune", "total"]
     counts = {r.phase: r.count for r in rows}
-    assert counts["probes"] == counts["scratch"] == counts["finetune"] == 1
+    assert counts["probes"] == counts["probes one at a time"] == counts["scratch"] == counts["finetune"] == 2
     assert counts["load data"] == 3 * 14 + 3 * 4
     assert all(r.seconds > 0 for r in rows)
-    assert rows[-1].seconds >= sum(r.seconds for r in rows[:-1]) * 0.99
+    # the total is the study's wall time: the one-at-a-time comparison is left out of it
+    study = [r for r in rows[:-1] if r.phase != "probes one at a time"]
+    assert rows[-1].seconds >= sum(r.seconds for r in study) * 0.99
+    assert rows[-1].seconds < sum(r.seconds for r in rows[:-1])
+    # the probe cells of the study were trained together (two seeds, one group), the comparison's alone
+    stored = [store.read_json(p) for p in (out / "runs").glob("eval-rotation_probe-*/metrics.json")]
+    assert sorted(r.get("trained_with") for r in stored) == [2, 2]
+    alone = [store.read_json(p) for p in (out / "probes-alone" / "runs").glob("eval-rotation_probe-*/metrics.json")]
+    assert len(alone) == 2 and all("trained_with" not in r for r in alone)
     assert any((out / "runs").iterdir())  # the runs went where we said
     with pytest.raises(ValueError, match="out=.*not empty"):
         bench.time_study(config, "cpu", out=str(out), progress=False)

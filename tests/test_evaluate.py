@@ -1,5 +1,6 @@
 """Tests for sslab/evaluate.py: metrics, probes, scratch, fine-tuning and label curves."""
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -217,7 +218,9 @@ def test_probe_command_prints_top1_and_top5(tiny_runs):
     assert bad.returncode != 0 and "not a complete run" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny_runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_probes", [False, True])
+def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny_runs, tmp_path, monkeypatch,
+                                                                             batch_probes):
     runs, _ = tiny_runs
     seen = []
     real_fit = ev.fit
@@ -228,9 +231,40 @@ def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny
 
     monkeypatch.setattr(ev, "fit", recording_fit)
     tables = [ev.label_curve(runs, budgets=[2], seeds=[0], scratch=True, finetune=True, device="cpu",
-                             out=str(tmp_path / name), config=TINY, progress=False, deterministic=True)
+                             out=str(tmp_path / name), config=TINY, progress=False, deterministic=True,
+                             batch_probes=batch_probes)
               for name in ("a", "b")]
-    # per run: probe, finetune (its probe is reused), plus one scratch cell; twice
-    assert seen == [True] * 2 * (2 * len(runs) + 1)
+    # per run: a finetune cell (its probe is reused) and, unless the probes trained batched,
+    # a probe cell; plus one scratch cell; twice
+    assert seen == [True] * 2 * ((1 if batch_probes else 2) * len(runs) + 1)
+    assert torch.are_deterministic_algorithms_enabled()
     keys = ("method", "protocol", "top1", "top5", "epochs", "per_class", "confusion")
     assert [[row[k] for k in keys] for row in tables[0].rows] == [[row[k] for k in keys] for row in tables[1].rows]
+
+
+def test_batched_probes_give_the_one_at_a_time_results(tiny_runs, tmp_path):
+    runs, _ = tiny_runs
+    # early stopping on; budgets 1 and 4 have 66 and 72 samples per epoch: two groups of heads
+    config = replace(TINY, probe_epochs=8, probe_patience=2)
+    tables = {batched: ev.label_curve(runs, budgets=[1, 4], seeds=[0, 1], scratch=False, device="cpu",
+                                      out=str(tmp_path / str(batched)), config=config, progress=False,
+                                      batch_probes=batched)
+              for batched in (False, True)}
+    alone, together = tables[False].rows, tables[True].rows
+    assert [r.get("trained_with") for r in together] == [4] * 8  # 2 methods × 2 seeds per budget
+    assert all("trained_with" not in r for r in alone)
+    assert [(r["method"], r["budget"], r["seed"]) for r in alone] == [(r["method"], r["budget"], r["seed"])
+                                                                      for r in together]
+    for a, b in zip(alone, together):
+        assert a["epochs"] == b["epochs"] and a["confusion"] == b["confusion"], (a["method"], a["budget"], a["seed"])
+        # Rounding differs (bmm against mm) and Adam, which divides by the gradient's size, can turn
+        # it into up to one step (lr 1e-3) on weights whose gradient is about zero; a real
+        # difference in the training (another permutation, other BN statistics) is ~1e-1.
+        assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=5e-3)
+        heads = [store.load_torch(Path(r["run"]) / "head.pt")["head"] for r in (a, b)]
+        assert heads[0].keys() == heads[1].keys()
+        for key in heads[0]:
+            torch.testing.assert_close(heads[1][key].float(), heads[0][key].float(), rtol=0, atol=5e-3, msg=key)
+    # a second sweep finds every cell stored and trains nothing
+    assert ev.probe_cells_together([(run, b, s, "mlp") for run in runs for b in (1, 4) for s in (0, 1)], config,
+                                   "cpu", str(tmp_path / "True")) == 0

@@ -433,30 +433,40 @@ def test_json_files_are_complete_json(tmp_path):
 
 # ---------------------------------------------------------------- sweeps skip what is done
 
-def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch_probes", [False, True])
+def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_path, monkeypatch, batch_probes):
     import sslab.evaluate as evaluate_module
+    import sslab.probe_batch as probe_batch
     from sslab.evaluate import EvalConfig, label_curve
     run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    # budgets 1 and 3 give 16 and 18 samples an epoch: two groups when the heads train together
     cfg = EvalConfig(val_per_class=2, probe_epochs=2, samples_per_epoch=16, probe_patience=0)
-    real_fit, calls = evaluate_module.fit, []
+    calls = []
 
-    def killed_on_second_cell(*args, **kwargs):
-        calls.append(kwargs.get("desc"))
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_fit(*args, **kwargs)
+    def counted(real):
+        def train(*args, **kwargs):  # one training of one cell (fit) or of one group of cells
+            calls.append(real.__name__)
+            if len(calls) == 2 and interrupt:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return train
 
-    monkeypatch.setattr(evaluate_module, "fit", killed_on_second_cell)
+    monkeypatch.setattr(evaluate_module, "fit", counted(evaluate_module.fit))
+    monkeypatch.setattr(probe_batch, "train_heads", counted(probe_batch.train_heads))
+
+    def sweep():
+        return label_curve([run], budgets=[1, 3], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),
+                           config=cfg, progress=False, batch_probes=batch_probes)
+
+    interrupt = True
     with pytest.raises(KeyboardInterrupt):
-        label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path), config=cfg,
-                    progress=False)
-    assert len(calls) == 2
+        sweep()
+    assert calls == (["train_heads"] * 2 if batch_probes else ["fit"] * 2)
+    interrupt = False
     calls.clear()
-    table = label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),
-                        config=cfg, progress=False)
-    assert len(calls) == 1  # the first cell was complete and is read back, not trained again
-    assert sorted(row["budget"] for row in table.rows) == [1, 2]
+    table = sweep()
+    assert calls == ["fit"]  # the first cell was complete and is read back; the one missing cell trains alone
+    assert sorted(row["budget"] for row in table.rows) == [1, 3]
     calls.clear()
-    again = label_curve([run], budgets=[1, 2], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),
-                        config=cfg, progress=False)
+    again = sweep()
     assert calls == [] and [r["top1"] for r in again.rows] == [r["top1"] for r in table.rows]

@@ -1,0 +1,90 @@
+"""Probe heads trained together train as each would alone (sslab.probe_batch)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sslab.evaluate import FeatureProbe, predict
+from sslab.probe_batch import StackedProbes, train_heads
+from sslab.train import TrainConfig, fit
+
+D, CLASSES, HIDDEN = 32, 4, 24
+
+
+def _features(n=300, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    feats = torch.randn(n, D, generator=generator) + 2.0 * torch.nn.functional.one_hot(labels, D).float()
+    return feats, labels
+
+
+def _cells(feats, labels, seeds, n_train=12, repeat=8):
+    train, val = [], []
+    for seed in seeds:
+        index = torch.randperm(len(feats), generator=torch.Generator().manual_seed(100 + seed))
+        order = index[:n_train].repeat(repeat)
+        train.append((feats[order], labels[order]))
+        val.append((feats[index[n_train: n_train + 40]], labels[index[n_train: n_train + 40]]))
+    return train, val
+
+
+def _config(seed=0, patience=3):
+    return TrainConfig(epochs=10, batch_size=16, optimizer="adam", lr=2e-3, weight_decay=5e-4, schedule="cosine",
+                       patience=patience, seed=seed)
+
+
+def _head(kind, seed, feats):
+    torch.manual_seed(seed)
+    return FeatureProbe(D, CLASSES, kind, HIDDEN, feats.mean(0), feats.std(0))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_heads_trained_together_match_heads_trained_alone(kind):
+    feats, labels = _features()
+    seeds = [0, 1, 2, 3]
+    train, val = _cells(feats, labels, seeds)
+    alone, alone_results = [], []
+    for seed, data, (xv, yv) in zip(seeds, train, val):
+        head = _head(kind, seed, feats)
+        validate = (lambda xv, yv, head: lambda m: {"val_acc": (predict(head, xv).argmax(1) == yv).float().mean().item()}
+                    )(xv, yv, head)
+        alone_results.append(fit(head, data, _config(seed), torch.device("cpu"), validate=validate, progress=False))
+        alone.append(head)
+    together = [_head(kind, seed, feats) for seed in seeds]
+    results = train_heads(together, train, val, _config(), seeds, torch.device("cpu"))
+    for a, b, ra, rb in zip(alone, together, alone_results, results):
+        assert (ra.epochs_run, ra.best_epoch) == (rb.epochs_run, rb.best_epoch)
+        assert [r["loss"] for r in ra.history] == pytest.approx([r["loss"] for r in rb.history], rel=1e-5)
+        assert [r["val_acc"] for r in ra.history] == [r["val_acc"] for r in rb.history]
+        assert [r["lr"] for r in ra.history] == [r["lr"] for r in rb.history]
+        state_a, state_b = a.state_dict(), b.state_dict()
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert not b.training
+    # the heads stopped at different epochs: early stopping is per head
+    assert len({r.epochs_run for r in results}) > 1 or kind == "linear"
+
+
+def test_a_stopped_head_keeps_its_best_weights_while_others_train_on():
+    feats, labels = _features()
+    train, val = _cells(feats, labels, [0, 1])
+    heads = [_head("mlp", s, feats) for s in (0, 1)]
+    results = train_heads(heads, train, val, _config(patience=1), [0, 1], torch.device("cpu"))
+    for head, result, (xv, yv) in zip(heads, results, val):
+        best = result.history[result.best_epoch]["val_acc"]
+        assert (predict(head, xv).argmax(1) == yv).float().mean().item() == pytest.approx(best)
+        assert result.epochs_run == result.best_epoch + 2  # patience 1: one epoch past the best
+
+
+def test_stacking_checks_its_inputs():
+    feats, labels = _features()
+    train, val = _cells(feats, labels, [0, 1])
+    with pytest.raises(ValueError, match="different kinds"):
+        StackedProbes([_head("mlp", 0, feats), _head("linear", 1, feats)])
+    with pytest.raises(ValueError, match="same number of training samples"):
+        train_heads([_head("mlp", 0, feats), _head("mlp", 1, feats)], [train[0], (train[1][0][:-1], train[1][1][:-1])],
+                    val, _config(), [0, 1], torch.device("cpu"))
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        cfg = TrainConfig(epochs=1, batch_size=8, optimizer="sgd")
+        train_heads([_head("mlp", 0, feats)], train[:1], val[:1], cfg, [0], torch.device("cpu"))
