@@ -11,6 +11,8 @@
 #   step.json           step benchmark, pretrain default batch sizes, width 1.0, bf16 + channels_last
 #   study.json          the full Fashion-MNIST study timed phase by phase: params/full.yml (30 epochs,
 #                       all 60k images, 7 budgets) with the issue's 3 seeds; UMAP only if umap-learn is there
+#   probe-check.json    the study's probe sweep (63 cells) with heads trained together and one at a time:
+#                       seconds of each and the top-1 differences (scripts/batched_probe_check.py)
 #   (log.txt)           the streaming tests, tests/test_stream.py, CUDA cases included
 #   step-big-batch.json rotation at the issue's orientation batch, 512 at 28/32 px (-96.json: 256 at 96 px)
 #   compile.json        the step benchmark with torch.compile, rotation at 28 px
@@ -27,6 +29,9 @@ DATA="${DATA_ROOT:-data/fashion-mnist}"
 BUDGET="${BENCH_BUDGET_S:-540}"
 DEVICE="${DEVICE:-cuda}"
 EXTRA="${EXTRA:-}"
+# The study's runs stay outside $OUT (checkpoints are too big to send back); the probe check reads them.
+STUDY_RUNS="${STUDY_RUNS:-$(mktemp -d /tmp/sslab-study-XXXXXX)}"
+rmdir "$STUDY_RUNS" 2>/dev/null || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 : > "$LOG"
@@ -64,7 +69,10 @@ stage "step benchmark" 150 \
 if [ -f "$DATA/train-images-idx3-ubyte.gz" ] || [ -f "$DATA/train-images-idx3-ubyte" ]; then
   stage "full study" 330 \
     "$PY" -m sslab bench --device "$DEVICE" --study --params params/full.yml --seeds 0,1,2 --data-root "$DATA" \
-      --json "$OUT/study.json"
+      --no-probes-alone --out "$STUDY_RUNS" --json "$OUT/study.json"
+  stage "probe sweep: heads trained together against one at a time (the study's runs)" 90 \
+    bash -c "'$PY' scripts/batched_probe_check.py '$STUDY_RUNS'/runs/pretrain-* --device $DEVICE \
+               --json '$OUT/probe-check.json' | tail -3"
 else
   say "=== full study: skipped, no Fashion-MNIST in $DATA (see the top of this script)"
 fi
