@@ -51,6 +51,9 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the training loss; auto: only where a measurement in docs/BENCHMARKS.md "
+                        "showed it faster (none yet, so off)")
     p.add_argument("--data-budget", type=float, default=None, metavar="GB",
                    help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
                         "a larger pool streams from pinned host memory in chunks, with the same result")
@@ -97,13 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
+
+
 def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, describe, pretrain
     config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                             seed=args.seed, data_root=args.data_root)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
-                   deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget)
+                   deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
+                   compile=COMPILE_CHOICES[args.compile])
     from .distributed import is_main_process
     if is_main_process():  # under torchrun, rank 0 speaks for all
         print(describe(run))

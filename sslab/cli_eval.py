@@ -99,7 +99,8 @@ def cmd_curve(args) -> int:
                                 batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
                                 width=args.width, seed=args.pretrain_seed, data_root=args.data_root)
         runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
-                             deterministic=args.deterministic, data_budget=args.data_budget))
+                             deterministic=args.deterministic, data_budget=args.data_budget,
+                             compile={"auto": None, "on": True, "off": False}[args.compile]))
         print(f"pretrained {method}: {runs[-1].path}", file=sys.stderr)
     if args.merge:
         from .evaluate import merge_curve

@@ -25,6 +25,11 @@ METHOD_DEFAULTS = {
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
 # laptop pretrains on all of Fashion-MNIST in minutes.
 DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
+# Where torch.compile is on by default: (device type, image size) pairs for which a measurement
+# in docs/BENCHMARKS.md showed the compiled step faster, compile time included, for a run of the
+# default length. None has yet (the CPU compiles for ~20 s and gains nothing at these sizes; the
+# H200 is not measured), so "auto" is off everywhere until a measurement adds a pair here.
+COMPILE_BY_DEFAULT: frozenset = frozenset()
 CPU_DEFAULT_WIDTH = DEFAULT_WIDTH["cpu"]
 
 
@@ -120,6 +125,15 @@ def load_run(path) -> Run:
     return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), store.read_json(path / store.COMPLETE))
 
 
+def compile_by_default(device: torch.device, config: PretrainConfig) -> bool:
+    """Whether ``compile=None`` compiles this run: only where :data:`COMPILE_BY_DEFAULT` says a
+    measurement showed it faster."""
+    if not COMPILE_BY_DEFAULT:
+        return False
+    size = config.image_size or load_dataset(config.dataset, config.data_root).train.image_size
+    return (torch.device(device).type, size) in COMPILE_BY_DEFAULT
+
+
 def unlabeled_pool(config: PretrainConfig):
     """The unlabeled images a run trains on: the dataset's unlabeled pool, or ``limit`` of
     them drawn with a seeded shuffle."""
@@ -148,7 +162,7 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
-             sync_bn: bool = False, data_budget: Optional[float] = None) -> Run:
+             sync_bn: bool = False, data_budget: Optional[float] = None, compile: Optional[bool] = None) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
     the new run is complete). A run killed part-way resumes from its last checkpoint.
@@ -159,18 +173,29 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
 
     ``data_budget``: GB of device memory the unlabeled images may take (default: half of what
     is free on CUDA, no limit on the CPU); a larger pool stays in pinned host memory and is
-    streamed to the device chunk by chunk (:mod:`sslab.stream`) — same batches, same result."""
+    streamed to the device chunk by chunk (:mod:`sslab.stream`) — same batches, same result.
+
+    ``compile``: run the training loss through ``torch.compile`` (True/False); None picks the
+    measured default (:data:`COMPILE_BY_DEFAULT`). Not part of the config: a compiled run
+    trains the same model to rounding."""
     budget = check_data_budget(data_budget)
+    if compile not in (None, True, False):
+        raise ValueError(f"compile={compile!r} is not allowed; allowed: True, False or None (the measured default)")
     ddp = distributed.from_environment(device, sync_bn)
     dev = resolve_device(device) if ddp is None else ddp.device
     config = config.resolved(dev)
+    if compile is None:
+        compile = compile_by_default(dev, config)
+    if compile and ddp is not None:
+        raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     key = asdict(config)
     folder = store.run_dir("pretrain", config.method, config.dataset, key, out)
     if ddp is not None:
         return ddp.pretrain(
             lambda: _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, ddp),
             lambda work: _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp))
-    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, budget=budget)
+    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, budget=budget,
+                              compile_loss=compile)
 
 
 def check_data_budget(data_budget) -> Optional[int]:
@@ -184,7 +209,8 @@ def check_data_budget(data_budget) -> Optional[int]:
 
 
 def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, progress: bool,
-                       deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None) -> Run:
+                       deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None,
+                       compile_loss: bool = False) -> Run:
     if store.is_complete(folder) and not force:  # reading a complete run needs no write access
         return load_run(folder)
     store.check_writable(folder.parent, "out")
@@ -198,11 +224,12 @@ def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, 
         work = folder
         if force and store.is_complete(folder):
             work = folder.with_name(folder.name + ".new")
-        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp, budget)
+        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp, budget, compile_loss)
 
 
 def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, progress: bool,
-                deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None) -> Optional[Run]:
+                deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None,
+                compile_loss: bool = False) -> Optional[Run]:
     """Train into ``work`` and return the complete Run (``None`` on torchrun ranks other than 0,
     which write nothing)."""
     if ddp is not None:
@@ -226,10 +253,15 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     else:
         data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
+    if compile_loss:
+        # An instance attribute shadows the method: fit's train_step calls the compiled loss.
+        task.loss = torch.compile(task.loss)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
                             deterministic=deterministic, distributed=ddp)
+    if compile_loss:
+        del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
     ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))
     if not main:
         return None
@@ -237,7 +269,7 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     test_metrics = evaluate_task(task, test_images)
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
                                          "method": config.method})
-    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool),
+    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool), "compiled": compile_loss,
                "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
                "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
                **{k: round(v, 6) for k, v in test_metrics.items()}}

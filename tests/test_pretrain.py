@@ -132,3 +132,23 @@ def test_load_run_refuses_incomplete_folders(tmp_path):
     store.write_json(tmp_path / "half" / "config.json", {"method": "rotation"})
     with pytest.raises(ValueError, match=r"not a complete run \(missing model.pt, complete.json\)"):
         load_run(tmp_path / "half")
+
+
+def test_compiled_pretraining_trains_the_same_model(tmp_path):
+    """``compile=True`` runs the loss through torch.compile (recorded in the summary) and trains
+    what the eager run trains, to rounding; ``None`` follows the measured default (off)."""
+    from sslab.pretrain import COMPILE_BY_DEFAULT, compile_by_default
+    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=48, width=0.125, batch_size=16)
+    try:
+        eager = pretrain(config, device="cpu", out=str(tmp_path / "eager"), progress=False, eval_limit=16)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed here")
+    compiled = pretrain(config, device="cpu", out=str(tmp_path / "compiled"), progress=False, eval_limit=16,
+                        compile=True)
+    assert eager.summary["compiled"] is False and compiled.summary["compiled"] is True
+    assert eager.path.name == compiled.path.name  # not part of the config
+    assert compiled.summary["final"]["loss"] == pytest.approx(eager.summary["final"]["loss"], rel=1e-3)
+    assert compiled.summary["test_loss"] == pytest.approx(eager.summary["test_loss"], rel=1e-3)
+    assert compile_by_default(torch.device("cpu"), config) is (("cpu", 28) in COMPILE_BY_DEFAULT)
+    with pytest.raises(ValueError, match="compile='yes' is not allowed"):
+        pretrain(config, device="cpu", out=str(tmp_path / "bad"), compile="yes")
