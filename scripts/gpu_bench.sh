@@ -20,6 +20,9 @@
 # whole script fits one 10-minute device call; a stage cut short says so in log.txt.
 # DEVICE (default cuda) and EXTRA (extra bench flags) exist to smoke-test the script on a CPU:
 #   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=none BENCH_BUDGET_S=200 scripts/gpu_bench.sh
+# and, with a small study (STUDY_ARGS replaces the full study's flags) to try the probe check too:
+#   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=/usr/share/datasets/fashion-mnist \
+#   STUDY_ARGS="--quick --budgets 1,4 --no-finetune --no-scratch --umap-points 0" scripts/gpu_bench.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu-bench}"
@@ -29,6 +32,7 @@ DATA="${DATA_ROOT:-data/fashion-mnist}"
 BUDGET="${BENCH_BUDGET_S:-540}"
 DEVICE="${DEVICE:-cuda}"
 EXTRA="${EXTRA:-}"
+STUDY_ARGS="${STUDY_ARGS:---params params/full.yml --seeds 0,1,2}"
 # The study's runs stay outside $OUT (checkpoints are too big to send back); the probe check reads them.
 STUDY_RUNS="${STUDY_RUNS:-$(mktemp -d /tmp/sslab-study-XXXXXX)}"
 rmdir "$STUDY_RUNS" 2>/dev/null || true
@@ -68,7 +72,7 @@ stage "step benchmark" 150 \
   "$PY" -m sslab bench --device $DEVICE $EXTRA --json "$OUT/step.json"
 if [ -f "$DATA/train-images-idx3-ubyte.gz" ] || [ -f "$DATA/train-images-idx3-ubyte" ]; then
   stage "full study" 330 \
-    "$PY" -m sslab bench --device "$DEVICE" --study --params params/full.yml --seeds 0,1,2 --data-root "$DATA" \
+    "$PY" -m sslab bench --device "$DEVICE" --study $STUDY_ARGS --data-root "$DATA" \
       --no-probes-alone --out "$STUDY_RUNS" --json "$OUT/study.json"
   stage "probe sweep: heads trained together against one at a time (the study's runs)" 90 \
     bash -c "'$PY' scripts/batched_probe_check.py '$STUDY_RUNS'/runs/pretrain-* --device $DEVICE \
