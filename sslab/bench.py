@@ -464,20 +464,18 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
             phase.detail = f"{cfg.layer} pooled {cfg.grid}×{cfg.grid}, train + test, {len(runs)} nets"
         cells = [(run, budget, seed) for budget in budgets for seed in seeds for run in runs]
         sweep = f"{cfg.probe} head, {len(budgets)} budgets × {len(seeds)} seeds × {len(runs)} methods"
-        with _Phase(rows, dev, "probes", progress) as phase:
-            # as label_curve runs them: the heads trained together in batched groups, then stored
-            evaluate.probe_cells_together([(*cell, cfg.probe) for cell in cells], cfg, dev, out)
-            for run, budget, seed in cells:
-                evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, out, cfg)
-                phase.count += 1
-            phase.detail = f"{sweep}, heads trained together"
-        if config.probes_alone:
-            with _Phase(rows, dev, "probes one at a time", progress) as phase:
-                alone = str(Path(out) / "probes-alone")  # fresh cells: nothing reused from the phase above
+        phases = [("probes", out, True, "heads trained together")]
+        if config.probes_alone:  # fresh cells in their own store: nothing reused from the phase above
+            phases.append(("probes one at a time", str(Path(out) / "probes-alone"), False,
+                           "the same cells each trained alone (for comparison; not in a sweep)"))
+        for name, store_at, together, how in phases:
+            with _Phase(rows, dev, name, progress) as phase:
+                if together:  # as label_curve runs them: heads trained in batched groups, then read back
+                    evaluate.probe_cells_together([(*cell, cfg.probe) for cell in cells], cfg, dev, store_at)
                 for run, budget, seed in cells:
-                    evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, alone, cfg)
+                    evaluate.probe_run(run, budget, seed, cfg.layer, cfg.probe, dev, store_at, cfg)
                     phase.count += 1
-                phase.detail = f"{sweep}, the same cells each trained alone (for comparison; not in a sweep)"
+                phase.detail = f"{sweep}, {how}"
         if config.scratch:
             with _Phase(rows, dev, "scratch", progress) as phase:
                 for budget in budgets:
