@@ -8,6 +8,7 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -694,10 +695,21 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
         bar.close()
     table = ResultTable(rows)
     if shard is None:
-        dataset = like.config.dataset if like else "fashion-mnist"
-        stem = name or f"curve-{store.slug(dataset)}-{layer}-{probe}{'-finetune' if finetune else ''}"
+        stem = name or default_table_name(runs, budgets, seeds, layer, probe, scratch, finetune)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table
+
+
+def default_table_name(runs, budgets, seeds, layer: str, probe: str, scratch: bool, finetune: bool) -> str:
+    """``curve-<dataset>-<layer>-<probe>[-finetune]-<8 hex>``: the hash of the pretraining runs and
+    the budgets, seeds and protocols, so two different sweeps never write over each other's table
+    (and the same sweep, run again, rewrites its own)."""
+    import hashlib
+    dataset = runs[0].config.dataset if runs else "fashion-mnist"
+    key = json.dumps({"runs": sorted(r.path.name for r in runs), "budgets": sorted(budgets), "seeds": sorted(seeds),
+                      "scratch": scratch, "finetune": finetune}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return f"curve-{store.slug(dataset)}-{layer}-{probe}{'-finetune' if finetune else ''}-{digest}"
 
 
 def _cell_for(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
@@ -733,7 +745,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
             rows.append(cached)
     table = ResultTable(rows)
     if not missing:
-        dataset = like.config.dataset if like else "fashion-mnist"
-        stem = name or f"curve-{store.slug(dataset)}-{layer}-{probe}{'-finetune' if finetune else ''}"
+        stem = name or default_table_name(runs, check_budgets(budgets), check_seeds(seeds), layer, probe, scratch,
+                                          finetune)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table, missing

@@ -268,3 +268,18 @@ def test_batched_probes_give_the_one_at_a_time_results(tiny_runs, tmp_path):
     # a second sweep finds every cell stored and trains nothing
     assert ev.probe_cells_together([(run, b, s, "mlp") for run in runs for b in (1, 4) for s in (0, 1)], config,
                                    "cpu", str(tmp_path / "True")) == 0
+
+
+def test_different_sweeps_write_different_tables_and_a_rerun_its_own(tiny_runs, tmp_path):
+    runs, _ = tiny_runs
+    out = str(tmp_path)
+
+    def sweep(budgets, methods=runs):
+        return ev.label_curve(methods, budgets=budgets, seeds=[0], probe="knn", scratch=False, device="cpu", out=out,
+                              config=TINY, progress=False).path
+    first, other, fewer = sweep([1]), sweep([1, 2]), sweep([1], runs[:1])
+    assert len({first, other, fewer}) == 3 and all(p.is_file() for p in (first, other, fewer))
+    assert first.name.startswith("curve-") and "-conv4-knn-" in first.name
+    assert sweep([1]) == first
+    table, missing = ev.merge_curve(runs, budgets=[1], seeds=[0], probe="knn", scratch=False, out=out, config=TINY)
+    assert missing == [] and table.path == first
