@@ -51,7 +51,7 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
     p.add_argument("--width", type=float, default=None,
                    help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",  # pretrain.COMPILE_CHOICES
                    help="torch.compile the training loss; auto: only where a measurement in docs/BENCHMARKS.md "
                         "showed it faster (none yet, so off)")
     p.add_argument("--data-budget", type=float, default=None, metavar="GB",
@@ -100,11 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
-
-
 def cmd_pretrain(args) -> int:
-    from .pretrain import PretrainConfig, describe, pretrain
+    from .pretrain import COMPILE_CHOICES, PretrainConfig, describe, pretrain
     config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                             seed=args.seed, data_root=args.data_root)

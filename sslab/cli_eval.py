@@ -83,7 +83,7 @@ def cmd_curve(args) -> int:
     from .evaluate import EvalConfig, check_probe, label_curve
     from .models import check_layer
     from .pretext import check_method
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import COMPILE_CHOICES, PretrainConfig, pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
@@ -100,7 +100,7 @@ def cmd_curve(args) -> int:
                                 width=args.width, seed=args.pretrain_seed, data_root=args.data_root)
         runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
                              deterministic=args.deterministic, data_budget=args.data_budget,
-                             compile={"auto": None, "on": True, "off": False}[args.compile]))
+                             compile=COMPILE_CHOICES[args.compile]))
         print(f"pretrained {method}: {runs[-1].path}", file=sys.stderr)
     if args.merge:
         from .evaluate import merge_curve

@@ -8,7 +8,6 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -385,8 +384,7 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
     for run, budget, seed, kind in items:
         if kind == "knn":
             continue
-        cell_cfg = replace(cfg, probe=kind).validate()
-        cell = _cell_config("probe", run.method, run.config.dataset, budget, seed, cell_cfg, pretrained=run.path.name)
+        cell = _cell_for(run.method, "probe", budget, seed, run, None, replace(cfg, probe=kind).validate())
         folder, cached = _cached_cell(cell, out)
         if cached is None:
             wanted[str(folder)] = (run, budget, seed, kind, cell, folder)
@@ -704,11 +702,9 @@ def default_table_name(runs, budgets, seeds, layer: str, probe: str, scratch: bo
     """``curve-<dataset>-<layer>-<probe>[-finetune]-<8 hex>``: the hash of the pretraining runs and
     the budgets, seeds and protocols, so two different sweeps never write over each other's table
     (and the same sweep, run again, rewrites its own)."""
-    import hashlib
     dataset = runs[0].config.dataset if runs else "fashion-mnist"
-    key = json.dumps({"runs": sorted(r.path.name for r in runs), "budgets": sorted(budgets), "seeds": sorted(seeds),
-                      "scratch": scratch, "finetune": finetune}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    digest = store.config_hash({"runs": sorted(r.path.name for r in runs), "budgets": sorted(budgets),
+                                "seeds": sorted(seeds), "scratch": scratch, "finetune": finetune})[:8]
     return f"curve-{store.slug(dataset)}-{layer}-{probe}{'-finetune' if finetune else ''}-{digest}"
 
 

@@ -30,6 +30,8 @@ DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
 # default length. None has yet (the CPU compiles for ~20 s and gains nothing at these sizes; the
 # H200 is not measured), so "auto" is off everywhere until a measurement adds a pair here.
 COMPILE_BY_DEFAULT: frozenset = frozenset()
+# The command line's --compile values → pretrain(compile=...).
+COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
 CPU_DEFAULT_WIDTH = DEFAULT_WIDTH["cpu"]
 
 

@@ -282,22 +282,20 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = torch.randperm(n, generator=generator)
-        if streamed:
-            epoch_data = None  # each step's batch comes whole from the stream (host indices)
-        elif distributed is None:
-            epoch_data, order = data, order.to(device)
-        else:
-            epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
+        if not streamed:
+            if distributed is None:
+                epoch_data, order = data, order.to(device)
+            else:
+                epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
         chunks = torch.tensor_split(order, steps)
+        # (tensors, rows) per step: a streamed batch arrives whole, so it is taken entire.
+        batches = (((batch, slice(None)) for batch in data.batches(chunks)) if streamed
+                   else ((epoch_data, index) for index in chunks))
         sums: dict = {}
         timer.start()
-        steps_data = zip(chunks, data.batches(chunks)) if streamed else ((index, None) for index in chunks)
-        for step, (index, batch) in enumerate(steps_data):
+        for step, (step_data, index) in enumerate(batches):
             factor = lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
-            if batch is not None:
-                loss = train_step(step_model, batch, slice(None), optimizer, cfg.lr * factor, on_cuda, sums)
-            else:
-                loss = train_step(step_model, epoch_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
+            loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0 or step == steps - 1:
