@@ -24,7 +24,7 @@ from .augment import default_augment, to_float
 from .data import DatasetSplits, label_budget_split, load_dataset
 from .models import LAYERS, AlexNetBackbone, BackboneConfig, ClassifierHead, check_layer, pooled_dim, pooled_features
 from .pretrain import Run, load_run
-from .train import TrainConfig, fit, resolve_device
+from .train import FitResult, TrainConfig, fit, resolve_device
 
 PROBES = ("mlp", "linear", "knn")
 PROTOCOLS = ("probe", "scratch", "finetune")
@@ -337,30 +337,25 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
-        splits = _splits_for(run.config)
-        train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-        y = splits.train.labels.to(dev)
-        classes = splits.train.num_classes
-        feats = run_features(run, "train", layer, cfg.grid, dev)
-        test_feats = run_features(run, "test", layer, cfg.grid, dev)
-        test_y = splits.test.labels.to(dev)
-        t0 = time.perf_counter()
         if probe == "knn":
-            scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats, classes, cfg.knn_k,
-                                 cfg.knn_temperature)
-            row = _row(run.method, "probe", probe, cfg, budget, seed, classification_metrics(scores, test_y),
-                       splits.train.classes, 0, time.perf_counter() - t0)
+            splits = _splits_for(run.config)
+            train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
+            y = splits.train.labels.to(dev)
+            feats, test_feats = run_features(run, "train", layer, cfg.grid, dev), _test_features(run, cfg, dev)
+            t0 = time.perf_counter()
+            scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats,
+                                 splits.train.num_classes, cfg.knn_k, cfg.knn_temperature)
+            row = _row(run.method, "probe", probe, cfg, budget, seed,
+                       classification_metrics(scores, splits.test.labels.to(dev)), splits.train.classes, 0,
+                       time.perf_counter() - t0)
             return _finish_cell(folder, cell, row, (train_idx, val_idx))
-        torch.manual_seed(seed)
-        # Standardise with statistics of the whole unlabeled train pool: no labels involved.
-        mean, std = feats.mean(0), feats.std(0).clamp(min=1e-6)
-        head = FeatureProbe(feats.shape[1], classes, probe, cfg.hidden, mean, std).to(dev)
-        fit_result = _fit_head(head, feats, y, train_idx.to(dev), val_idx.to(dev), cfg, seed, dev, progress,
-                               deterministic)
-        metrics = classification_metrics(predict(head, test_feats), test_y)
-        row = _row(run.method, "probe", probe, cfg, budget, seed, metrics, splits.train.classes, fit_result.epochs_run,
-                   time.perf_counter() - t0, fit_result.history)
-        return _finish_cell(folder, cell, row, (train_idx, val_idx), {"head": head.state_dict()})
+        head = _new_head(run, budget, seed, probe, cfg, dev)
+        t0 = time.perf_counter()
+        fit_result = fit(head.model, head.train, _head_train_config(cfg, len(head.train[0]), seed), dev,
+                         validate=_validator(head.model, *head.val), progress=progress, desc="probe",
+                         deterministic=deterministic)
+        row = _head_row(head, cfg, fit_result, time.perf_counter() - t0, dev)
+        return _finish_cell(folder, cell, row, head.split, {"head": head.model.state_dict()})
 
     return _locked_cell(cell, out, compute)
 
@@ -400,37 +395,19 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
             run, budget, seed, kind, cell, folder = wanted[key]
             if _cached_cell(cell, out)[1] is not None:
                 continue  # another process computed it while we waited for its lock
-            splits = _splits_for(run.config)
-            train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-            feats = run_features(run, "train", cfg.layer, cfg.grid, dev)
-            if run.path.name not in stats:  # standardise with the whole unlabeled pool, as probe_run does
-                stats[run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
-            mean, std = stats[run.path.name]
-            y = splits.train.labels.to(dev)
-            order = train_idx.to(dev)[_repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
-            torch.manual_seed(seed)
-            head = FeatureProbe(feats.shape[1], splits.train.num_classes, kind, cfg.hidden, mean, std).to(dev)
-            entry = dict(run=run, budget=budget, seed=seed, kind=kind, cell=cell, folder=folder, head=head,
-                         split=(train_idx, val_idx), train=(feats[order], y[order]),
-                         val=(feats[val_idx.to(dev)], y[val_idx.to(dev)]), classes=splits.train.classes)
-            groups.setdefault((kind, len(order), len(val_idx), feats.shape[1]), []).append(entry)
+            head = _new_head(run, budget, seed, kind, cfg, dev, stats)
+            groups.setdefault((kind, len(head.train[0]), len(head.val[0]), head.train[0].shape[1]), []).append(
+                (head, cell, folder))
         for (kind, n, _, _), entries in groups.items():
             started = time.perf_counter()
-            train_cfg = TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, n), optimizer="adam",
-                                    lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
-                                    patience=cfg.probe_patience)
-            results = train_heads([e["head"] for e in entries], [e["train"] for e in entries],
-                                  [e["val"] for e in entries], train_cfg, [e["seed"] for e in entries], dev)
+            results = train_heads([h.model for h, _, _ in entries], [h.train for h, _, _ in entries],
+                                  [h.val for h, _, _ in entries], _head_train_config(cfg, n),
+                                  [h.seed for h, _, _ in entries], dev)
             share = (time.perf_counter() - started) / len(entries)
-            for e, result in zip(entries, results):
-                run = e["run"]
-                test_feats = run_features(run, "test", cfg.layer, cfg.grid, dev)
-                test_y = _splits_for(run.config).test.labels.to(dev)
-                metrics = classification_metrics(predict(e["head"], test_feats), test_y)
-                row = _row(run.method, "probe", kind, replace(cfg, probe=kind), e["budget"], e["seed"], metrics,
-                           e["classes"], result.epochs_run, share, result.history)
+            for (head, cell, folder), result in zip(entries, results):
+                row = _head_row(head, replace(cfg, probe=kind), result, share, dev)
                 row["trained_with"] = len(entries)  # heads in its batch
-                _finish_cell(e["folder"], e["cell"], row, e["split"], {"head": e["head"].state_dict()})
+                _finish_cell(folder, cell, row, head.split, {"head": head.model.state_dict()})
                 computed += 1
     return computed
 
@@ -441,13 +418,59 @@ def _validator(model, inputs, targets):
     return validate
 
 
-def _fit_head(head, feats, y, train_idx, val_idx, cfg: EvalConfig, seed, dev, progress, deterministic=False):
-    order = train_idx[_repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
-    train_cfg = TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, len(order)), optimizer="adam",
-                            lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
-                            patience=cfg.probe_patience, seed=seed)
-    return fit(head, (feats[order], y[order]), train_cfg, dev, validate=_validator(head, feats[val_idx], y[val_idx]),
-               progress=progress, desc="probe", deterministic=deterministic)
+@dataclass
+class _ProbeHead:
+    """One probe cell ready to train: its fresh head, the epoch-ordered training features and
+    labels, the validation features and labels, and the split it was drawn from."""
+
+    run: Run
+    budget: int
+    seed: int
+    model: FeatureProbe
+    train: tuple
+    val: tuple
+    split: tuple
+    classes: list
+
+
+def _new_head(run: Run, budget: int, seed: int, kind: str, cfg: EvalConfig, dev, stats: Optional[dict] = None
+              ) -> _ProbeHead:
+    """The probe cell (run, budget, seed) built the same way whether its head trains alone
+    (:func:`probe_run`) or with others (:func:`probe_cells_together`), so both start from the
+    same weights and see the same data. ``stats`` caches each run's standardisation."""
+    splits = _splits_for(run.config)
+    train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
+    feats = run_features(run, "train", cfg.layer, cfg.grid, dev)
+    stats = {} if stats is None else stats
+    if run.path.name not in stats:
+        # Standardise with statistics of the whole unlabeled train pool: no labels involved.
+        stats[run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
+    mean, std = stats[run.path.name]
+    y = splits.train.labels.to(dev)
+    order = train_idx.to(dev)[_repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
+    torch.manual_seed(seed)
+    model = FeatureProbe(feats.shape[1], splits.train.num_classes, kind, cfg.hidden, mean, std).to(dev)
+    val = val_idx.to(dev)
+    return _ProbeHead(run, budget, seed, model, (feats[order], y[order]), (feats[val], y[val]),
+                      (train_idx, val_idx), list(splits.train.classes))
+
+
+def _head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConfig:
+    return TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, samples), optimizer="adam",
+                       lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
+                       patience=cfg.probe_patience, seed=seed)
+
+
+def _test_features(run: Run, cfg: EvalConfig, dev) -> torch.Tensor:
+    return run_features(run, "test", cfg.layer, cfg.grid, dev)
+
+
+def _head_row(head: _ProbeHead, cfg: EvalConfig, result: FitResult, seconds: float, dev) -> dict:
+    """The test-set result row of a trained probe head."""
+    test_y = _splits_for(head.run.config).test.labels.to(dev)
+    metrics = classification_metrics(predict(head.model, _test_features(head.run, cfg, dev)), test_y)
+    return _row(head.run.method, "probe", cfg.probe, cfg, head.budget, head.seed, metrics, head.classes,
+                result.epochs_run, seconds, result.history)
 
 
 def scratch_run(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = None, width: Optional[float] = None,
