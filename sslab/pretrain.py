@@ -162,6 +162,17 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
     return {f"test_{k}": v / count for k, v in totals.items()}
 
 
+@dataclass
+class _RunOptions:
+    """How a run computes, not what it is: none of these is in the config hash."""
+
+    progress: bool
+    deterministic: bool
+    eval_limit: int
+    device_budget: Optional[int]  # bytes the pool may take on the device; None: the device's default
+    compile_loss: bool
+
+
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
              sync_bn: bool = False, data_budget: Optional[float] = None, compile: Optional[bool] = None) -> Run:
@@ -192,12 +203,11 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     key = asdict(config)
     folder = store.run_dir("pretrain", config.method, config.dataset, key, out)
+    options = _RunOptions(progress, deterministic, eval_limit, budget, compile)
     if ddp is not None:
-        return ddp.pretrain(
-            lambda: _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, ddp),
-            lambda work: _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp))
-    return _pretrain_in_store(config, dev, folder, force, progress, deterministic, eval_limit, budget=budget,
-                              compile_loss=compile)
+        return ddp.pretrain(lambda: _pretrain_in_store(config, dev, folder, force, options, ddp),
+                            lambda work: _train_into(config, dev, work, folder, options, ddp))
+    return _pretrain_in_store(config, dev, folder, force, options)
 
 
 def check_data_budget(data_budget) -> Optional[int]:
@@ -210,9 +220,8 @@ def check_data_budget(data_budget) -> Optional[int]:
     return int(data_budget * 2 ** 30)
 
 
-def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, progress: bool,
-                       deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None,
-                       compile_loss: bool = False) -> Run:
+def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, options: _RunOptions,
+                       ddp=None) -> Run:
     if store.is_complete(folder) and not force:  # reading a complete run needs no write access
         return load_run(folder)
     store.check_writable(folder.parent, "out")
@@ -226,12 +235,11 @@ def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, 
         work = folder
         if force and store.is_complete(folder):
             work = folder.with_name(folder.name + ".new")
-        return _train_into(config, dev, work, folder, progress, deterministic, eval_limit, ddp, budget, compile_loss)
+        return _train_into(config, dev, work, folder, options, ddp)
 
 
-def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, progress: bool,
-                deterministic: bool, eval_limit: int, ddp=None, budget: Optional[int] = None,
-                compile_loss: bool = False) -> Optional[Run]:
+def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Path, options: _RunOptions,
+                ddp=None) -> Optional[Run]:
     """Train into ``work`` and return the complete Run (``None`` on torchrun ranks other than 0,
     which write nothing)."""
     if ddp is not None:
@@ -247,7 +255,7 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     # Under torchrun the pool stays in host memory; each rank copies its shard of every epoch to its device.
     if ddp is None:
         # On the device when the pool fits the budget; otherwise streamed from pinned host memory.
-        allowed = stream.device_budget(dev) if budget is None else budget
+        allowed = stream.device_budget(dev) if options.device_budget is None else options.device_budget
         data = stream.place((pool.images,), dev, allowed)
         if isinstance(data, stream.StreamedData):
             print(f"streaming {len(pool)} images ({stream.nbytes((pool.images,)) / 2 ** 30:.3g} GB) from host "
@@ -255,19 +263,20 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     else:
         data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
+    compile_loss = options.compile_loss  # never under torchrun: pretrain refuses that
     if compile_loss:
         # An instance attribute shadows the method: fit's train_step calls the compiled loss.
         task.loss = torch.compile(task.loss)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
-                            metrics_path=work / "metrics.jsonl", progress=progress,
+                            metrics_path=work / "metrics.jsonl", progress=options.progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
-                            deterministic=deterministic, distributed=ddp)
+                            deterministic=options.deterministic, distributed=ddp)
     if compile_loss:
         del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
     ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))
     if not main:
         return None
-    test_images = splits.test.images[:eval_limit].to(dev)
+    test_images = splits.test.images[:options.eval_limit].to(dev)
     test_metrics = evaluate_task(task, test_images)
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
                                          "method": config.method})
