@@ -57,6 +57,9 @@ def main(argv=None) -> int:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             seconds[batched] = time.perf_counter() - started
+        # Said at once, so a run stopped during the slower sweep still reports the first.
+        print(f"{len(tables[batched].rows)} probe cells {'together' if batched else 'one at a time'}: "
+              f"{seconds[batched]:.2f} s", flush=True)
     together, alone = tables[True].rows, tables[False].rows
     cells = []
     for a, b in zip(alone, together):

@@ -14,6 +14,8 @@
 #   probe-check.json    the study's probe sweep (63 cells) with heads trained together and one at a time:
 #                       seconds of each and the top-1 differences (scripts/batched_probe_check.py)
 #   (log.txt)           the streaming tests, tests/test_stream.py, CUDA cases included
+#   stream.json         rotation pretraining at 96 px (553 MB of images: two chunks) streamed from pinned
+#                       host memory against resident on the device: img/s of each, weight difference
 #   step-big-batch.json rotation at the issue's orientation batch, 512 at 28/32 px (-96.json: 256 at 96 px)
 #   compile.json        the step benchmark with torch.compile, rotation at 28 px
 # Each stage runs under a share of BENCH_BUDGET_S (default 540 s), so the
@@ -22,7 +24,10 @@
 #   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=none BENCH_BUDGET_S=200 scripts/gpu_bench.sh
 # and, with a small study (STUDY_ARGS replaces the full study's flags) to try the probe check too:
 #   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=/usr/share/datasets/fashion-mnist \
-#   STUDY_ARGS="--quick --budgets 1,4 --no-finetune --no-scratch --umap-points 0" scripts/gpu_bench.sh
+#   STUDY_ARGS="--quick --budgets 1,4 --no-finetune --no-scratch --umap-points 0" \
+#   STREAM_ARGS="--limit 1000 --image-size 28 --epochs 1" scripts/gpu_bench.sh
+# Rehearsed that way on 2026-11-30 with the H200's versions (torch 2.11.0, torchvision 0.26.0, in
+# a venv on the CPU): every stage exit 0.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu-bench}"
@@ -33,6 +38,7 @@ BUDGET="${BENCH_BUDGET_S:-540}"
 DEVICE="${DEVICE:-cuda}"
 EXTRA="${EXTRA:-}"
 STUDY_ARGS="${STUDY_ARGS:---params params/full.yml --seeds 0,1,2}"
+STREAM_ARGS="${STREAM_ARGS:-}"
 # The study's runs stay outside $OUT (checkpoints are too big to send back); the probe check reads them.
 STUDY_RUNS="${STUDY_RUNS:-$(mktemp -d /tmp/sslab-study-XXXXXX)}"
 rmdir "$STUDY_RUNS" 2>/dev/null || true
@@ -76,12 +82,16 @@ if [ -f "$DATA/train-images-idx3-ubyte.gz" ] || [ -f "$DATA/train-images-idx3-ub
       --no-probes-alone --out "$STUDY_RUNS" --json "$OUT/study.json"
   stage "probe sweep: heads trained together against one at a time (the study's runs)" 90 \
     bash -c "'$PY' scripts/batched_probe_check.py '$STUDY_RUNS'/runs/pretrain-* --device $DEVICE \
-               --json '$OUT/probe-check.json' | tail -3"
+               --json '$OUT/probe-check.json'"
 else
   say "=== full study: skipped, no Fashion-MNIST in $DATA (see the top of this script)"
 fi
 stage "streaming from pinned host memory (tests, CUDA included)" 60 \
   "$PY" -m pytest -q -p no:cacheprovider tests/test_stream.py
+if [ -f "$DATA/train-images-idx3-ubyte.gz" ] || [ -f "$DATA/train-images-idx3-ubyte" ]; then
+  stage "pretraining on a streamed pool against a resident one" 90 \
+    "$PY" scripts/stream_check.py --device "$DEVICE" --data-root "$DATA" $STREAM_ARGS --json "$OUT/stream.json"
+fi
 stage "rotation at the issue's batch sizes (28/32 px: 512, 96 px: 256)" 60 \
   bash -c "'$PY' -m sslab bench --device $DEVICE $EXTRA --methods rotation --sizes 28,32 --batch-size 512 \
              --json '$OUT/step-big-batch.json' &&
