@@ -78,19 +78,22 @@ def check_probe(probe: str) -> str:
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:
-    values = list(budgets) if isinstance(budgets, (list, tuple)) else [budgets]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise ValueError(f"{name}={budgets!r} is not allowed; allowed: integers ≥ 1 (labeled images per class)")
-    return [int(v) for v in values]
+    return _check_int_values(budgets, name, 1, "labeled images per class")
 
 
-def check_seeds(seeds) -> list:
-    values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"seeds={seeds!r} is not allowed; allowed: integers ≥ 0")
-    return [int(v) for v in values]
+def check_seeds(seeds, name: str = "seeds") -> list:
+    return _check_int_values(seeds, name, 0, "seeds")
+
+
+def _check_int_values(values, name: str, minimum: int, what: str) -> list:
+    """One integer or a list of them, each ≥ ``minimum`` and none repeated: a repeated budget or
+    seed would count the same cell twice in a table's mean and spread."""
+    items = list(values) if isinstance(values, (list, tuple)) else [values]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum for v in items):
+        raise ValueError(f"{name}={values!r} is not allowed; allowed: integers ≥ {minimum} ({what})")
+    if len(set(int(v) for v in items)) < len(items):
+        raise ValueError(f"{name}={values!r} is not allowed; allowed: {what} without repeats")
+    return [int(v) for v in items]
 
 
 # ---------------------------------------------------------------- metrics
@@ -270,12 +273,43 @@ def _repeat_to(n: int, samples: int, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- one cell
 
+_SHARED_FIELDS = ("layer", "grid", "hidden", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay")
+_HEAD_FIELDS = ("probe_epochs", "probe_lr", "probe_patience")
+# The EvalConfig settings each kind of cell trains with, and so the ones in its stored key: a
+# setting a cell does not use (the sweep's probe kind for a scratch cell, k of kNN for a
+# fine-tuning cell) must not make the same cell count as a new one.
+CELL_FIELDS = {
+    "knn": ("layer", "grid", "val_per_class", "knn_k", "knn_temperature"),
+    "probe": ("probe",) + _SHARED_FIELDS + _HEAD_FIELDS,
+    "scratch": _SHARED_FIELDS + ("epochs", "lr", "patience"),
+    "finetune": _SHARED_FIELDS + _HEAD_FIELDS + ("patience", "finetune_epochs", "finetune_lr", "backbone_lr_scale"),
+}
+
+
 def _cell_config(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: EvalConfig, **extra) -> dict:
     fields = asdict(cfg)
-    if kind == "knn":
-        fields = {k: fields[k] for k in ("layer", "grid", "val_per_class", "knn_k", "knn_temperature")}
     return {"stage": "eval", "protocol": kind, "method": method, "dataset": dataset, "budget": budget,
-            "seed": seed, **fields, **extra}
+            "seed": seed, **{k: fields[k] for k in CELL_FIELDS[kind]}, **extra}
+
+
+_WEIGHT_DIGESTS: dict = {}
+
+
+def pretrained_id(run: Run) -> str:
+    """What an evaluation cell records of the pretrained net it used: the run folder's name and a
+    digest of its weights file, so a run trained again under the same name (``--force``) does
+    not reuse cells computed from the old weights."""
+    import hashlib
+    model = run.path / "model.pt"
+    stat = model.stat()
+    key = (str(model.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _WEIGHT_DIGESTS:
+        digest = hashlib.sha256()
+        with open(model, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _WEIGHT_DIGESTS[key] = digest.hexdigest()[:12]
+    return f"{run.path.name}@{_WEIGHT_DIGESTS[key]}"
 
 
 def _cached_cell(config: dict, out):
@@ -331,9 +365,9 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
     class; return the test-set result row (top-1, top-5, per-class accuracy, confusion)."""
     run = run if isinstance(run, Run) else load_run(run)
     cfg = replace(config or EvalConfig(), layer=layer, probe=probe).validate()
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed)[0]
+    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     cell = _cell_config(probe if probe == "knn" else "probe", run.method, run.config.dataset, budget, seed, cfg,
-                        pretrained=run.path.name)
+                        pretrained=pretrained_id(run))
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
@@ -481,7 +515,7 @@ def scratch_run(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = 
     initialised, with the same classifier head, trained end to end on the same labeled images
     with the same augmentation, schedule and early stopping."""
     cfg = replace(config or EvalConfig(), layer=layer).validate()
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed)[0]
+    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     dev = resolve_device(device)
     if like is not None:
         dataset, data_root = like.config.dataset, like.config.data_root
@@ -509,8 +543,8 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
     times slower than the head, ``finetune_epochs`` (15, as in the study) with early stopping."""
     run = run if isinstance(run, Run) else load_run(run)
     cfg = replace(config or EvalConfig(), layer=layer, probe="mlp").validate()
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed)[0]
-    cell = _cell_config("finetune", run.method, run.config.dataset, budget, seed, cfg, pretrained=run.path.name)
+    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
+    cell = _cell_config("finetune", run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
@@ -521,6 +555,9 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
         head = FeatureProbe(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
         head.load_state_dict(store.load_torch(Path(probe_row["run"]) / "head.pt", map_location=dev)["head"])
         model = ImageClassifier(task.backbone, head, layer, cfg.grid).to(dev)
+        # The augmentation draws from torch's global generator: seed it here, or the result would
+        # depend on whether the probe head above was trained just now or found stored.
+        torch.manual_seed(seed)
         groups = [{"params": list(model.backbone.parameters()), "lr_scale": cfg.backbone_lr_scale},
                   {"params": list(model.probe.parameters()), "lr_scale": 1.0}]
         return _train_end_to_end(model, splits, run.method, "finetune", cfg, budget, seed, cfg.finetune_epochs,
@@ -716,18 +753,21 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
         bar.close()
     table = ResultTable(rows)
     if shard is None:
-        stem = name or default_table_name(runs, budgets, seeds, layer, probe, scratch, finetune)
+        stem = name or default_table_name(runs, budgets, seeds, layer, probe, scratch, finetune, cfg)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table
 
 
-def default_table_name(runs, budgets, seeds, layer: str, probe: str, scratch: bool, finetune: bool) -> str:
-    """``curve-<dataset>-<layer>-<probe>[-finetune]-<8 hex>``: the hash of the pretraining runs and
-    the budgets, seeds and protocols, so two different sweeps never write over each other's table
-    (and the same sweep, run again, rewrites its own)."""
+def default_table_name(runs, budgets, seeds, layer: str, probe: str, scratch: bool, finetune: bool,
+                       config: Optional[EvalConfig] = None) -> str:
+    """``curve-<dataset>-<layer>-<probe>[-finetune]-<8 hex>``: the hash of the pretraining runs, the
+    budgets, seeds and protocols and the evaluation settings, so two different sweeps never write
+    over each other's table (and the same sweep, run again, rewrites its own)."""
     dataset = runs[0].config.dataset if runs else "fashion-mnist"
+    settings = asdict(replace(config or EvalConfig(), layer=layer, probe=probe))
     digest = store.config_hash({"runs": sorted(r.path.name for r in runs), "budgets": sorted(budgets),
-                                "seeds": sorted(seeds), "scratch": scratch, "finetune": finetune})[:8]
+                                "seeds": sorted(seeds), "scratch": scratch, "finetune": finetune,
+                                "settings": settings})[:8]
     return f"curve-{store.slug(dataset)}-{layer}-{probe}{'-finetune' if finetune else ''}-{digest}"
 
 
@@ -739,9 +779,9 @@ def _cell_for(method: str, protocol: str, budget: int, seed: int, run: Optional[
                             width=like.config.width, image_size=like.config.image_size)
     if protocol == "finetune":
         return _cell_config("finetune", run.method, run.config.dataset, budget, seed, replace(cfg, probe="mlp"),
-                            pretrained=run.path.name)
+                            pretrained=pretrained_id(run))
     kind = "knn" if cfg.probe == "knn" else "probe"
-    return _cell_config(kind, run.method, run.config.dataset, budget, seed, cfg, pretrained=run.path.name)
+    return _cell_config(kind, run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
 
 
 def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", probe: str = "mlp",
@@ -765,6 +805,6 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     table = ResultTable(rows)
     if not missing:
         stem = name or default_table_name(runs, check_budgets(budgets), check_seeds(seeds), layer, probe, scratch,
-                                          finetune)
+                                          finetune, cfg)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table, missing

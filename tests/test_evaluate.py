@@ -283,3 +283,67 @@ def test_different_sweeps_write_different_tables_and_a_rerun_its_own(tiny_runs, 
     assert sweep([1]) == first
     table, missing = ev.merge_curve(runs, budgets=[1], seeds=[0], probe="knn", scratch=False, out=out, config=TINY)
     assert missing == [] and table.path == first
+
+
+def test_finetune_result_does_not_depend_on_whether_its_probe_was_stored(tiny_runs, tmp_path):
+    (run, _), _ = tiny_runs
+    # a: the probe head is trained inside finetune_run; b: it was stored by an earlier call,
+    # after which the global generator was left somewhere else.
+    a = ev.finetune_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "a"), config=TINY)
+    ev.probe_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
+    torch.manual_seed(1234)
+    torch.rand(7)
+    b = ev.finetune_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert (a["top1"], a["confusion"]) == (b["top1"], b["confusion"])
+
+
+def test_a_scratch_cell_is_the_same_cell_whichever_probe_the_sweep_uses(tiny_runs, tmp_path):
+    (run, _), _ = tiny_runs
+    out = str(tmp_path)
+    rows = [ev.scratch_run("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, probe=p))
+            for p in ("mlp", "linear", "knn")]
+    assert len({r["run"] for r in rows}) == 1
+    assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eval-scratch")]) == 1
+    # ...while a setting the scratch baseline trains with makes another cell
+    other = ev.scratch_run("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, lr=2e-3))
+    assert other["run"] != rows[0]["run"]
+    # and a setting only probes use does not change a fine-tuning cell's key, one they use does
+    cells = [ev._cell_for(run.method, "finetune", 1, 0, run, None, c)
+             for c in (TINY, replace(TINY, knn_k=5), replace(TINY, probe_lr=5e-3))]
+    assert cells[0] == cells[1] and cells[0] != cells[2]
+
+
+def test_cells_of_old_weights_are_not_reused_after_the_run_is_trained_again(tiny_runs, tmp_path):
+    (run, _), _ = tiny_runs
+    import shutil
+    copy = tmp_path / "runs" / run.path.name
+    shutil.copytree(run.path, copy)
+    from sslab.pretrain import load_run
+    first = ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
+    assert ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)["run"] == \
+        first["run"]
+    # the same folder name with other weights, as `pretrain --force` leaves it
+    state = store.load_torch(copy / "model.pt")
+    state["model"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in state["model"].items()}
+    store.save_torch(copy / "model.pt", state)
+    again = ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
+    assert again["run"] != first["run"]
+    assert store.read_json(Path(again["run"]) / "config.json")["pretrained"].startswith(run.path.name + "@")
+
+
+def test_repeated_budgets_or_seeds_are_refused():
+    with pytest.raises(ValueError, match=r"budgets=\[1, 2, 1\] is not allowed; allowed: .*without repeats"):
+        ev.check_budgets([1, 2, 1])
+    with pytest.raises(ValueError, match=r"seeds=\[0, 0\] is not allowed"):
+        ev.check_seeds([0, 0])
+    with pytest.raises(ValueError, match=r"budgets=\[\] is not allowed"):
+        ev.check_budgets([])
+    assert ev.check_seeds([2, 0, 1]) == [2, 0, 1]
+
+
+def test_table_name_depends_on_every_evaluation_setting(tiny_runs):
+    runs, _ = tiny_runs
+    names = {ev.default_table_name(runs, [1], [0], "conv4", "mlp", True, False, c)
+             for c in (TINY, replace(TINY, val_per_class=3), replace(TINY, hidden=50))}
+    assert len(names) == 3
