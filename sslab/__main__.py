@@ -23,12 +23,13 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def _int_list(name: str):
     def parse(text: str):
+        allowed = f"--{name}={text!r} is not allowed; allowed: comma-separated integers without repeats, e.g. 1,2,4"
         try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{name}={text!r}: allowed: comma-separated integers, e.g. 1,2,4") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"--{name}={text!r}: allowed: at least one integer")
+            values = [int(v) for v in text.split(",")]
+        except ValueError:  # a word, or an empty item as in '1,,2'
+            raise argparse.ArgumentTypeError(allowed) from None
+        if len(set(values)) < len(values):
+            raise argparse.ArgumentTypeError(allowed)
         return values
     return parse
 

@@ -46,9 +46,13 @@ def add_eval_commands(sub, formatter, device_args, pretrain_args, int_list) -> N
 
 
 def cmd_probe(args) -> int:
+    from dataclasses import replace
+
     from .evaluate import EvalConfig, finetune_run, probe_run, scratch_run
     from .pretrain import load_run
     run = load_run(args.run)
+    if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
+        run.config = replace(run.config, data_root=args.data_root)
     cfg = EvalConfig(val_per_class=args.val_per_class)
     rows = [probe_run(run, args.labels, args.seed, args.layer, args.probe, args.device, args.out, cfg,
                       progress=args.progress, deterministic=args.deterministic)]
@@ -78,46 +82,75 @@ def parse_shard(text):
     return index, count
 
 
+def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_class: int) -> None:
+    """Every budget must leave ``val_per_class`` validation images in every class of the
+    dataset's labeled train split — checked before any pretraining, not hours into a sweep."""
+    from .data import load_dataset, max_per_class
+    most = max_per_class(load_dataset(dataset, data_root, image_size).train.labels, val_per_class)
+    too_many = [b for b in budgets if b > most]
+    if too_many:
+        raise ValueError(f"--budgets={','.join(map(str, budgets))} is not allowed: {dataset} has too few labeled "
+                         f"images per class for {','.join(map(str, too_many))} with --val-per-class "
+                         f"{val_per_class}; allowed: budgets ≤ {most}")
+
+
 def cmd_curve(args) -> int:
     from . import store
-    from .evaluate import EvalConfig, check_probe, label_curve
+    from .evaluate import EvalConfig, check_budgets, check_probe, check_seeds, label_curve
     from .models import check_layer
-    from .pretext import check_method
-    from .pretrain import COMPILE_CHOICES, PretrainConfig, pretrain
+    from .pretext import TASKS, check_method
+    from .pretrain import COMPILE_CHOICES, PretrainConfig, find_run, pretrain
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--methods={args.methods!r} is not allowed; allowed: one or more of {', '.join(TASKS)}")
     for method in methods:
         check_method(method)
     check_layer(args.layer)
     check_probe(args.probe)
     shard = parse_shard(args.shard)
-    cfg = EvalConfig(layer=args.layer, probe=args.probe, val_per_class=args.val_per_class)
+    # Everything the sweep will check, checked before any pretraining starts.
+    check_budgets(args.budgets)
+    check_seeds(args.seeds)
+    cfg = EvalConfig(layer=args.layer, probe=args.probe, val_per_class=args.val_per_class).validate()
+    configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
+                              batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
+                              seed=args.pretrain_seed, data_root=args.data_root) for method in methods]
+    check_curve_budgets(args.dataset, args.data_root, args.image_size, args.budgets, args.val_per_class)
     started = time.perf_counter()
-    runs = []
-    for method in methods:
-        config = PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
-                                batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-                                width=args.width, seed=args.pretrain_seed, data_root=args.data_root)
-        runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
-                             deterministic=args.deterministic, data_budget=args.data_budget,
-                             compile=COMPILE_CHOICES[args.compile]))
-        print(f"pretrained {method}: {runs[-1].path}", file=sys.stderr)
     if args.merge:
+        # A merge only collects: a pretraining run that is missing is reported, never trained here.
+        found = [find_run(config, args.device, args.out) for config in configs]
+        absent = [f"pretrain {c.method}: no complete run at {folder}" for c, (run, folder) in zip(configs, found)
+                  if run is None]
+        if absent:
+            print(f"error: {len(absent)} pretraining run(s) are not there (the same settings as the pretraining "
+                  f"and shard jobs are needed, --width included: the default width differs between CPU and CUDA):",
+                  file=sys.stderr)
+            for line in absent:
+                print(f"  {line}", file=sys.stderr)
+            return 3
         from .evaluate import merge_curve
-        table, missing = merge_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch,
-                                     args.finetune, args.out, cfg, args.name)
+        table, missing = merge_curve([run for run, _ in found], args.budgets, args.seeds, args.layer, args.probe,
+                                     args.scratch, args.finetune, args.out, cfg, args.name)
         if missing:
             print(f"error: {len(missing)} cell(s) are not computed yet:", file=sys.stderr)
             for cell in missing:
                 print(f"  {cell}", file=sys.stderr)
             return 3
     else:
+        runs = []
+        for config in configs:
+            runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
+                                 deterministic=args.deterministic, data_budget=args.data_budget,
+                                 compile=COMPILE_CHOICES[args.compile]))
+            print(f"pretrained {config.method}: {runs[-1].path}", file=sys.stderr)
         table = label_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch, args.finetune,
                             args.device, args.out, cfg, args.name, progress=args.progress, shard=shard,
                             deterministic=args.deterministic)
         if shard is not None:
-            print(f"shard {shard[0]}/{shard[1]}: computed {len(table)} cell(s); run with --merge when all shards "
-                  f"are done")
+            print(f"shard {shard[0]}/{shard[1]}: its {len(table)} cell(s) are in the store (computed now or found "
+                  f"there); run with --merge when all shards are done")
             return 0
     print(table.format())
     print()

@@ -737,6 +737,12 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
     import papermill
     from papermill.exceptions import PapermillExecutionError
     source = notebooks_dir()
+    # A name no notebook declares (a typo such as 'lables') would be dropped without a word.
+    known = set().union(*(notebook_parameters(source / f"{n}.ipynb") for n in NOTEBOOKS))
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"parameter {unknown[0]}={params[unknown[0]]!r} is not declared by any notebook; allowed: "
+                         f"{', '.join(sorted(known))}")
     output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []

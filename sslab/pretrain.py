@@ -201,13 +201,38 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
         compile = compile_by_default(dev, config)
     if compile and ddp is not None:
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
-    key = asdict(config)
-    folder = store.run_dir("pretrain", config.method, config.dataset, key, out)
+    folder = run_folder(config, out)
     options = _RunOptions(progress, deterministic, eval_limit, budget, compile)
     if ddp is not None:
         return ddp.pretrain(lambda: _pretrain_in_store(config, dev, folder, force, options, ddp),
                             lambda work: _train_into(config, dev, work, folder, options, ddp))
     return _pretrain_in_store(config, dev, folder, force, options)
+
+
+def run_folder(config: PretrainConfig, out: Optional[str] = None) -> Path:
+    """The store folder of a resolved config (see :meth:`PretrainConfig.resolved`)."""
+    return store.run_dir("pretrain", config.method, config.dataset, asdict(config), out)
+
+
+def find_run(config: PretrainConfig, device="auto", out: Optional[str] = None) -> tuple:
+    """``(run, folder)``: the complete run ``pretrain(config, device)`` would return, without
+    training it — ``run`` is None when the store has none (``folder`` is where it would be)."""
+    folder = run_folder(config.resolved(resolve_device(device)), out)
+    return (load_run(folder) if store.is_complete(folder) else None), folder
+
+
+def _say_if_trained_differently(run: Run, ddp) -> Run:
+    """The config hash leaves out how many processes trained a run (so a run resumes under
+    another torchrun size), which scales its learning rate and global batch: say so when a run
+    is reused by a call with another number of processes."""
+    trained = run.summary.get("distributed", {}).get("world_size", 1)
+    now = 1 if ddp is None else ddp.world_size
+    if trained != now and (ddp is None or ddp.is_main):
+        d = run.summary.get("distributed", {})
+        print(f"reusing {run.path.name}, trained with {trained} process(es) (global batch "
+              f"{d.get('global_batch_size', run.config.batch_size)}, lr × {d.get('lr_scale', 1)}); this call has "
+              f"{now}. Another folder (--out) or --force trains it anew.", file=sys.stderr)
+    return run
 
 
 def check_data_budget(data_budget) -> Optional[int]:
@@ -223,7 +248,7 @@ def check_data_budget(data_budget) -> Optional[int]:
 def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, options: _RunOptions,
                        ddp=None) -> Run:
     if store.is_complete(folder) and not force:  # reading a complete run needs no write access
-        return load_run(folder)
+        return _say_if_trained_differently(load_run(folder), ddp)
     store.check_writable(folder.parent, "out")
     with store.locked(folder):
         pending = folder.with_name(folder.name + ".new")
@@ -231,7 +256,7 @@ def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, 
             print(f"finishing an interrupted --force: {pending.name} replaces {folder.name}", file=sys.stderr)
             _replace_folder(pending, folder)
         if store.is_complete(folder) and not force:  # another process finished it while we waited
-            return load_run(folder)
+            return _say_if_trained_differently(load_run(folder), ddp)
         work = folder
         if force and store.is_complete(folder):
             work = folder.with_name(folder.name + ".new")

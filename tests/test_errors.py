@@ -124,7 +124,8 @@ def test_label_budget_counts_the_validation_images():
         label_budget_split(labels, 1, val_per_class=10)
 
 
-@pytest.mark.parametrize("option, text", [("--budgets", "1,two,4"), ("--seeds", "0,1.5"), ("--budgets", ",")])
+@pytest.mark.parametrize("option, text", [("--budgets", "1,two,4"), ("--seeds", "0,1.5"), ("--budgets", ","),
+                                          ("--budgets", "1,,2"), ("--seeds", "0,1,0")])
 def test_budgets_and_seeds_must_be_integers_on_the_command_line(option, text, capsys):
     with pytest.raises(SystemExit) as info:
         main(["curve", option, text])
@@ -261,6 +262,26 @@ def test_load_run_refuses_what_is_not_a_complete_run(tmp_path):
         load_run(killed)
 
 
+def test_curve_checks_budgets_against_the_dataset_before_pretraining(no_work, tmp_path, capsys):
+    root = grey_folder(tmp_path / "images", per_class=3)
+    err = cli(capsys, "curve", "--methods", "rotation", "--dataset", f"folder:{root}", "--budgets", "1,3",
+              "--val-per-class", "1", "--out", str(tmp_path / "out"), "--no-progress")
+    assert "--budgets=1,3 is not allowed" in err and "for 3 with --val-per-class 1" in err and "≤ 2" in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_curve_needs_a_method(no_work, tmp_path, capsys):
+    err = cli(capsys, "curve", "--methods", ",", "--out", str(tmp_path))
+    assert "--methods=','" in err and "rotation, vae, siamese-vae" in err
+
+
+def test_lab_refuses_a_parameter_no_notebook_declares(tmp_path):
+    from sslab import lab
+    with pytest.raises(ValueError, match=r"parameter lables=5 is not declared by any notebook; allowed: .*labels"):
+        lab.run_notebooks({"lables": 5}, ["02_probe"], tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def complete_run(tmp_path_factory):
     root = grey_folder(tmp_path_factory.mktemp("images"), per_class=8, size=32)
@@ -280,7 +301,7 @@ def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
     (["--labels", "0"], ["labels=0", "integers ≥ 1"]),
     (["--layer", "conv9"], ["layer='conv9'", "conv1, conv2, conv3, conv4, conv5, pool5"]),
     (["--probe", "svm"], ["probe='svm'", "mlp, linear, knn"]),
-    (["--seed", "-1"], ["seeds=-1", "integers ≥ 0"]),
+    (["--seed", "-1"], ["seed=-1", "integers ≥ 0"]),
 ])
 def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expected, monkeypatch, tmp_path, capsys):
     import sslab.evaluate as evaluate_module
@@ -322,3 +343,19 @@ def test_missing_dataset_names_where_it_looked_and_how_to_get_it(monkeypatch, tm
     message = str(info.value)
     assert str(tmp_path / "root") in message and str(tmp_path / "not-installed") in message
     assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_reusing_a_run_trained_by_another_number_of_processes_says_so(complete_run, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "runs" / complete_run.path.name
+    shutil.copytree(complete_run.path, copy)
+    summary = store.read_json(copy / store.COMPLETE)
+    summary["distributed"] = {"world_size": 4, "global_batch_size": 600, "lr_scale": 4}
+    store.write_json(copy / store.COMPLETE, summary)
+    run = pretrain(complete_run.config, device="cpu", out=str(tmp_path), progress=False)
+    assert run.path == copy
+    err = capsys.readouterr().err
+    assert f"reusing {copy.name}, trained with 4 process(es) (global batch 600, lr × 4); this call has 1" in err
+    # a run trained by one process, reused by one process: nothing to say
+    pretrain(complete_run.config, device="cpu", out=str(complete_run.path.parent.parent), progress=False)
+    assert "reusing" not in capsys.readouterr().err

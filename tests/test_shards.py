@@ -128,7 +128,7 @@ def test_two_curve_shards_then_merge_give_the_unsharded_table(pattern_folder, tm
 
     first = _curve(pattern_folder, sharded, "--shard", "0/2")
     assert first.returncode == 0, first.stderr
-    assert "shard 0/2: computed 2 cell(s)" in first.stdout
+    assert "shard 0/2: its 2 cell(s) are in the store" in first.stdout
     early = _curve(pattern_folder, sharded, "--merge")
     assert early.returncode == 3  # shard 1 has not run: the merge names what is missing
     assert "2 cell(s) are not computed yet" in early.stderr
@@ -138,7 +138,16 @@ def test_two_curve_shards_then_merge_give_the_unsharded_table(pattern_folder, tm
 
     second = _curve(pattern_folder, sharded, "--shard", "1/2")
     assert second.returncode == 0, second.stderr
-    assert "shard 1/2: computed 2 cell(s)" in second.stdout
+    assert "shard 1/2: its 2 cell(s) are in the store" in second.stdout
     merged = _curve(pattern_folder, sharded, "--merge")
     assert merged.returncode == 0, merged.stderr
     assert _table(sharded) == expected
+
+
+def test_merge_lists_a_missing_pretraining_run_instead_of_training_it(pattern_folder, tmp_path):
+    merged = _curve(pattern_folder, tmp_path, "--merge")
+    assert merged.returncode == 3, merged.stderr
+    assert "2 pretraining run(s) are not there" in merged.stderr and "--width" in merged.stderr
+    assert "pretrain rotation: no complete run at" in merged.stderr
+    assert "pretrain vae: no complete run at" in merged.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing trained
