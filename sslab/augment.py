@@ -75,8 +75,12 @@ def random_affine(x: torch.Tensor, scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees: 
         torch.stack([cos * sx * flip, -sin * sy, tx], dim=1),
         torch.stack([sin * sx * flip, cos * sy, ty], dim=1),
     ], dim=1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # In fp32 even inside the training step's bf16 autocast: a bf16 grid is off by up to 0.2 px
+    # at 96 px, which would blur the whole-pixel shifts and augment differently on CUDA than on CPU.
+    with torch.autocast(dev.type, enabled=False):
+        grid = F.affine_grid(theta.float(), list(x.shape), align_corners=False)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False).to(x.dtype)
 
 
 def color_jitter(x: torch.Tensor, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,

@@ -180,3 +180,15 @@ def test_random_affine_shift_is_a_window_of_the_padded_image_like_random_crop():
     out = only_crop.apply(x, _generator(2))
     assert all(any(torch.allclose(out[i], padded[i, :, dy:dy + 10, dx:dx + 10], atol=1e-5)
                    for dy in range(7) for dx in range(7)) for i in range(len(x)))
+
+
+def test_the_affine_resample_is_the_same_inside_bf16_autocast():
+    # The training step runs the augmentation under bf16 autocast on CUDA; the same ATen
+    # kernels under CPU autocast show whether the sampling grid drops to bf16.
+    from sslab.augment import default_augment
+    x = torch.rand(16, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    plain = default_augment(96).apply(x, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = default_augment(96).apply(x, generator=torch.Generator().manual_seed(1))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain, rtol=0, atol=1e-6)
