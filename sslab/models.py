@@ -69,9 +69,13 @@ class AlexNetBackbone(nn.Module):
         self.conv4 = _conv_bn(c3, c4, 3)
         self.conv5 = _conv_bn(c4, c5, 3)
         self.pool5 = nn.MaxPool2d(**pool)
+        # The layer shapes, from one blank image in eval mode: in training mode it would leave its
+        # statistics in every BatchNorm's running averages of a net not yet trained.
         with torch.no_grad():
+            self.eval()
             probe = torch.zeros(1, config.in_channels, config.image_size, config.image_size)
             self.shapes = {name: tuple(t.shape[1:]) for name, t in self._taps(probe, "pool5").items()}
+            self.train()
 
     def _taps(self, x: torch.Tensor, until: str) -> dict:
         # Centre on 0 so the first BN sees a symmetric input; BN takes care of the scale.

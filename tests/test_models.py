@@ -113,3 +113,14 @@ def test_pooled_features_match_pooled_dim(backbones, layer, grid):
         feats = pooled_features(backbone, _images(1, 28, n=3), layer, grid)
     assert feats.shape == (3, pooled_dim(backbone, layer, grid))
     assert pooled_dim(backbone, layer, grid) == CHANNELS[layer] * grid * grid
+
+
+def test_a_new_backbone_has_untouched_batchnorm_statistics():
+    backbone = AlexNetBackbone(BackboneConfig(1, 28, 0.25))
+    assert backbone.training
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 5
+    for bn in norms:
+        assert int(bn.num_batches_tracked) == 0
+        assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+        assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
