@@ -186,20 +186,23 @@ METRIC_LABELS = {"loss": "training loss", "rot_acc": "rotation accuracy", "recon
 
 def training_curves(runs):
     """Per-epoch training curves of pretraining runs: one column per run, its loss on top and
-    its task metrics below; the held-out test value at the end of training as a star.
+    each task metric in a panel of its own below (the KL, ~100, and the triplet loss, ~0.1, on
+    one axis would flatten the triplet term); the held-out test value at the end as a star.
     ``runs``: a dict name → Run or a list of Runs."""
     plt = _plt()
     items = list(runs.items()) if isinstance(runs, dict) else [(r.method, r) for r in runs]
     if not items:
         raise ValueError("runs is empty; allowed: at least one pretraining run")
-    fig, axes = plt.subplots(2, len(items), figsize=(4.2 * len(items), 6), squeeze=False)
+    rows = 1 + max(len(TASK_METRICS.get(run.method, [])) for _, run in items)
+    fig, axes = plt.subplots(rows, len(items), figsize=(4.2 * len(items), 2.4 * rows + 0.6), squeeze=False)
     for col, (name, run) in enumerate(items):
         history = run.metrics
         epochs = np.array([row["epoch"] + 1 for row in history])
         color = method_color(run.method, col)
-        panels = [("loss", axes[0, col])] + [(m, axes[1, col]) for m in TASK_METRICS.get(run.method, [])[:1]]
-        for metric, ax in panels:
-            ax.plot(epochs, [row.get(metric, np.nan) for row in history], marker="o", color=color, label="train")
+        metrics = ["loss"] + TASK_METRICS.get(run.method, [])
+        for row, metric in enumerate(metrics):
+            ax = axes[row, col]
+            ax.plot(epochs, [r.get(metric, np.nan) for r in history], marker="o", color=color, label="train")
             test = run.summary.get(f"test_{metric}")
             if test is not None and len(epochs):
                 ax.plot([epochs[-1]], [test], marker="*", markersize=12, linestyle="none", color="black",
@@ -207,18 +210,12 @@ def training_curves(runs):
             ax.set_ylabel(METRIC_LABELS.get(metric, metric))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        extra = TASK_METRICS.get(run.method, [])[1:]
-        if extra:
-            twin = axes[1, col].twinx()
-            for j, metric in enumerate(extra):
-                twin.plot(epochs, [row.get(metric, np.nan) for row in history], linestyle="--", marker=".",
-                          color=["#9467bd", "#8c564b"][j % 2], label=METRIC_LABELS.get(metric, metric))
-            twin.legend(fontsize=8, loc="center right")
+            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+        axes[len(metrics) - 1, col].set_xlabel("epoch")
+        for ax in axes[len(metrics):, col]:
+            ax.axis("off")
         axes[0, col].set_title(f"{name}: {run.summary.get('images', '?')} images, "
                                f"{run.summary.get('epochs_run', len(history))} epochs")
-        axes[1, col].set_xlabel("epoch")
-        for ax in axes[:, col]:
-            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
     fig.tight_layout()
     return fig
 

@@ -163,3 +163,18 @@ def test_finetune_comparison_has_one_panel_per_pretrained_method():
     assert labels == {"rotation", "rotation (finetune)", "scratch"}
     with pytest.raises(ValueError, match="no probe or finetune rows"):
         plots.finetune_comparison([r for r in _table().rows if r["protocol"] == "scratch"])
+
+
+def test_training_curves_give_each_task_metric_its_own_axis():
+    siamese = _run("siamese-vae", [{"epoch": 0, "loss": 140.0, "recon": 10.0, "kl": 130.0, "triplet": 0.2},
+                                   {"epoch": 1, "loss": 139.0, "recon": 9.0, "kl": 131.0, "triplet": 0.1}],
+                   {"test_triplet": 0.09, "images": 10, "epochs_run": 2})
+    rot = _run("rotation", [{"epoch": 0, "loss": 1.0, "rot_acc": 0.5}], {"images": 10, "epochs_run": 1})
+    fig = plots.training_curves([siamese, rot])
+    labelled = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel()}
+    triplet = labelled["triplet loss"]
+    assert [list(line.get_ydata()) for line in triplet.get_lines()] == [[0.2, 0.1], [0.09]]
+    low, high = triplet.get_ylim()
+    assert high - low < 1  # its own scale, not the KL's
+    assert len([ax for ax in fig.axes if ax.get_ylabel() == "KL to N(0, I)"]) == 1
+    assert sum(ax.axison for ax in fig.axes) == 4 + 2  # siamese: loss + 3 metrics; rotation: loss + 1
