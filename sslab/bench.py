@@ -42,7 +42,9 @@ from .pretext import TASKS, build_task, check_method
 from .pretrain import METHOD_DEFAULTS, PretrainConfig
 from .train import lr_factor, make_optimizer, prepare_model, resolve_device, train_step
 
-# Images the network sees per source image, as ``pretrain`` counts them for its images/s.
+# Images per source image, as ``pretrain`` counts them for its images/s: the 4 rotated copies
+# for rotation; siamese-vae counts its source images (its encoder also sees each one's positive
+# view, which is why its GFLOP/img is about 1.6× the VAE's).
 VIEWS = {"rotation": 4}
 # Colour unless the size is the lab's grey 28 px (Fashion-MNIST); 32 px ~ CIFAR-10, 96 px ~ STL-10.
 GREY_SIZES = (28,)
@@ -740,7 +742,8 @@ def cmd_bench(args) -> int:
     print(f"# {info['command']}")
     print(f"# {_describe(info)}; width {config.width_for(device)}; {config.steps} timed steps per variant "
           f"(median); compile {'on' if config.compile else 'off'}")
-    print("# img/s counts images through the network (×4 rotated copies for rotation); ratio = sslab / reference")
+    print("# img/s counts images as pretrain does: ×4 rotated copies for rotation; siamese-vae counts each source "
+          "image once though its encoder also sees the positive view; ratio = sslab / reference")
     if config.compile:
         print("# warm-up incl. compilation: " + ", ".join(f"{r.method} {r.size} px {r.warmup_s:.0f} s" for r in rows))
     print(format_rows(rows))
