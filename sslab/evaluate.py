@@ -366,8 +366,7 @@ def probe_run(run, labels: int, seed: int = 0, layer: str = "conv4", probe: str 
     run = run if isinstance(run, Run) else load_run(run)
     cfg = replace(config or EvalConfig(), layer=layer, probe=probe).validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    cell = _cell_config(probe if probe == "knn" else "probe", run.method, run.config.dataset, budget, seed, cfg,
-                        pretrained=pretrained_id(run))
+    cell = _cell_for(run.method, "probe", budget, seed, run, None, cfg)
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
@@ -477,7 +476,7 @@ def _new_head(run: Run, budget: int, seed: int, kind: str, cfg: EvalConfig, dev,
     feats = run_features(run, "train", cfg.layer, cfg.grid, dev)
     stats = {} if stats is None else stats
     if run.path.name not in stats:
-        # Standardise with statistics of the whole unlabeled train pool: no labels involved.
+        # Standardise with statistics of every train image's features: no labels involved.
         stats[run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
     mean, std = stats[run.path.name]
     y = splits.train.labels.to(dev)
@@ -544,7 +543,7 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
     run = run if isinstance(run, Run) else load_run(run)
     cfg = replace(config or EvalConfig(), layer=layer, probe="mlp").validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    cell = _cell_config("finetune", run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
+    cell = _cell_for(run.method, "finetune", budget, seed, run, None, cfg)
 
     def compute(folder: Path) -> dict:
         dev = resolve_device(device)
@@ -773,7 +772,8 @@ def default_table_name(runs, budgets, seeds, layer: str, probe: str, scratch: bo
 
 def _cell_for(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
               cfg: EvalConfig) -> dict:
-    """The stored config of one sweep cell, exactly as the functions above build it."""
+    """The stored config of one cell: what :func:`probe_run` and :func:`finetune_run` store, and
+    what :func:`scratch_run` stores for a net shaped ``like`` that run."""
     if protocol == "scratch":
         return _cell_config("scratch", "scratch", like.config.dataset, budget, seed, cfg,
                             width=like.config.width, image_size=like.config.image_size)

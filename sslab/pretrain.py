@@ -225,10 +225,9 @@ def _say_if_trained_differently(run: Run, ddp) -> Run:
     """The config hash leaves out how many processes trained a run (so a run resumes under
     another torchrun size), which scales its learning rate and global batch: say so when a run
     is reused by a call with another number of processes."""
-    trained = run.summary.get("distributed", {}).get("world_size", 1)
-    now = 1 if ddp is None else ddp.world_size
+    d = run.summary.get("distributed", {})
+    trained, now = d.get("world_size", 1), 1 if ddp is None else ddp.world_size
     if trained != now and (ddp is None or ddp.is_main):
-        d = run.summary.get("distributed", {})
         print(f"reusing {run.path.name}, trained with {trained} process(es) (global batch "
               f"{d.get('global_batch_size', run.config.batch_size)}, lr × {d.get('lr_scale', 1)}); this call has "
               f"{now}. Another folder (--out) or --force trains it anew.", file=sys.stderr)
@@ -288,15 +287,14 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     else:
         data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
-    compile_loss = options.compile_loss  # never under torchrun: pretrain refuses that
-    if compile_loss:
+    if options.compile_loss:  # never under torchrun: pretrain refuses that
         # An instance attribute shadows the method: fit's train_step calls the compiled loss.
         task.loss = torch.compile(task.loss)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
                             deterministic=options.deterministic, distributed=ddp)
-    if compile_loss:
+    if options.compile_loss:
         del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
     ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))
     if not main:
@@ -305,7 +303,8 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     test_metrics = evaluate_task(task, test_images)
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
                                          "method": config.method})
-    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool), "compiled": compile_loss,
+    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool),
+               "compiled": options.compile_loss,
                "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
                "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
                **{k: round(v, 6) for k, v in test_metrics.items()}}
