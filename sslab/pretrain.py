@@ -147,18 +147,30 @@ def unlabeled_pool(config: PretrainConfig):
     return splits, pool
 
 
+EVAL_SEED = 0  # seeds the random draws of a task's test-set evaluation (see evaluate_task)
+
+
 @torch.no_grad()
 def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512) -> dict:
-    """The task's metrics on held-out images without augmentation (e.g. test rotation accuracy)."""
+    """The task's metrics on held-out images without augmentation (e.g. test rotation accuracy).
+
+    Some tasks still draw random numbers here (siamese-vae's positive views and negatives), so
+    the draws come from a fixed seed in a forked generator: the same weights always give the
+    same test metrics, and the caller's random stream is left as it was."""
     task.eval()
     totals, count = {}, 0
     on_cuda = images.device.type == "cuda"
-    for chunk in images.split(batch_size):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-            out = task.loss(chunk, train=False)
-        for key, value in out.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
-        count += len(chunk)
+    with torch.random.fork_rng(devices=[images.device] if on_cuda else []):
+        torch.default_generator.manual_seed(EVAL_SEED)
+        if on_cuda:
+            with torch.cuda.device(images.device):
+                torch.cuda.manual_seed(EVAL_SEED)
+        for chunk in images.split(batch_size):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                out = task.loss(chunk, train=False)
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+            count += len(chunk)
     return {f"test_{k}": v / count for k, v in totals.items()}
 
 

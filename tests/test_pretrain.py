@@ -152,3 +152,21 @@ def test_compiled_pretraining_trains_the_same_model(tmp_path):
     assert compile_by_default(torch.device("cpu"), config) is (("cpu", 28) in COMPILE_BY_DEFAULT)
     with pytest.raises(ValueError, match="compile='yes' is not allowed"):
         pretrain(config, device="cpu", out=str(tmp_path / "bad"), compile="yes")
+
+
+def test_siamese_test_metrics_are_the_same_every_time_and_leave_the_callers_random_stream(tmp_path):
+    # siamese-vae draws positive views and negatives even in evaluation; the same weights must
+    # still give the same test metrics (they are shown in notebooks and run summaries).
+    run = _pretrain(_tiny("siamese-vae"), tmp_path)
+    task = run.load_task("cpu")
+    splits, _ = unlabeled_pool(run.config)
+    images = splits.test.images[:EVAL]
+    torch.manual_seed(123)
+    first = evaluate_task(task, images)
+    after_first = torch.rand(3)
+    torch.manual_seed(456)
+    second = evaluate_task(task, images)
+    assert first == second
+    assert first["test_triplet"] == pytest.approx(run.summary["test_triplet"], abs=1e-6)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_first)
