@@ -71,6 +71,24 @@ def _row_order(table):
     return key
 
 
+def spread_note(counts, what: str = "bands") -> str:
+    """What a figure's bands or error bars summarise, from the number of seeds behind each
+    point: a reader of a saved figure cannot otherwise tell a zero-width band of one seed from
+    a tight spread of five."""
+    counts = sorted({int(n) for n in counts})
+    if not counts:
+        return ""
+    if counts == [1]:
+        return "1 seed per point: no spread shown"
+    seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f"{what}: ± 1 std over {seeds} seeds"
+
+
+def _note(ax, text: str) -> None:
+    if text:
+        ax.text(0.99, 0.01, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
+
+
 def _series_label(method: str, protocol: str) -> str:
     return method if protocol in ("probe", "scratch") else f"{method} ({protocol})"
 
@@ -119,6 +137,7 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
     ax.grid(alpha=0.3)
     if groups or references:
         ax.legend(fontsize=8)
+    _note(ax, spread_note(e["n"] for entries in groups.values() for e in entries))
     return ax
 
 
@@ -173,6 +192,7 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
     ax.grid(alpha=0.3, axis="y")
     if series:
         ax.legend(fontsize=8)
+    _note(ax, spread_note((g["n"] for g in gains), "error bars"))
     return ax
 
 

@@ -178,3 +178,14 @@ def test_training_curves_give_each_task_metric_its_own_axis():
     assert high - low < 1  # its own scale, not the KL's
     assert len([ax for ax in fig.axes if ax.get_ylabel() == "KL to N(0, I)"]) == 1
     assert sum(ax.axison for ax in fig.axes) == 4 + 2  # siamese: loss + 3 metrics; rotation: loss + 1
+
+
+def test_spread_figures_say_how_many_seeds_their_bands_summarise():
+    def notes(ax):
+        return [t.get_text() for t in ax.texts]
+    assert notes(plots.plot_label_curves(_table(), "top1")) == ["bands: ± 1 std over 2 seeds"]
+    assert notes(plots.gain_bars(_table().paired_gain("top1"))) == ["error bars: ± 1 std over 2 seeds"]
+    one_seed = ResultTable([r for r in _table().rows if r["seed"] == 0])
+    assert notes(plots.plot_label_curves(one_seed, "top1")) == ["1 seed per point: no spread shown"]
+    mixed = ResultTable([r for r in _table().rows if r["seed"] == 0 or r["budget"] == 16])
+    assert notes(plots.plot_label_curves(mixed, "top1")) == ["bands: ± 1 std over 1–2 seeds"]
