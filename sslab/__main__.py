@@ -43,6 +43,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .train import CHECKPOINT_EVERY_S
     p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -55,6 +56,9 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",  # pretrain.COMPILE_CHOICES
                    help="torch.compile the training loss; auto: only where a measurement in docs/BENCHMARKS.md "
                         "showed it faster (none yet, so off)")
+    p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+                   help="write the resume checkpoint at the end of an epoch once this many seconds have passed "
+                        "since the last one (0: after every epoch); the last epoch's is always written")
     p.add_argument("--data-budget", type=float, default=None, metavar="GB",
                    help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
                         "a larger pool streams from pinned host memory in chunks, with the same result")
@@ -108,7 +112,7 @@ def cmd_pretrain(args) -> int:
                             seed=args.seed, data_root=args.data_root)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
                    deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
-                   compile=COMPILE_CHOICES[args.compile])
+                   compile=COMPILE_CHOICES[args.compile], checkpoint_every=args.checkpoint_every)
     from .distributed import is_main_process
     if is_main_process():  # under torchrun, rank 0 speaks for all
         print(describe(run))

@@ -143,7 +143,7 @@ def cmd_curve(args) -> int:
         for config in configs:
             runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
                                  deterministic=args.deterministic, data_budget=args.data_budget,
-                                 compile=COMPILE_CHOICES[args.compile]))
+                                 compile=COMPILE_CHOICES[args.compile], checkpoint_every=args.checkpoint_every))
             print(f"pretrained {config.method}: {runs[-1].path}", file=sys.stderr)
         table = label_curve(runs, args.budgets, args.seeds, args.layer, args.probe, args.scratch, args.finetune,
                             args.device, args.out, cfg, args.name, progress=args.progress, shard=shard,

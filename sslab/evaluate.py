@@ -24,7 +24,7 @@ from .augment import default_augment, to_float
 from .data import DatasetSplits, label_budget_split, load_dataset
 from .models import LAYERS, AlexNetBackbone, BackboneConfig, ClassifierHead, check_layer, pooled_dim, pooled_features
 from .pretrain import Run, load_run
-from .train import FitResult, TrainConfig, fit, resolve_device
+from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
 
 PROBES = ("mlp", "linear", "knn")
 PROTOCOLS = ("probe", "scratch", "finetune")
@@ -577,7 +577,8 @@ def _train_end_to_end(model, splits, method, protocol, cfg, budget, seed, epochs
     t0 = time.perf_counter()
     result = fit(model, (images[order], y[order]), train_cfg, dev, param_groups=groups,
                  validate=_validator(model, images[va], y[va]), progress=progress, desc=protocol,
-                 checkpoint=folder / "checkpoint.pt", deterministic=deterministic)
+                 checkpoint=folder / "checkpoint.pt", deterministic=deterministic,
+                 checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False)
     metrics = classification_metrics(predict(model, splits.test.images.to(dev)), splits.test.labels.to(dev))
     row = _row(method, protocol, "mlp", cfg, budget, seed, metrics, splits.train.classes, result.epochs_run,
                time.perf_counter() - t0, result.history)

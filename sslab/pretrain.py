@@ -13,7 +13,7 @@ from . import distributed, store, stream
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig
 from .pretext import PretextTask, build_task, check_method
-from .train import FitResult, TrainConfig, fit, resolve_device
+from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
@@ -183,11 +183,13 @@ class _RunOptions:
     eval_limit: int
     device_budget: Optional[int]  # bytes the pool may take on the device; None: the device's default
     compile_loss: bool
+    checkpoint_every: float  # seconds between checkpoints (0: every epoch)
 
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
-             sync_bn: bool = False, data_budget: Optional[float] = None, compile: Optional[bool] = None) -> Run:
+             sync_bn: bool = False, data_budget: Optional[float] = None, compile: Optional[bool] = None,
+             checkpoint_every: float = CHECKPOINT_EVERY_S) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
     the new run is complete). A run killed part-way resumes from its last checkpoint.
@@ -202,8 +204,14 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
 
     ``compile``: run the training loss through ``torch.compile`` (True/False); None picks the
     measured default (:data:`COMPILE_BY_DEFAULT`). Not part of the config: a compiled run
-    trains the same model to rounding."""
+    trains the same model to rounding.
+
+    ``checkpoint_every``: seconds between the checkpoints a run resumes from (0: after every
+    epoch); the last epoch's is always written."""
     budget = check_data_budget(data_budget)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) or not checkpoint_every >= 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
+                         f"(0: after every epoch)")
     if compile not in (None, True, False):
         raise ValueError(f"compile={compile!r} is not allowed; allowed: True, False or None (the measured default)")
     ddp = distributed.from_environment(device, sync_bn)
@@ -214,7 +222,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     if compile and ddp is not None:
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     folder = run_folder(config, out)
-    options = _RunOptions(progress, deterministic, eval_limit, budget, compile)
+    options = _RunOptions(progress, deterministic, eval_limit, budget, compile, checkpoint_every)
     if ddp is not None:
         return ddp.pretrain(lambda: _pretrain_in_store(config, dev, folder, force, options, ddp),
                             lambda work: _train_into(config, dev, work, folder, options, ddp))
@@ -305,7 +313,8 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
-                            deterministic=options.deterministic, distributed=ddp)
+                            deterministic=options.deterministic, distributed=ddp,
+                            checkpoint_every=options.checkpoint_every)
     if options.compile_loss:
         del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
     ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))

@@ -190,12 +190,18 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+# Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
+# lost on a kill: at most this much training is done again).
+CHECKPOINT_EVERY_S = 60.0
+
+
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
         param_groups: Optional[list] = None,
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
         checkpoint: Optional[Path] = None, metrics_path: Optional[Path] = None,
         progress: bool = True, desc: str = "train", images_per_sample: int = 1,
-        deterministic: bool = False, distributed=None) -> FitResult:
+        deterministic: bool = False, distributed=None, checkpoint_every: float = 0.0,
+        checkpoint_last: bool = True) -> FitResult:
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
     ``data``: a tuple of tensors on ``device`` sharing their first dimension; each step passes
@@ -206,8 +212,12 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     ``monitor`` (higher is better): with ``cfg.patience`` > 0 training stops after that many
     epochs without improvement, and the best epoch's weights are restored at the end.
     ``checkpoint``: where the full training state (model, optimiser, epoch, RNG, early-stopping
-    state) is written atomically after every epoch; if it exists when ``fit`` starts, training
-    resumes from it. ``metrics_path``: one JSON line per epoch.
+    state) is written atomically at the end of an epoch; if it exists when ``fit`` starts,
+    training resumes from it. It is written after every epoch with ``checkpoint_every=0``, else
+    only once that many seconds have passed since ``fit`` started or last wrote it (on a GPU an
+    epoch can take less time than writing the state, so every epoch would be mostly saving), and
+    always after the last epoch unless ``checkpoint_last=False`` (for a caller whose next step
+    is seconds long: losing it costs less than writing it). ``metrics_path``: one JSON line per epoch.
     ``distributed``: a :class:`sslab.distributed.Distributed` when torchrun started several
     processes: each rank trains on its shard of every epoch's permutation inside
     DistributedDataParallel; rank 0 alone writes the checkpoint and metrics and shows progress.
@@ -277,8 +287,12 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_epoch * steps, desc=desc, unit="step", leave=False,
                    mininterval=1.0, file=sys.stderr)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
+                         f"(0: after every epoch)")
     timer = _Timer(device)
     stopped_early = False
+    last_saved = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = torch.randperm(n, generator=generator)
@@ -333,12 +347,15 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         if metrics_path is not None:
             store.append_jsonl(metrics_path, row)
         stopped_early = bool(cfg.patience) and validate is not None and bad_epochs >= cfg.patience
-        if checkpoint is not None and (distributed is None or distributed.is_main):
+        last_epoch = stopped_early or epoch == cfg.epochs - 1
+        due = (last_epoch and checkpoint_last) or time.monotonic() - last_saved >= checkpoint_every
+        if checkpoint is not None and due and (distributed is None or distributed.is_main):
             store.save_torch(checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                 "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
                 "best_epoch": result.best_epoch, "best_metric": result.best_metric, "best_state": best_state,
                 "bad_epochs": bad_epochs, "stopped_early": stopped_early, "config": asdict(cfg)})
+            last_saved = time.monotonic()
         if stopped_early:
             break
     if bar is not None:

@@ -51,7 +51,8 @@ def _pretrain_command(dataset: str, out: Path, epochs: int, processes: int = 0) 
     if processes:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return launcher + ["-m", "sslab", "pretrain", "--dataset", dataset, "--epochs", str(epochs), "--lr", "0.02",
-                       "--batch-size", "16", "--width", "0.125", "--device", "cpu", "--out", str(out), "--no-progress"]
+                       "--batch-size", "16", "--width", "0.125", "--device", "cpu", "--out", str(out), "--no-progress",
+                       "--checkpoint-every", "0"]  # a checkpoint after every epoch, for the tests that stop a run
 
 
 def _env() -> dict:

@@ -125,6 +125,13 @@ def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("value", [-1, float("nan"), "60"])
+def test_bad_checkpoint_interval_is_refused_before_any_work(tmp_path, value):
+    with pytest.raises(ValueError, match=rf"checkpoint_every={value!r} is not allowed; allowed: seconds ≥ 0".replace("(", r"\(")):
+        _pretrain(_tiny(), tmp_path, checkpoint_every=value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_load_run_refuses_incomplete_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         load_run(tmp_path / "nothing")

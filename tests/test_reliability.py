@@ -50,7 +50,8 @@ def image_folder(tmp_path_factory) -> Path:
 
 def pretrain_command(images: Path, out: Path, epochs: int, *extra: str) -> list:
     return [sys.executable, "-m", "sslab", "pretrain", "--dataset", f"folder:{images}", "--epochs", str(epochs),
-            "--width", "0.125", "--device", "cpu", "--out", str(out), "--no-progress", *extra]
+            "--width", "0.125", "--device", "cpu", "--out", str(out), "--no-progress", "--checkpoint-every", "0",
+            *extra]
 
 
 def start(command: list, log: Path, **env: str) -> subprocess.Popen:

@@ -232,6 +232,43 @@ def test_fit_resumes_from_its_checkpoint(tmp_path):
     assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [0, 1, 2, 3]
 
 
+def test_checkpoint_every_spaces_checkpoints_in_time_and_keeps_the_last_epochs(tmp_path, monkeypatch):
+    """With ``checkpoint_every`` seconds, an epoch writes the checkpoint only once that long has
+    passed since the last write; the last epoch's is written unless ``checkpoint_last=False``."""
+    x, y, _ = _regression_data(n=96)
+    clock = [0.0]
+    monkeypatch.setattr("sslab.train.time.monotonic", lambda: clock[0])
+    saved_epochs = []
+    save = store.save_torch
+
+    def recording_save(path, state):
+        saved_epochs.append(state["epoch"])
+        clock[0] += 1.0  # a save takes "1 s"
+        return save(path, state)
+
+    monkeypatch.setattr("sslab.train.store.save_torch", recording_save)
+
+    class TenSecondEpochs(LinearRegression):
+        def loss(self, x, y):
+            if self.calls % batches_per_epoch(96, 32) == 0:
+                clock[0] += 10.0
+            return super().loss(x, y)
+
+    fit(TenSecondEpochs(), (x, y), _config(epochs=8), CPU, checkpoint=tmp_path / "a.pt", progress=False,
+        checkpoint_every=25)
+    # epochs end at 10, 20, 30 (save, 31), 41, 51, 61 (save, 62), 72, 82 (last epoch: saved)
+    assert saved_epochs == [2, 5, 7]
+    saved_epochs.clear()
+    fit(TenSecondEpochs(), (x, y), _config(epochs=8), CPU, checkpoint=tmp_path / "b.pt", progress=False,
+        checkpoint_every=25, checkpoint_last=False)
+    assert saved_epochs == [2, 5]
+    saved_epochs.clear()
+    fit(TenSecondEpochs(), (x, y), _config(epochs=3), CPU, checkpoint=tmp_path / "c.pt", progress=False)
+    assert saved_epochs == [0, 1, 2]  # the default: after every epoch
+    with pytest.raises(ValueError, match=r"checkpoint_every=-1 is not allowed; allowed: seconds ≥ 0"):
+        fit(LinearRegression(), (x, y), _config(), CPU, checkpoint=tmp_path / "d.pt", checkpoint_every=-1)
+
+
 # ---------------------------------------------------------------- checkpoints (sslab.store)
 
 def test_checkpoint_round_trip(tmp_path):
