@@ -417,12 +417,25 @@ class _Phase:
             self.rows.append(PhaseRow(self.phase, self.count, time.perf_counter() - self.t0, self.detail))
             if self.progress:  # as it happens, so a study stopped by a time limit still shows its phases
                 print(f"  {self.phase}: {self.rows[-1].seconds:.1f} s  {self.detail}", file=sys.stderr, flush=True)
+        elif kind is KeyboardInterrupt:
+            self.rows.append(PhaseRow(f"{self.phase} (stopped)", self.count, time.perf_counter() - self.t0,
+                                      f"interrupted here after {self.count} done; {self.detail}".rstrip("; ")))
         return False
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """The study was interrupted (Ctrl-C, a time limit's SIGINT); ``rows`` holds the phases that
+    finished, the one that was stopped, and the total so far."""
+
+    def __init__(self, rows: list):
+        super().__init__("study interrupted")
+        self.rows = rows
 
 
 def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, progress: bool = True) -> list:
     """Run the whole study in a fresh outputs folder (a temporary one unless ``out`` is given) and
-    return one :class:`PhaseRow` per phase, then ``total``."""
+    return one :class:`PhaseRow` per phase, then ``total``. Interrupted (Ctrl-C, SIGINT), it
+    raises :class:`StudyInterrupted` with the rows so far."""
     from . import evaluate
     from .data import load_dataset
     from .pretrain import pretrain
@@ -496,13 +509,20 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
                 phase.detail = f"up to {cfg.finetune_epochs} epochs per cell"
         if config.umap_points:
             rows.extend(_time_umap(runs, splits, cfg, dev, config.umap_points, progress))
+    except KeyboardInterrupt:
+        rows.append(_total_row(rows, started, "up to the interruption"))
+        raise StudyInterrupted(rows) from None
     finally:
         if scratch_folder is not None:
             shutil.rmtree(scratch_folder, ignore_errors=True)
-    comparison = sum(r.seconds for r in rows if r.phase == "probes one at a time")
-    rows.append(PhaseRow("total", 0, time.perf_counter() - started - comparison,
-                         "wall time of everything above" + (" but the one-at-a-time comparison" if comparison else "")))
+    rows.append(_total_row(rows, started))
     return rows
+
+
+def _total_row(rows: list, started: float, until: str = "") -> PhaseRow:
+    comparison = sum(r.seconds for r in rows if r.phase == "probes one at a time")
+    detail = "wall time of everything above" + (" but the one-at-a-time comparison" if comparison else "")
+    return PhaseRow("total", 0, time.perf_counter() - started - comparison, f"{detail} {until}".rstrip())
 
 
 def _time_umap(runs, splits, cfg, dev, points: int, progress: bool) -> list:
@@ -615,10 +635,11 @@ def format_rows(rows: Sequence[BenchRow]) -> str:
 
 
 def format_study(rows: Sequence[PhaseRow]) -> str:
-    lines = [f"{'phase':<22} {'count':>6} {'seconds':>9}  detail", "-" * 72]
+    width = max([22] + [len(r.phase) for r in rows])
+    lines = [f"{'phase':<{width}} {'count':>6} {'seconds':>9}  detail", "-" * (width + 50)]
     for r in rows:
         count = "" if r.phase == "total" else r.count
-        lines.append(f"{r.phase:<22} {count:>6} {r.seconds:>9.1f}  {r.detail}")
+        lines.append(f"{r.phase:<{width}} {count:>6} {r.seconds:>9.1f}  {r.detail}")
     return "\n".join(lines)
 
 
@@ -768,14 +789,20 @@ def _cmd_study(args, device: torch.device, info: dict) -> int:
         print(f"params: ignoring {', '.join(ignored)} (not study settings)", file=sys.stderr)
     _busy_note(device, info)
     print(f"study timing on {_describe(info)}: {asdict(config)}", file=sys.stderr, flush=True)
-    rows = time_study(config, device, args.out)
+    try:
+        rows, stopped = time_study(config, device, args.out), False
+    except StudyInterrupted as interrupted:  # e.g. a time limit: what finished is still worth keeping
+        rows, stopped = interrupted.rows, True
     info["max_rss_mib"] = max_rss_mib()
     if args.json:
-        _write_json(args.json, {"machine": info, "study": asdict(config), "phases": [asdict(r) for r in rows]})
+        _write_json(args.json, {"machine": info, "study": asdict(config), "stopped": stopped,
+                                "phases": [asdict(r) for r in rows]})
     print(f"# {info['command']}")
     print(f"# {_describe(info)}")
+    if stopped:
+        print("# STOPPED part-way (interrupted): the phases below are the ones reached")
     print(format_study(rows))
-    return 0
+    return 130 if stopped else 0
 
 
 def _busy_note(device: torch.device, info: dict) -> None:

@@ -14,6 +14,7 @@ the work that read it was queued and has run (events again).
 """
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence, Union
 
@@ -116,7 +117,8 @@ class StreamedData:
                 copied[slot].record(copy_stream)
             return tuple(t[:count] for t in dev[slot])
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sslab-stream") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sslab-stream") as pool, \
+                _copies_finish_before_buffers_are_freed(copy_stream, self.device):
             pending = pool.submit(gather, 0)
             ready = None  # chunk k+1 already on its way to the device
             for k, chunk in enumerate(plan):
@@ -147,6 +149,19 @@ class StreamedData:
             else:
                 out.append(torch.empty(shape, dtype=t.dtype, pin_memory=pin))
         return tuple(out)
+
+
+@contextlib.contextmanager
+def _copies_finish_before_buffers_are_freed(copy_stream, device):
+    """When the consumer stops early (a break, an exception), the next chunk's copy may still be
+    running on the side stream while the device buffers it writes into are freed: the caching
+    allocator could then hand that memory to new work on the training stream. Making the
+    training stream wait for the side stream orders every later use of the memory after it."""
+    try:
+        yield
+    finally:
+        if copy_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(copy_stream)
 
 
 def place(tensors: Sequence[torch.Tensor], device, budget_bytes: Optional[int] = None,

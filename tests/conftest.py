@@ -2,8 +2,14 @@
 image sets stand in for real data where the data itself does not matter."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# cuBLAS reads this when its first handle is made, so it is set before any test touches CUDA:
+# tests that compare two CUDA trainings bit for bit need its repeatable matmuls.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from sslab.data import ImageSet
 

@@ -146,3 +146,27 @@ def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     assert any((out / "runs").iterdir())  # the runs went where we said
     with pytest.raises(ValueError, match="out=.*not empty"):
         bench.time_study(config, "cpu", out=str(out), progress=False)
+
+
+def test_interrupted_study_still_reports_and_writes_the_phases_it_reached(tmp_path, monkeypatch, capsys):
+    # A time limit's SIGINT arrives as KeyboardInterrupt: the finished phases must survive it.
+    _write_folder_dataset(tmp_path / "images")
+    from sslab import evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "scratch_run", interrupted)
+    path = tmp_path / "study.json"
+    code = main(["bench", "--study", "--device", "cpu", "--dataset", f"folder:{tmp_path / 'images'}", "--methods",
+                 "rotation", "--epochs", "1", "--budgets", "1", "--seeds", "0", "--umap-points", "0",
+                 "--no-probes-alone", "--no-finetune", "--out", str(tmp_path / "study"), "--json", str(path)])
+    assert code == 130
+    out = capsys.readouterr().out
+    assert "STOPPED part-way" in out
+    data = json.loads(path.read_text())
+    assert data["stopped"] is True
+    phases = [p["phase"] for p in data["phases"]]
+    assert phases == ["load data", "pretrain rotation", "features", "probes", "scratch (stopped)", "total"]
+    assert data["phases"][4]["count"] == 0 and data["phases"][4]["detail"].startswith("interrupted here")
+    assert data["phases"][-1]["seconds"] >= sum(p["seconds"] for p in data["phases"][:-1]) * 0.99

@@ -66,6 +66,9 @@ def test_cuda_stream_keeps_order_under_queued_work():
     weight = torch.randn(784, 784, device="cuda")
     sums = []
     for x, _ in data.batches(batches):
+        # The GPU spins before reading the batch, so the queue stays long: a copy that did not
+        # wait for the reads of its buffer would land before them.
+        torch.cuda._sleep(2_000_000)
         h = x.flatten(1).float()
         for _ in range(20):
             h = torch.tanh(h @ weight / 28)
@@ -85,6 +88,7 @@ def test_training_on_streamed_data_matches_training_on_resident_data(device):
     images, _ = _data(n=48)
     batches = _batches(len(images), 12)
     cfg = TrainConfig(optimizer="sgd", lr=0.01)
+    _deterministic_kernels(device)
     states = []
     for streamed in (False, True):
         torch.manual_seed(0)
@@ -104,6 +108,14 @@ def test_training_on_streamed_data_matches_training_on_resident_data(device):
         torch.testing.assert_close(states[1][key], states[0][key], rtol=0, atol=0, msg=key)
 
 
+def _deterministic_kernels(device: str) -> None:
+    """Bit-equal training twice on CUDA needs kernels that repeat (cuDNN may otherwise pick
+    weight-gradient algorithms that sum in a varying order); conftest undoes the switch."""
+    if device == "cuda":
+        from sslab.train import make_deterministic
+        make_deterministic()
+
+
 def test_bad_arguments_name_the_parameter():
     images, labels = _data()
     with pytest.raises(ValueError, match="chunk_bytes=0"):
@@ -119,10 +131,11 @@ def test_fit_on_streamed_data_trains_exactly_as_on_resident_data(device, tmp_pat
     from sslab.train import fit
     images, _ = _data(n=60)
     cfg = TrainConfig(epochs=2, batch_size=8, optimizer="sgd", lr=0.01, schedule="cosine", seed=3)
+    _deterministic_kernels(device)
     results, states = [], []
     for streamed in (False, True):
         torch.manual_seed(0)
-        task = build_task("rotation", BackboneConfig(1, 28, 0.125))
+        task = build_task("rotation", BackboneConfig(1, 28, 0.125)).to(device)
         if streamed:
             data = StreamedData((images,), device, chunk_bytes=20 * 28 * 28)  # 20 images a chunk: several chunks
         else:
