@@ -162,8 +162,7 @@ def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int 
         else:
             splits = _splits_for(run.config)
             images = getattr(splits, split).images
-            backbone = run.load_task(dev).backbone
-            _FEATURES[key] = extract_features(backbone, images, layer, grid, dev)
+            _FEATURES[key] = extract_features(run.load_backbone(dev), images, layer, grid, dev)
             try:
                 store.save_torch(cache, {"features": _FEATURES[key].cpu()})
             except OSError:  # a read-only store still works, only slower
@@ -175,10 +174,10 @@ def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int 
 @torch.no_grad()
 def vae_latents(run: Run, split: str = "test", device="auto", limit: Optional[int] = None) -> torch.Tensor:
     """The VAE encoder's latent means μ for a split's images (N×latent)."""
-    if not hasattr(run.load_task("cpu"), "encode"):
-        raise ValueError(f"run={run.path.name!r} is a {run.method} run; latent means need a vae or siamese-vae run")
     dev = resolve_device(device)
     task = run.load_task(dev)
+    if not hasattr(task, "encode"):
+        raise ValueError(f"run={run.path.name!r} is a {run.method} run; latent means need a vae or siamese-vae run")
     images = getattr(_splits_for(run.config), split).images
     if limit is not None:
         images = images[:limit]
@@ -549,11 +548,11 @@ def finetune_run(run, labels: int, seed: int = 0, layer: str = "conv4", device="
         dev = resolve_device(device)
         probe_row = probe_run(run, budget, seed, layer, "mlp", dev, out, cfg, deterministic=deterministic)
         splits = _splits_for(run.config)
-        task = run.load_task(dev)
+        backbone = run.load_backbone(dev)
         feats = run_features(run, "train", layer, cfg.grid, dev)
         head = FeatureProbe(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
         head.load_state_dict(store.load_torch(Path(probe_row["run"]) / "head.pt", map_location=dev)["head"])
-        model = ImageClassifier(task.backbone, head, layer, cfg.grid).to(dev)
+        model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
         # The augmentation draws from torch's global generator: seed it here, or the result would
         # depend on whether the probe head above was trained just now or found stored.
         torch.manual_seed(seed)

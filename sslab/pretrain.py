@@ -11,7 +11,7 @@ import torch
 
 from . import distributed, store, stream
 from .data import check_dataset_name, folder_classes, load_dataset
-from .models import BackboneConfig
+from .models import AlexNetBackbone, BackboneConfig
 from .pretext import PretextTask, build_task, check_method
 from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
 
@@ -107,6 +107,30 @@ class Run:
         task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
         task.load_state_dict(store.load_torch(self.path / "model.pt")["model"])
         return task.to(device).eval()
+
+    def load_backbone(self, device="cpu") -> AlexNetBackbone:
+        """The run's pretrained backbone alone, in eval mode: the same weights as
+        ``load_task().backbone`` without building the task's heads (at width 1.0 and 28 px,
+        rotation's classifier holds 33.6 of its 36 M weights) and, for the same model.pt, without
+        reading it again (the study's fine-tuning loads a backbone for each of its 63 cells)."""
+        backbone = AlexNetBackbone(BackboneConfig(**self.summary["backbone"]))
+        backbone.load_state_dict(_backbone_state(self.path / "model.pt"))
+        return backbone.to(device).eval()
+
+
+_BACKBONE_STATES: dict = {}  # (model.pt, its mtime and size) → the backbone's part of its state, on the CPU
+
+
+def _backbone_state(model_file: Path) -> dict:
+    stat = model_file.stat()
+    key = (str(model_file.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _BACKBONE_STATES:
+        state = store.load_torch(model_file)["model"]
+        prefix = "backbone."
+        while len(_BACKBONE_STATES) >= 8:  # a sweep cycles through a few runs; memory stays bounded
+            del _BACKBONE_STATES[next(iter(_BACKBONE_STATES))]
+        _BACKBONE_STATES[key] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return _BACKBONE_STATES[key]
 
     def __repr__(self) -> str:
         return f"Run({self.path.name})"

@@ -177,3 +177,24 @@ def test_siamese_test_metrics_are_the_same_every_time_and_leave_the_callers_rand
     assert first["test_triplet"] == pytest.approx(run.summary["test_triplet"], abs=1e-6)
     torch.manual_seed(123)
     assert torch.equal(torch.rand(3), after_first)
+
+
+def test_load_backbone_gives_the_tasks_backbone_and_sees_a_retrained_run(tmp_path):
+    run = _pretrain(_tiny(), tmp_path)
+    expected = run.load_task("cpu").backbone.state_dict()
+    backbone = run.load_backbone("cpu")
+    assert not backbone.training
+    assert backbone.state_dict().keys() == expected.keys()
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in expected.items())
+    # Training the loaded backbone must not change what the next load returns.
+    with torch.no_grad():
+        next(backbone.parameters()).add_(1.0)
+    again = run.load_backbone("cpu")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in expected.items())
+    # New weights in the same folder (as `pretrain --force` leaves): they are read, not the cached ones.
+    saved = store.load_torch(run.path / "model.pt")
+    saved["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in saved["model"].items()}
+    store.save_torch(run.path / "model.pt", saved)
+    new = run.load_task("cpu").backbone.state_dict()
+    assert all(torch.equal(new[k], v + 1) for k, v in expected.items() if v.is_floating_point())
+    assert all(torch.equal(run.load_backbone("cpu").state_dict()[k], v) for k, v in new.items())
