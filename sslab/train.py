@@ -224,6 +224,9 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     ``None`` (one process) takes the plain path.
     """
     cfg.validate()
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
+                         f"(0: after every epoch)")
     if deterministic:
         make_deterministic()
     from .stream import StreamedData
@@ -287,9 +290,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start_epoch * steps, desc=desc, unit="step", leave=False,
                    mininterval=1.0, file=sys.stderr)
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
-                         f"(0: after every epoch)")
+    bar_started = time.perf_counter()  # (tqdm's own start_t is on another clock: time.time)
     timer = _Timer(device)
     stopped_early = False
     last_saved = time.monotonic()
@@ -316,7 +317,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
                     # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
                     if distributed is None and not torch.isfinite(loss.detach()):
                         break
-                    elapsed = max(time.perf_counter() - bar.start_t, 1e-9)
+                    elapsed = max(time.perf_counter() - bar_started, 1e-9)
                     rate = (bar.n - bar.initial) * cfg.batch_size * world * images_per_sample / elapsed
                     bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}", img_s=f"{rate:.0f}", refresh=False)
         seconds = timer.seconds()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -334,3 +335,26 @@ def test_resolve_device_cuda_without_cuda_names_the_device(device):
 def test_resolve_device_rejects_unknown_devices(device):
     with pytest.raises(ValueError, match=r"device=.*allowed: auto, cpu, cuda"):
         resolve_device(device)
+
+
+def test_progress_bar_shows_the_images_per_second_the_epoch_measured(monkeypatch):
+    import tqdm.auto
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+
+    class SlowRegression(LinearRegression):
+        def loss(self, x, y):
+            time.sleep(0.002)  # each step takes a measurable time
+            return super().loss(x, y)
+
+    x, y, _ = _regression_data(n=256)
+    result = fit(SlowRegression(), (x, y), _config(epochs=2), CPU, progress=True)
+    shown = float(dict(item.split("=") for item in bars[0].postfix.split(", "))["img_s"])
+    measured = result.history[-1]["images_per_s"]
+    assert measured / 3 < shown < measured * 3
