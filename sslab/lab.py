@@ -46,13 +46,22 @@ def _check_int(name: str, value, minimum: int, what: str = "") -> int:
     return int(value)
 
 
+def _string_items(value: str) -> list:
+    """The items of a list written as text: '1,4,16' (the command line's way) or '[1, 4, 16]'
+    (papermill's ``-p`` hands a list written that way to the notebook as a string)."""
+    text = value.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    return [v.strip().strip("'\"") for v in text.split(",") if v.strip()]
+
+
 def _check_int_list(name: str, value, minimum: int, what: str) -> tuple:
-    """A list of integers; one integer or a comma-separated string ('1,4,16', as the command
-    line writes it) is accepted too."""
+    """A list of integers; one integer or a string ('1,4,16' as the command line writes it, or
+    '[1, 4, 16]') is accepted too."""
     items = value
     if isinstance(value, str):
         try:
-            items = [int(v) for v in value.split(",") if v.strip()]
+            items = [int(v) for v in _string_items(value)]
         except ValueError:
             _fail(name, value, f"a list of integers ≥ {minimum}{what}, e.g. [1, 4, 16] or '1,4,16'")
     elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -66,7 +75,7 @@ def _check_int_list(name: str, value, minimum: int, what: str) -> tuple:
 
 
 def _check_methods(value) -> tuple:
-    items = [m.strip() for m in value.split(",") if m.strip()] if isinstance(value, str) else value
+    items = _string_items(value) if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(m, str) for m in items):
         _fail("methods", value, f"a non-empty list of pretext tasks from: {', '.join(TASKS)}")
     for m in items:
@@ -743,6 +752,11 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
     if unknown:
         raise ValueError(f"parameter {unknown[0]}={params[unknown[0]]!r} is not declared by any notebook; allowed: "
                          f"{', '.join(sorted(known))}")
+    # Each notebook's check cell would refuse a bad value too, but only once the notebooks before
+    # it had run (minutes of pretraining for `-p labels abc`): check every value first.
+    for name, value in params.items():
+        if name in CHECKS:
+            CHECKS[name](value)
     output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []

@@ -282,6 +282,17 @@ def test_lab_refuses_a_parameter_no_notebook_declares(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_lab_refuses_a_bad_value_before_running_any_notebook(tmp_path, monkeypatch):
+    # `labels` is first used by notebook 02: its value must be refused before 01 pretrains.
+    from sslab import lab
+    pytest.importorskip("papermill")
+    ran = []
+    monkeypatch.setattr("papermill.execute_notebook", lambda *args, **kwargs: ran.append(args))
+    with pytest.raises(ValueError, match=r"parameter labels='abc' is not allowed; allowed: an integer ≥ 1"):
+        lab.run_notebooks({"labels": "abc"}, list(lab.NOTEBOOKS), tmp_path)
+    assert ran == [] and not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def complete_run(tmp_path_factory):
     root = grey_folder(tmp_path_factory.mktemp("images"), per_class=8, size=32)

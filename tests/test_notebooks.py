@@ -114,6 +114,11 @@ def test_check_notebook_params_accepts_command_line_spellings():
     s = lab.check_notebook_params(methods="rotation,vae", budgets="16,1,4", seeds=2, limit=0, device="cpu")
     assert s.methods == ("rotation", "vae") and s.budgets == (1, 4, 16) and s.seeds == (2,)
     assert s.limit is None and str(s.device) == "cpu"
+    # papermill's -p passes a list written as '[0, 1, 2]' to the notebook as that string
+    s = lab.check_notebook_params(methods="['rotation', 'vae']", budgets="[16, 1, 4]", seeds="[0, 1, 2, 3, 4]")
+    assert s.methods == ("rotation", "vae") and s.budgets == (1, 4, 16) and s.seeds == (0, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"budgets='\[1, x\]'"):
+        lab.check_notebook_params(budgets="[1, x]")
     with pytest.raises(TypeError, match="unknown notebook parameter"):
         lab.check_notebook_params(label=3)
 
