@@ -230,3 +230,17 @@ def test_rank_0_tells_the_other_ranks_to_train_reuse_or_fail(monkeypatch):
     with pytest.raises(RuntimeError):
         leader.pretrain(fails_while_training, None)
     assert sent == [("train", "/runs/x")]
+
+
+def test_scaled_learning_rate_is_reached_by_a_warm_up_under_several_processes():
+    def scaled(world: int, **config):
+        ddp = Distributed(rank=0, local_rank=0, world_size=world, device=CPU, backend="gloo")
+        return ddp.scale_lr(TrainConfig(lr=0.05, **config))
+
+    one = scaled(1, epochs=30)
+    assert (one.lr, one.warmup_epochs) == (0.05, 0.0)  # one process trains exactly as without torchrun
+    eight = scaled(8, epochs=30)
+    assert eight.lr == pytest.approx(0.4) and eight.warmup_epochs == 5.0  # Goyal et al.'s 5 epochs
+    short = scaled(2, epochs=2)
+    assert short.lr == pytest.approx(0.1) and short.warmup_epochs == pytest.approx(0.4)  # a fifth of the run
+    assert scaled(2, epochs=30, warmup_epochs=1.0).warmup_epochs == 1.0  # a warm-up already asked for is kept
