@@ -87,6 +87,10 @@ def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_cl
     dataset's labeled train split — checked before any pretraining, not hours into a sweep."""
     from .data import load_dataset, max_per_class
     most = max_per_class(load_dataset(dataset, data_root, image_size).train.labels, val_per_class)
+    if most < 1:  # not even one labeled image per class is left: the validation share is the problem
+        raise ValueError(f"--val-per-class={val_per_class} is not allowed: {dataset}'s smallest class has "
+                         f"{most + val_per_class} labeled images, and at least 1 must be left for the budget; "
+                         f"allowed: --val-per-class ≤ {most + val_per_class - 1}")
     too_many = [b for b in budgets if b > most]
     if too_many:
         raise ValueError(f"--budgets={','.join(map(str, budgets))} is not allowed: {dataset} has too few labeled "

@@ -268,6 +268,12 @@ def test_curve_checks_budgets_against_the_dataset_before_pretraining(no_work, tm
               "--val-per-class", "1", "--out", str(tmp_path / "out"), "--no-progress")
     assert "--budgets=1,3 is not allowed" in err and "for 3 with --val-per-class 1" in err and "≤ 2" in err
     assert not (tmp_path / "out" / "runs").exists()
+    # A validation share that leaves no image at all for any budget is named as the cause.
+    err = cli(capsys, "curve", "--methods", "rotation", "--dataset", f"folder:{root}", "--budgets", "1",
+              "--val-per-class", "3", "--out", str(tmp_path / "out"), "--no-progress")
+    assert "--val-per-class=3 is not allowed" in err and "smallest class has 3 labeled images" in err
+    assert "allowed: --val-per-class ≤ 2" in err and "--budgets" not in err
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def test_curve_needs_a_method(no_work, tmp_path, capsys):
