@@ -165,6 +165,11 @@ def unlabeled_pool(config: PretrainConfig):
     them drawn with a seeded shuffle."""
     splits = load_dataset(config.dataset, config.data_root, config.image_size)
     pool = splits.unlabeled
+    if config.limit is not None and config.limit > len(pool):
+        # Silently training on all of them would store a second run of the same images under
+        # another name (the limit is part of the config).
+        raise ValueError(f"limit={config.limit} is not allowed: {config.dataset} has {len(pool)} unlabeled images; "
+                         f"allowed: 2 ≤ limit ≤ {len(pool)}, or no limit for all of them")
     if config.limit is not None and config.limit < len(pool):
         order = torch.from_numpy(np.random.Generator(np.random.PCG64(config.seed)).permutation(len(pool)))
         pool = pool.subset(order[: config.limit])
@@ -293,6 +298,9 @@ def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, 
     if store.is_complete(folder) and not force:  # reading a complete run needs no write access
         return _say_if_trained_differently(load_run(folder), ddp)
     store.check_writable(folder.parent, "out")
+    # The data is loaded (and kept in memory for training) before the run's folder exists, so a
+    # missing dataset or a limit larger than the pool leaves nothing behind in the store.
+    unlabeled_pool(config)
     with store.locked(folder):
         pending = folder.with_name(folder.name + ".new")
         if not store.is_complete(folder) and store.is_complete(pending):

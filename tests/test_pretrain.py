@@ -198,3 +198,20 @@ def test_load_backbone_gives_the_tasks_backbone_and_sees_a_retrained_run(tmp_pat
     new = run.load_task("cpu").backbone.state_dict()
     assert all(torch.equal(new[k], v + 1) for k, v in expected.items() if v.is_floating_point())
     assert all(torch.equal(run.load_backbone("cpu").state_dict()[k], v) for k, v in new.items())
+
+
+def test_a_limit_beyond_the_pool_or_a_missing_dataset_leaves_nothing_in_the_store(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"limit=100000 is not allowed: fashion-mnist has 60000 unlabeled images; "
+                                         r"allowed: 2 ≤ limit ≤ 60000"):
+        _pretrain(_tiny(limit=100000), tmp_path)
+    assert not any((tmp_path / "runs").iterdir())
+
+    from sslab import data, pretrain as pretrain_module
+
+    def missing(*args, **kwargs):
+        raise data.DatasetNotFound("dataset 'fashion-mnist' not found")
+
+    monkeypatch.setattr(pretrain_module, "load_dataset", missing)
+    with pytest.raises(data.DatasetNotFound):
+        _pretrain(_tiny(), tmp_path)
+    assert not any((tmp_path / "runs").iterdir())
