@@ -16,8 +16,10 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or isinstance(action.default, bool) or "default" in text:
+        if action.default is None or isinstance(action.default, bool) or action.default == [] or "default" in text:
             return text
+        if isinstance(action.default, (list, tuple)):  # as it is typed: 1,2,4 rather than [1, 2, 4]
+            return f"{text} (default: {','.join(map(str, action.default))})"
         return super()._get_help_string(action)
 
 

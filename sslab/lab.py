@@ -872,7 +872,8 @@ def headline(out: Optional[str] = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslab.lab", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    from .__main__ import _Formatter
+    parser = argparse.ArgumentParser(prog="python -m sslab.lab", formatter_class=_Formatter,
                                      description="Run the five notebooks in order with papermill (make lab), write "
                                                  "executed copies to outputs/notebooks/ and figures to "
                                                  "outputs/figures/, then print the headline table.")
