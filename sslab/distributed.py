@@ -55,8 +55,9 @@ several processes (GPUs, nodes): start this command with torchrun, e.g.
 Each process trains on its 1/N share of every epoch's images inside DistributedDataParallel
 (NCCL on GPUs, gloo on CPU). --batch-size is per process: the global batch is batch-size × N,
 and the learning rate is scaled linearly with it: lr × (batch-size × N) / batch-size = lr × N,
-reached by a linear warm-up over the first fifth of the epochs (at most 5). Rank 0 alone writes the run folder and prints. A stopped run resumes under any number of
-processes (the run folder does not depend on N)."""
+reached by a linear warm-up over the first fifth of the epochs (at most 5). Rank 0 alone writes
+the run folder and prints. A stopped run resumes under any number of processes (the run folder
+does not depend on N)."""
 
 
 def world_size_from_env() -> int:

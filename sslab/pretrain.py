@@ -13,7 +13,7 @@ from . import distributed, store, stream
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import AlexNetBackbone, BackboneConfig
 from .pretext import PretextTask, build_task, check_method
-from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
+from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
@@ -238,9 +238,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     ``checkpoint_every``: seconds between the checkpoints a run resumes from (0: after every
     epoch); the last epoch's is always written."""
     budget = check_data_budget(data_budget)
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)) or not checkpoint_every >= 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
-                         f"(0: after every epoch)")
+    check_checkpoint_every(checkpoint_every)
     if compile not in (None, True, False):
         raise ValueError(f"compile={compile!r} is not allowed; allowed: True, False or None (the measured default)")
     ddp = distributed.from_environment(device, sync_bn)

@@ -195,6 +195,12 @@ def make_deterministic() -> None:
 CHECKPOINT_EVERY_S = 60.0
 
 
+def check_checkpoint_every(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"checkpoint_every={value!r} is not allowed; allowed: seconds ≥ 0 (0: after every epoch)")
+    return float(value)
+
+
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
         param_groups: Optional[list] = None,
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
@@ -224,9 +230,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     ``None`` (one process) takes the plain path.
     """
     cfg.validate()
-    if checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every={checkpoint_every!r} is not allowed; allowed: seconds ≥ 0 "
-                         f"(0: after every epoch)")
+    check_checkpoint_every(checkpoint_every)
     if deterministic:
         make_deterministic()
     from .stream import StreamedData
