@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
-#   make lab    create .venv, install, check the dataset, run the five notebooks
-#   make test   the same set-up, then the whole test suite (unit tests + notebooks under nbval)
+#   make lab    create .venv, install, check the dataset, run the notebooks
+#   make test   the same set-up, then the linter and the whole test suite (unit tests + notebooks under nbval)
+# and one for quick work: make test-fast (everything but the notebook, subprocess and torchrun tests).
 PYTHON_BOOT ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PARAMS      ?=
 PYTEST_ARGS ?=
 LAB_ARGS    ?=
 
-.PHONY: lab test setup data clean-outputs
+.PHONY: lab test test-fast lint setup data clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -24,8 +25,14 @@ data: setup
 lab: data
 	$(PY) -m sslab.lab $(if $(PARAMS),--params $(PARAMS)) $(LAB_ARGS)
 
-test: data
-	$(PY) -m pytest $(PYTEST_ARGS)
+lint: setup
+	$(PY) -m ruff check sslab benchmarks tests
+
+test: data lint
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+test-fast: data lint
+	$(PY) -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 clean-outputs:
 	rm -rf outputs

@@ -29,21 +29,6 @@ def hflip(x: torch.Tensor, p: float = 0.5, generator=None) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
-def random_crop(x: torch.Tensor, padding: int = 4, generator=None) -> torch.Tensor:
-    """Pad by ``padding`` (zeros) and take a random crop of the original size per image."""
-    n, c, h, w = x.shape
-    if padding <= 0:
-        return x
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
-
-
 def random_affine(x: torch.Tensor, scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees: float = 0.0,
                   translate: float = 0.0, flip_p: float = 0.0, shift: int = 0, generator=None) -> torch.Tensor:
     """One warp per image: random resized crop (area ``scale``, aspect ``ratio``), translation

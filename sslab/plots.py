@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .evaluate.table import ResultTable, series_name, series_order
+
 METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "scratch": "#555555"}
 PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--"}
 PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^"}
@@ -55,7 +57,6 @@ def _summary_entries(table) -> list:
     """``table.summary()`` for a ResultTable; a list of result rows is summarised the same way."""
     if hasattr(table, "summary"):
         return table.summary()
-    from .evaluate import ResultTable
     return ResultTable(list(table)).summary()
 
 
@@ -63,7 +64,7 @@ def _row_order(table):
     """Sort key for (method, protocol) series: the order the rows were computed in (methods as
     the sweep listed them), scratch last."""
     rows = getattr(table, "rows", None) or (table if isinstance(table, list) else [])
-    seen = list(dict.fromkeys((r["method"], r["protocol"]) for r in rows if "method" in r and "seed" in r))
+    seen = series_order([r for r in rows if "method" in r and "seed" in r])
 
     def key(item):
         series = item[0]
@@ -87,10 +88,6 @@ def spread_note(counts, what: str = "bands") -> str:
 def _note(ax, text: str) -> None:
     if text:
         ax.text(0.99, 0.01, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
-
-
-def _series_label(method: str, protocol: str) -> str:
-    return method if protocol in ("probe", "scratch") else f"{method} ({protocol})"
 
 
 def plot_label_curves(table, metric: str = "top1", ax=None, references=None, protocols=None, methods=None,
@@ -121,7 +118,7 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
         s = 100 * np.array([e[f"{metric}_std"] for e in entries])
         color = method_color(method, i)
         ax.plot(x, y, PROTOCOL_STYLES.get(protocol, "-"), marker=PROTOCOL_MARKERS.get(protocol, "o"), color=color,
-                label=_series_label(method, protocol))
+                label=series_name(method, protocol))
         ax.fill_between(x, y - s, y + s, color=color, alpha=0.15, linewidth=0)
     for ref in references or []:
         ax.plot(ref["budgets"], ref["values"], ":", marker="x", color="grey", label=ref["label"])
@@ -183,7 +180,7 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
         y = [100 * values[b][f"gain_{metric}_mean"] if b in values else np.nan for b in budgets]
         s = [100 * values[b][f"gain_{metric}_std"] if b in values else 0 for b in budgets]
         ax.bar(x, y, width, yerr=s, color=method_color(method, i), alpha=0.85 if protocol == "probe" else 0.5,
-               label=_series_label(method, protocol), capsize=2)
+               label=series_name(method, protocol), capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(budgets)))
     ax.set_xticklabels([str(b) for b in budgets])
@@ -338,13 +335,13 @@ def accuracy_bars(rows: list, ax=None, title: str = ""):
         _, ax = plt.subplots(figsize=(6.5, 3.2))
     names = []
     for r in rows:
-        label = _series_label(r["method"], r["protocol"])
+        label = series_name(r["method"], r["protocol"])
         if label not in names:
             names.append(label)
     for j, metric in enumerate(("top1", "top5")):
         for i, name in enumerate(names):
             values = [100 * r[metric] for r in rows
-                      if _series_label(r["method"], r["protocol"]) == name and r[metric] is not None]
+                      if series_name(r["method"], r["protocol"]) == name and r[metric] is not None]
             if not values:
                 continue
             method = name.split(" (")[0]
@@ -371,19 +368,20 @@ def per_class_bars(rows: list, classes: Sequence[str], ax=None, title: str = "")
         _, ax = plt.subplots(figsize=(9, 3.2))
     names = []
     for r in rows:
-        label = _series_label(r["method"], r["protocol"])
+        label = series_name(r["method"], r["protocol"])
         if label not in names:
             names.append(label)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
-        values = np.mean([r["per_class"] for r in rows if _series_label(r["method"], r["protocol"]) == name], axis=0)
+        values = np.mean([r["per_class"] for r in rows if series_name(r["method"], r["protocol"]) == name], axis=0)
         ax.bar(np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width, 100 * values, width,
                color=method_color(name.split(" (")[0], i), label=name)
     ax.set_xticks(range(len(classes)))
     ax.set_xticklabels(classes, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("top-1 per class (%)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    # Beside the axes, not inside: inside, the legend covers the last classes' bars.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
         ax.set_title(title, fontsize=10)
     ax.figure.tight_layout()

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 from . import distributed, store, stream
+from .checks import check_bool, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import AlexNetBackbone, BackboneConfig
 from .pretext import PretextTask, build_task, check_method
-from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
+from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, autocast, check_checkpoint_every, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
@@ -25,14 +26,6 @@ METHOD_DEFAULTS = {
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
 # laptop pretrains on all of Fashion-MNIST in minutes.
 DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
-# Where torch.compile is on by default: (device type, image size) pairs for which a measurement
-# in docs/BENCHMARKS.md showed the compiled step faster, compile time included, for a run of the
-# default length. None has yet (the CPU compiles for ~20 s and gains nothing at these sizes; the
-# H200 is not measured), so "auto" is off everywhere until a measurement adds a pair here.
-COMPILE_BY_DEFAULT: frozenset = frozenset()
-# The command line's --compile values → pretrain(compile=...).
-COMPILE_CHOICES = {"auto": None, "on": True, "off": False}
-CPU_DEFAULT_WIDTH = DEFAULT_WIDTH["cpu"]
 
 
 @dataclass
@@ -57,18 +50,18 @@ class PretrainConfig:
         check_dataset_name(self.dataset)
         if self.dataset.startswith("folder:"):
             folder_classes(self.dataset[len("folder:"):])  # missing folder, no train/, one class
-        _check_int("epochs", self.epochs, 1)
-        _check_int("seed", self.seed, 0)
+        check_int("epochs", self.epochs, 1)
+        check_int("seed", self.seed, 0)
         if self.limit is not None:
-            _check_int("limit", self.limit, 2)
+            check_int("limit", self.limit, 2)
         if self.batch_size is not None:
-            _check_int("batch_size", self.batch_size, 2)
+            check_int("batch_size", self.batch_size, 2)
         if self.image_size is not None:
-            _check_int("image_size", self.image_size, 16)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is not allowed; allowed: a positive number")
-        if self.width is not None and not (isinstance(self.width, (int, float)) and 0 < self.width <= 4):
-            raise ValueError(f"width={self.width!r} is not allowed; allowed: a number in (0, 4]")
+            check_int("image_size", self.image_size, 16)
+        if self.lr is not None:
+            check_number("lr", self.lr)
+        if self.width is not None:
+            check_number("width", self.width, 0, 4)
         defaults = METHOD_DEFAULTS[self.method]
         values = asdict(self)
         values["batch_size"] = self.batch_size or defaults["batch_size"]
@@ -82,11 +75,6 @@ class PretrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=defaults["optimizer"],
                            lr=self.lr, weight_decay=defaults["weight_decay"], schedule=self.schedule,
                            seed=self.seed)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer ≥ {minimum}")
 
 
 @dataclass
@@ -132,9 +120,6 @@ def _backbone_state(model_file: Path) -> dict:
         _BACKBONE_STATES[key] = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return _BACKBONE_STATES[key]
 
-    def __repr__(self) -> str:
-        return f"Run({self.path.name})"
-
 
 def load_run(path) -> Run:
     """A complete run folder → :class:`Run`; anything else is a clear error."""
@@ -149,15 +134,6 @@ def load_run(path) -> Run:
     names = {f.name for f in fields(PretrainConfig)}
     config = PretrainConfig(**{k: v for k, v in raw.items() if k in names})
     return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), store.read_json(path / store.COMPLETE))
-
-
-def compile_by_default(device: torch.device, config: PretrainConfig) -> bool:
-    """Whether ``compile=None`` compiles this run: only where :data:`COMPILE_BY_DEFAULT` says a
-    measurement showed it faster."""
-    if not COMPILE_BY_DEFAULT:
-        return False
-    size = config.image_size or load_dataset(config.dataset, config.data_root).train.image_size
-    return (torch.device(device).type, size) in COMPILE_BY_DEFAULT
 
 
 def unlabeled_pool(config: PretrainConfig):
@@ -189,14 +165,13 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
     task.eval()
     totals, count = {}, 0
     on_cuda = images.device.type == "cuda"
-    with torch.random.fork_rng(devices=[images.device] if on_cuda else []):
+    with torch.random.fork_rng(devices=[images.device] if on_cuda else []), autocast(images.device):
         torch.default_generator.manual_seed(EVAL_SEED)
         if on_cuda:
             with torch.cuda.device(images.device):
                 torch.cuda.manual_seed(EVAL_SEED)
         for chunk in images.split(batch_size):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                out = task.loss(chunk, train=False)
+            out = task.loss(chunk, train=False)
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
             count += len(chunk)
@@ -217,7 +192,7 @@ class _RunOptions:
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
-             sync_bn: bool = False, data_budget: Optional[float] = None, compile: Optional[bool] = None,
+             sync_bn: bool = False, data_budget: Optional[float] = None, compile: bool = False,
              checkpoint_every: float = CHECKPOINT_EVERY_S) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
@@ -231,21 +206,17 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     is free on CUDA, no limit on the CPU); a larger pool stays in pinned host memory and is
     streamed to the device chunk by chunk (:mod:`sslab.stream`) — same batches, same result.
 
-    ``compile``: run the training loss through ``torch.compile`` (True/False); None picks the
-    measured default (:data:`COMPILE_BY_DEFAULT`). Not part of the config: a compiled run
-    trains the same model to rounding.
+    ``compile``: run the training loss through ``torch.compile``. Not part of the config: a
+    compiled run trains the same model to rounding.
 
     ``checkpoint_every``: seconds between the checkpoints a run resumes from (0: after every
     epoch); the last epoch's is always written."""
     budget = check_data_budget(data_budget)
     check_checkpoint_every(checkpoint_every)
-    if compile not in (None, True, False):
-        raise ValueError(f"compile={compile!r} is not allowed; allowed: True, False or None (the measured default)")
+    check_bool("compile", compile)
     ddp = distributed.from_environment(device, sync_bn)
     dev = resolve_device(device) if ddp is None else ddp.device
     config = config.resolved(dev)
-    if compile is None:
-        compile = compile_by_default(dev, config)
     if compile and ddp is not None:
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     folder = run_folder(config, out)

@@ -3,7 +3,10 @@
 Data sits on the training device as tensors; each epoch draws a seeded permutation and
 slices batches from it. Augmentation happens inside the model's ``loss`` on the same device.
 On CUDA the loop runs under bf16 autocast with channels_last weights and times epochs with
-CUDA events; on CPU it runs in fp32.
+CUDA events; on CPU it runs in fp32. :func:`fit` reads top to bottom; its pieces (the epoch,
+the resume state, early stopping, the divergence check, the progress bar) are the small
+functions and classes below it, and the batched probe trainer reuses them. Why it checkpoints
+on a clock and how a resumed run repeats bit for bit: docs/troubleshooting.md.
 """
 from __future__ import annotations
 
@@ -42,21 +45,17 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}={value!r} is not allowed; allowed: an integer ≥ 1")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr!r} is not allowed; allowed: a positive number")
-        if self.optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"optimizer={self.optimizer!r} is not known; allowed: sgd, adam, adamw")
-        if self.schedule not in ("step", "cosine", "constant"):
-            raise ValueError(f"schedule={self.schedule!r} is not known; allowed: step, cosine, constant")
+        from .checks import check_choice, check_int, check_number
+        check_int("epochs", self.epochs, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_number("lr", self.lr)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        check_choice("schedule", self.schedule, ("step", "cosine", "constant"))
         return self
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left in place."""
+    """The loss became NaN or infinite; the message says which checkpoint, if any, is kept."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -82,8 +81,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -106,37 +105,30 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return max(1, min(round(n / batch_size), n // 2))
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def make_deterministic() -> None:
+    """Make every later torch call in this process pick deterministic algorithms, so a CPU
+    run repeats bit for bit (``--deterministic``, the notebooks' ``deterministic`` parameter).
+    The setting is process-wide: torch has no per-call switch."""
+    # cuBLAS reads this when its first handle is made; with it CUDA matmuls repeat too.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+# Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
+# lost on a kill: at most this much training is done again).
+CHECKPOINT_EVERY_S = 60.0
 
 
-class _Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+def check_checkpoint_every(value) -> float:
+    from .checks import check_number
+    return check_number("checkpoint_every", value, 0.0, low_open=False,
+                        allowed="seconds ≥ 0 (0: after every epoch)")
 
-    def start(self):
-        if self.cuda:
-            self.begin = torch.cuda.Event(enable_timing=True)
-            self.end = torch.cuda.Event(enable_timing=True)
-            self.begin.record()
-        else:
-            self.t0 = time.perf_counter()
 
-    def seconds(self) -> float:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            return self.begin.elapsed_time(self.end) / 1000.0
-        return time.perf_counter() - self.t0
+def autocast(device: torch.device):
+    """The mixed precision every forward pass of the lab runs under: bf16 on CUDA, none elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> None:
@@ -180,27 +172,6 @@ class FitResult:
     resumed_from: int = 0
 
 
-def make_deterministic() -> None:
-    """Make every later torch call in this process pick deterministic algorithms, so a CPU
-    run repeats bit for bit (``--deterministic``, the notebooks' ``deterministic`` parameter).
-    The setting is process-wide: torch has no per-call switch."""
-    # cuBLAS reads this when its first handle is made; with it CUDA matmuls repeat too.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-
-
-# Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
-# lost on a kill: at most this much training is done again).
-CHECKPOINT_EVERY_S = 60.0
-
-
-def check_checkpoint_every(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"checkpoint_every={value!r} is not allowed; allowed: seconds ≥ 0 (0: after every epoch)")
-    return float(value)
-
-
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
         param_groups: Optional[list] = None,
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
@@ -210,164 +181,317 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         checkpoint_last: bool = True) -> FitResult:
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
-    ``data``: a tuple of tensors on ``device`` sharing their first dimension; each step passes
-    one slice of each to ``model.loss``. Or a :class:`sslab.stream.StreamedData` (data larger
-    than the device's memory budget, kept in host memory): the same permutation's batches are
-    then copied to the device chunk by chunk while the previous chunk trains — the same
-    images in the same order, so the result is the same. ``validate(model)`` (optional) returns a dict with
-    ``monitor`` (higher is better): with ``cfg.patience`` > 0 training stops after that many
-    epochs without improvement, and the best epoch's weights are restored at the end.
-    ``checkpoint``: where the full training state (model, optimiser, epoch, RNG, early-stopping
-    state) is written atomically at the end of an epoch; if it exists when ``fit`` starts,
-    training resumes from it. It is written after every epoch with ``checkpoint_every=0``, else
-    only once that many seconds have passed since ``fit`` started or last wrote it (on a GPU an
-    epoch can take less time than writing the state, so every epoch would be mostly saving), and
-    always after the last epoch unless ``checkpoint_last=False`` (for a caller whose next step
-    is seconds long: losing it costs less than writing it). ``metrics_path``: one JSON line per epoch.
-    ``distributed``: a :class:`sslab.distributed.Distributed` when torchrun started several
-    processes: each rank trains on its shard of every epoch's permutation inside
-    DistributedDataParallel; rank 0 alone writes the checkpoint and metrics and shows progress.
-    ``None`` (one process) takes the plain path.
+    ``data``: tensors on ``device`` sharing their first dimension (each step passes one slice
+    of each to ``model.loss``), or a :class:`sslab.stream.StreamedData` (the same batches,
+    streamed from host memory). ``param_groups``: optimiser groups, each with an ``lr_scale``.
+    ``validate(model)`` returns a dict holding ``monitor`` (higher is better): with
+    ``cfg.patience`` > 0 training stops after that many epochs without improvement and the
+    best epoch's weights are restored. ``checkpoint``: the resume state, written at the end of
+    an epoch once ``checkpoint_every`` seconds have passed since the last (0: every epoch) and
+    after the last epoch unless ``checkpoint_last=False``; if it exists, training resumes from
+    it. ``metrics_path``: one JSON line per epoch. ``distributed``: a
+    :class:`sslab.distributed.Distributed` under torchrun (rank 0 alone writes and shows
+    progress), ``None`` for one process.
     """
     cfg.validate()
-    check_checkpoint_every(checkpoint_every)
     if deterministic:
         make_deterministic()
-    from .stream import StreamedData
-    streamed = isinstance(data, StreamedData)
-    if streamed and distributed is not None:
-        raise ValueError("data=StreamedData is not allowed with distributed training; allowed: host tensors "
-                         "(each rank copies its shard of every epoch to its device)")
-    n = len(data) if streamed else data[0].shape[0]
-    if distributed is None:
-        steps = batches_per_epoch(n, cfg.batch_size)
-    else:
-        steps = distributed.steps_per_epoch(n, cfg.batch_size)
-        if not distributed.is_main:
-            metrics_path, progress = None, False  # rank 0 alone writes metrics and shows progress
-    total_steps = steps * cfg.epochs
-    warmup = cfg.warmup_epochs / cfg.epochs if cfg.epochs else 0.0
-    on_cuda = device.type == "cuda"
+    plan = EpochPlan.make(data, cfg, distributed)
+    main = distributed is None or distributed.is_main
+    saver = Checkpointer(checkpoint, checkpoint_every, checkpoint_last, writes=main)
     prepare_model(model, device)
-    # Steps run through DDP's forward when distributed; weights, optimiser and checkpoints stay the task's own.
     step_model = model if distributed is None else distributed.wrap(model)
-    world = 1 if distributed is None else distributed.world_size
-    groups = param_groups if param_groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    for group in groups:
-        group.setdefault("lr_scale", 1.0)
-    optimizer = make_optimizer(groups, cfg)
+    optimizer = make_optimizer(_param_groups(model, param_groups), cfg)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    result = FitResult()
-    best_state = None
-    bad_epochs = 0
-    start_epoch = 0
-
-    state = None
-    if distributed is not None:
-        state = distributed.load_checkpoint(checkpoint)  # rank 0 reads it, every rank gets it
-    elif checkpoint is not None and Path(checkpoint).is_file():
-        # On the CPU: RNG and generator states must be CPU tensors; weights and optimiser state
-        # are copied onto the model's device by load_state_dict.
-        state = store.load_torch(checkpoint, map_location="cpu")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        _set_rng_state(state["rng"], device)
-        start_epoch = state["epoch"] + 1
-        result.history = list(state["history"])
-        result.best_epoch, result.best_metric = state["best_epoch"], state["best_metric"]
-        best_state = state.get("best_state")
-        bad_epochs = state["bad_epochs"]
-        result.resumed_from = start_epoch
-        if metrics_path is not None:
-            store.truncate_jsonl(metrics_path, lambda row: row.get("epoch", -1) < start_epoch)
-        if distributed is None or distributed.is_main:
-            print(f"resuming {desc} from {checkpoint} after epoch {start_epoch} of {cfg.epochs}", file=sys.stderr)
-        if state.get("stopped_early"):
-            start_epoch = cfg.epochs  # it had stopped early: finish as the first run would have
-    elif metrics_path is not None and Path(metrics_path).exists():
-        Path(metrics_path).unlink()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=start_epoch * steps, desc=desc, unit="step", leave=False,
-                   mininterval=1.0, file=sys.stderr)
-    bar_started = time.perf_counter()  # (tqdm's own start_t is on another clock: time.time)
-    timer = _Timer(device)
-    stopped_early = False
-    last_saved = time.monotonic()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        if not streamed:
-            if distributed is None:
-                epoch_data, order = data, order.to(device)
-            else:
-                epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
-        chunks = torch.tensor_split(order, steps)
-        # (tensors, rows) per step: a streamed batch arrives whole, so it is taken entire.
-        batches = (((batch, slice(None)) for batch in data.batches(chunks)) if streamed
-                   else ((epoch_data, index) for index in chunks))
-        sums: dict = {}
-        timer.start()
-        for step, (step_data, index) in enumerate(batches):
-            factor = lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
-            loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, on_cuda, sums)
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0 or step == steps - 1:
-                    # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
-                    if distributed is None and not torch.isfinite(loss.detach()):
-                        break
-                    elapsed = max(time.perf_counter() - bar_started, 1e-9)
-                    rate = (bar.n - bar.initial) * cfg.batch_size * world * images_per_sample / elapsed
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}", img_s=f"{rate:.0f}", refresh=False)
-        seconds = timer.seconds()
-        if distributed is not None:
-            sums = distributed.average(sums)
-            distributed.sync_buffers(model)
-        row = {k: float(v) / len(chunks) for k, v in sums.items()}
-        if not all(math.isfinite(v) for v in row.values()):
-            if bar is not None:
-                bar.close()
-            where = f"; the last good checkpoint ({checkpoint}) is kept" if checkpoint else ""
-            raise TrainingDiverged(f"{desc}: the loss became {row.get('loss')} in epoch {epoch + 1}{where}. "
-                                   f"Lower the learning rate (lr={cfg.lr}) or check the input data.")
-        row = {"epoch": epoch, "lr": cfg.lr * lr_factor(cfg, (epoch + 1) * steps / total_steps - 1e-9, warmup),
-               **row, "seconds": round(seconds, 4), "images_per_s": round(n * images_per_sample / max(seconds, 1e-9), 1)}
+    early, result = EarlyStopping(cfg.patience), FitResult()
+    state = saver.load(distributed)
+    start = resume(state, model, optimizer, generator, early, result, cfg, device) if state else 0
+    _start_metrics(metrics_path if main else None, result.resumed_from, state is not None)
+    if state and main:
+        print(f"resuming {desc} from {checkpoint} after epoch {result.resumed_from} of {cfg.epochs}", file=sys.stderr)
+    bar = ProgressBar(progress and main, plan, start, desc, cfg.batch_size * plan.world * images_per_sample)
+    for epoch in range(start, cfg.epochs):
+        seconds, sums = run_epoch(model, step_model, data, plan, optimizer, cfg, generator, epoch, device, distributed,
+                                  bar)
+        row = epoch_row(cfg, plan, epoch, sums, seconds, images_per_sample)
+        check_divergence(row, desc, epoch, cfg.lr, saver, bar)
         if validate is not None:
-            model.eval()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                row.update(validate(model))
-            score = row.get(monitor)
-            if score is not None and (result.best_metric is None or score > result.best_metric):
-                result.best_metric, result.best_epoch, bad_epochs = float(score), epoch, 0
-                if cfg.patience:
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_epochs += 1
+            row.update(validation_metrics(model, validate, device))
+            early.update(row.get(monitor), epoch, lambda: clone_state(model))
         result.history.append(row)
-        if metrics_path is not None:
+        if metrics_path is not None and main:
             store.append_jsonl(metrics_path, row)
-        stopped_early = bool(cfg.patience) and validate is not None and bad_epochs >= cfg.patience
-        last_epoch = stopped_early or epoch == cfg.epochs - 1
-        due = (last_epoch and checkpoint_last) or time.monotonic() - last_saved >= checkpoint_every
-        if checkpoint is not None and due and (distributed is None or distributed.is_main):
-            store.save_torch(checkpoint, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
-                "best_epoch": result.best_epoch, "best_metric": result.best_metric, "best_state": best_state,
-                "bad_epochs": bad_epochs, "stopped_early": stopped_early, "config": asdict(cfg)})
-            last_saved = time.monotonic()
-        if stopped_early:
+        last_epoch = early.should_stop or epoch == cfg.epochs - 1
+        saver.maybe_save(lambda: training_state(model, optimizer, generator, early, result, cfg, epoch, device),
+                         last_epoch)
+        if early.should_stop:
             break
+    bar.close()
+    return finish(model, early, result)
+
+
+# ---------------------------------------------------------------- the pieces of fit
+
+@dataclass
+class EpochPlan:
+    """How one epoch walks the data: ``n`` samples in ``steps`` near-equal batches (the same
+    number on every process under torchrun), ``world`` processes."""
+
+    n: int
+    steps: int
+    total_steps: int
+    warmup: float
+    world: int
+    streamed: bool
+
+    @classmethod
+    def make(cls, data, cfg: TrainConfig, distributed) -> "EpochPlan":
+        from .stream import StreamedData
+        streamed = isinstance(data, StreamedData)
+        if streamed and distributed is not None:
+            raise ValueError("data=StreamedData is not allowed with distributed training; allowed: host tensors "
+                             "(each rank copies its shard of every epoch to its device)")
+        n = len(data) if streamed else data[0].shape[0]
+        steps = batches_per_epoch(n, cfg.batch_size) if distributed is None else \
+            distributed.steps_per_epoch(n, cfg.batch_size)
+        return cls(n, steps, steps * cfg.epochs, cfg.warmup_epochs / cfg.epochs, 1 if distributed is None else
+                   distributed.world_size, streamed)
+
+    def batches(self, data, order: torch.Tensor, cfg: TrainConfig, epoch: int, device, distributed):
+        """(tensors, rows) per step of one epoch, for the permutation ``order``."""
+        if self.streamed:  # a streamed batch arrives whole on the device, so it is taken entire
+            return ((batch, slice(None)) for batch in data.batches(torch.tensor_split(order, self.steps)))
+        if distributed is None:
+            epoch_data, order = data, order.to(device)
+        else:
+            epoch_data, order = distributed.epoch_data(data, order, cfg.seed, epoch)
+        return ((epoch_data, index) for index in torch.tensor_split(order, self.steps))
+
+
+def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainConfig, generator, epoch: int, device,
+              distributed, bar: "ProgressBar") -> tuple:
+    """Train one epoch of ``model`` (through ``step_model``, its DDP wrapper under torchrun); returns
+    (seconds, the mean of every metric over its steps, averaged over processes)."""
+    model.train()
+    batches = plan.batches(data, torch.randperm(plan.n, generator=generator), cfg, epoch, device, distributed)
+    sums: dict = {}
+    timer = EpochTimer(device)
+    for step, (step_data, index) in enumerate(batches):
+        factor = lr_factor(cfg, (epoch * plan.steps + step) / plan.total_steps, plan.warmup)
+        loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, device.type == "cuda", sums)
+        # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
+        if not bar.step(step, epoch, loss) and distributed is None:
+            break
+    seconds = timer.seconds()
+    if distributed is not None:
+        sums = distributed.average(sums)
+        distributed.sync_buffers(model)
+    return seconds, {k: float(v) / plan.steps for k, v in sums.items()}
+
+
+def epoch_row(cfg: TrainConfig, plan: EpochPlan, epoch: int, means: dict, seconds: float,
+              images_per_sample: int) -> dict:
+    """One line of metrics.jsonl: the epoch, its last learning rate, the mean of every metric over
+    its steps, and its speed."""
+    lr = cfg.lr * lr_factor(cfg, (epoch + 1) * plan.steps / plan.total_steps - 1e-9, plan.warmup)
+    return {"epoch": epoch, "lr": lr, **means, "seconds": round(seconds, 4),
+            "images_per_s": round(plan.n * images_per_sample / max(seconds, 1e-9), 1)}
+
+
+def check_divergence(row: dict, desc: str, epoch: int, lr: float, saver: Optional["Checkpointer"] = None,
+                     bar=None) -> None:
+    """Stop with :class:`TrainingDiverged` when an epoch's mean loss or metric is not finite."""
+    if all(math.isfinite(v) for v in row.values()):
+        return
     if bar is not None:
         bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    kept = saver.describe_kept() if saver is not None else "nothing of this training is kept"
+    raise TrainingDiverged(f"{desc}: the loss became {row.get('loss')} in epoch {epoch + 1}; {kept}. "
+                           f"Lower the learning rate (lr={lr}) or check the input data.")
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a better validation score (higher is better; 0:
+    never stop), keeping the best epoch's weights to restore at the end."""
+
+    patience: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: Optional[dict] = None
+
+    def update(self, score: Optional[float], epoch: int, state: Callable[[], dict]) -> None:
+        """Record epoch ``epoch``'s score; ``state()`` gives the weights to keep when it is the best."""
+        if score is not None and (self.best_metric is None or score > self.best_metric):
+            self.best_metric, self.best_epoch, self.bad_epochs = float(score), epoch, 0
+            if self.patience:
+                self.best_state = state()
+        else:
+            self.bad_epochs += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad_epochs >= self.patience
+
+
+def clone_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, validate: Callable[[nn.Module], dict], device) -> dict:
+    model.eval()
+    with autocast(device):
+        return validate(model)
+
+
+class Checkpointer:
+    """Where and when :func:`fit` writes its resume state: at the end of an epoch once ``every``
+    seconds have passed since the last write (0: every epoch), and after the last epoch when
+    ``last``. Only the process that ``writes`` touches the file."""
+
+    def __init__(self, path: Optional[Path], every: float, last: bool, writes: bool = True):
+        self.path = None if path is None else Path(path)
+        self.every = check_checkpoint_every(every)
+        self.last, self.writes = last, writes
+        self.saved_at = time.monotonic()
+        self.saved_epoch: Optional[int] = None
+
+    def load(self, distributed=None) -> Optional[dict]:
+        if distributed is not None:
+            state = distributed.load_checkpoint(self.path)  # rank 0 reads it, every rank gets it
+        elif self.path is None or not self.path.is_file():
+            return None
+        else:  # RNG and generator states must be CPU tensors; load_state_dict moves the rest to the device.
+            state = store.load_torch(self.path, map_location="cpu")
+        if state is not None:
+            self.saved_epoch = state["epoch"]
+        return state
+
+    def maybe_save(self, state: Callable[[], dict], last_epoch: bool) -> None:
+        due = (last_epoch and self.last) or time.monotonic() - self.saved_at >= self.every
+        if self.path is not None and self.writes and due:
+            snapshot = state()
+            store.save_torch(self.path, snapshot)
+            self.saved_at, self.saved_epoch = time.monotonic(), snapshot["epoch"]
+
+    def describe_kept(self) -> str:
+        if self.path is None or self.saved_epoch is None:
+            return "no checkpoint of this run was written, so nothing is kept"
+        return f"the checkpoint after epoch {self.saved_epoch + 1} ({self.path}) is kept"
+
+
+def training_state(model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
+                   epoch: int, device) -> dict:
+    """Everything a resumed run needs to go on exactly as if it had never stopped."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
+            "best_epoch": early.best_epoch, "best_metric": early.best_metric, "best_state": early.best_state,
+            "bad_epochs": early.bad_epochs, "stopped_early": early.should_stop, "config": asdict(cfg)}
+
+
+def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
+           device) -> int:
+    """Load a :func:`training_state` into the run; returns the epoch to start from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    _set_rng_state(state["rng"], device)
+    result.history = list(state["history"])
+    early.best_epoch, early.best_metric = state["best_epoch"], state["best_metric"]
+    early.best_state, early.bad_epochs = state.get("best_state"), state["bad_epochs"]
+    result.resumed_from = state["epoch"] + 1
+    # A run that had stopped early finishes as the first run would have.
+    return cfg.epochs if state.get("stopped_early") else result.resumed_from
+
+
+def _start_metrics(path: Optional[Path], start, resumed: bool) -> None:
+    """metrics.jsonl holds the epochs before ``start`` when resuming, nothing otherwise."""
+    if path is None:
+        return
+    if resumed:
+        store.truncate_jsonl(path, lambda row: row.get("epoch", -1) < start)
+    elif Path(path).exists():
+        Path(path).unlink()
+
+
+def finish(model: nn.Module, early: EarlyStopping, result: FitResult) -> FitResult:
+    if early.best_state is not None:
+        model.load_state_dict(early.best_state)
+    result.best_epoch, result.best_metric = early.best_epoch, early.best_metric
     result.epochs_run = len(result.history)
     result.seconds = float(sum(r["seconds"] for r in result.history))
     model.eval()
     return result
+
+
+def _param_groups(model: nn.Module, groups: Optional[list]) -> list:
+    groups = groups if groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    for group in groups:
+        group.setdefault("lr_scale", 1.0)
+    return groups
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class EpochTimer:
+    """Seconds of an epoch: CUDA events on CUDA (the host runs ahead of the device), a host clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000.0
+        return time.perf_counter() - self.t0
+
+
+class ProgressBar:
+    """A tqdm bar over every step of the run with the epoch, the loss and images/s; a no-op when
+    ``enabled`` is False. Reading the loss waits for the device, so it happens every 20 steps."""
+
+    def __init__(self, enabled: bool, plan: EpochPlan, start_epoch, desc: str, images_per_step: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            initial = start_epoch * plan.steps
+            self.bar = tqdm(total=plan.total_steps, initial=initial, desc=desc, unit="step", leave=False,
+                            mininterval=1.0, file=sys.stderr)
+        self.steps, self.images_per_step = plan.steps, images_per_step
+        self.started = time.perf_counter()  # (tqdm's own start_t is on another clock: time.time)
+
+    def step(self, step: int, epoch: int, loss: torch.Tensor) -> bool:
+        """Count a step; False when the loss just read is not finite (the epoch can stop there)."""
+        if self.bar is None:
+            return True
+        self.bar.update(1)
+        if step % 20 and step != self.steps - 1:
+            return True
+        value = float(loss.detach())
+        rate = (self.bar.n - self.bar.initial) * self.images_per_step / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4g}", img_s=f"{rate:.0f}", refresh=False)
+        return math.isfinite(value)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

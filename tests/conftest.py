@@ -29,7 +29,8 @@ def isolated_outputs(tmp_path_factory, monkeypatch):
 @pytest.fixture(autouse=True)
 def restore_deterministic_algorithms():
     """``--deterministic`` switches torch process-wide; undo it so one test does not change the next."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     benchmark = torch.backends.cudnn.benchmark
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sslab.__main__ import build_parser, main
+from sslab.cli import build_parser, main
 from sslab.data import DEBIAN_FASHION_MNIST
 
 needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),

@@ -174,7 +174,7 @@ def test_distributed_settings_that_cannot_work_are_clear_errors(monkeypatch, pat
 
 
 def test_only_pretrain_runs_under_torchrun_and_rank_0_says_so_once(monkeypatch, capsys):
-    from sslab.__main__ import main
+    from sslab.cli import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, speaks in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)

@@ -1,8 +1,8 @@
-"""Tests for sslab/evaluate.py: metrics, probes, scratch, fine-tuning and label curves."""
+"""Tests for sslab/evaluate/: metrics, probes, scratch, fine-tuning and label curves."""
 import json
-from dataclasses import replace
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,12 @@ from PIL import Image
 from sslab import evaluate as ev
 from sslab import store
 from sslab.data import label_budget_split
+from sslab.evaluate.curve import cell_key
+from sslab.models import pooled_dim
 from sslab.pretrain import PretrainConfig, pretrain
 
-TINY = ev.EvalConfig(probe_epochs=3, epochs=2, finetune_epochs=2, samples_per_epoch=64, batch_size=32,
-                     val_per_class=2, probe_patience=0, patience=0)
+TINY = ev.EvalConfig(probe_epochs=3, scratch_epochs=2, finetune_epochs=2, samples_per_epoch=64, batch_size=32,
+                     val_per_class=2, probe_patience=0, scratch_patience=0, finetune_patience=0)
 
 
 def test_topk_against_hand_computation():
@@ -101,19 +103,19 @@ def _weights(module):
 def test_probe_keeps_backbone_frozen_and_finetune_changes_it(tiny_runs):
     (run, _), out = tiny_runs
     before = _weights(run.load_task("cpu").backbone)
-    ev.probe_run(run, 2, seed=0, device="cpu", out=out, config=TINY)
-    splits = ev._splits_for(run.config)
+    ev.probe_cell(run, 2, seed=0, device="cpu", out=out, config=TINY)
+    splits = ev.dataset_splits(run.config)
     backbone = run.load_task("cpu").backbone
     backbone.train()  # even a backbone left in train mode keeps its BN statistics when probed
     ev.extract_features(backbone, splits.train.images, "conv4", 2)
     after = _weights(backbone)
     assert all(torch.equal(before[k], after[k]) for k in before), "probing changed the backbone"
     assert any("running_mean" in k for k in before)
-    row = ev.finetune_run(run, 2, seed=0, device="cpu", out=out, config=TINY)
+    row = ev.finetune_cell(run, 2, seed=0, device="cpu", out=out, config=TINY)
     assert row["protocol"] == "finetune"
     # The fine-tuned weights are not stored; retrain one epoch by hand through the same path.
     model = ev.ImageClassifier(run.load_task("cpu").backbone,
-                               ev.FeatureProbe(ev.pooled_dim(backbone, "conv4", 2), 3), "conv4", 2)
+                               ev.FeatureHead(pooled_dim(backbone, "conv4", 2), 3), "conv4", 2)
     from sslab.train import TrainConfig, fit
     idx, _ = label_budget_split(splits.train.labels, 2, 0, 2)
     fit(model, (splits.train.images[idx], splits.train.labels[idx]),
@@ -125,39 +127,39 @@ def test_probe_keeps_backbone_frozen_and_finetune_changes_it(tiny_runs):
 
 def test_same_seed_same_split_for_every_method_and_disjoint(tiny_runs):
     (rot, vae), out = tiny_runs
-    a = ev.probe_run(rot, 3, seed=1, device="cpu", out=out, config=TINY)
-    b = ev.probe_run(vae, 3, seed=1, device="cpu", out=out, config=TINY)
-    c = ev.scratch_run("", 3, seed=1, like=rot, device="cpu", out=out, config=TINY)
+    a = ev.probe_cell(rot, 3, seed=1, device="cpu", out=out, config=TINY)
+    b = ev.probe_cell(vae, 3, seed=1, device="cpu", out=out, config=TINY)
+    c = ev.scratch_cell("", 3, seed=1, like=rot, device="cpu", out=out, config=TINY)
     splits = [store.load_torch(Path(r["run"]) / "split.pt") for r in (a, b, c)]
     for s in splits[1:]:
         assert torch.equal(s["train"], splits[0]["train"]) and torch.equal(s["val"], splits[0]["val"])
     train, val = splits[0]["train"], splits[0]["val"]
     assert len(train) == 9 and len(val) == 6
     assert not set(train.tolist()) & set(val.tolist())
-    other = ev.probe_run(rot, 3, seed=2, device="cpu", out=out, config=TINY)
+    other = ev.probe_cell(rot, 3, seed=2, device="cpu", out=out, config=TINY)
     assert not torch.equal(store.load_torch(Path(other["run"]) / "split.pt")["train"], train)
 
 
 def test_budget_larger_than_a_class_is_a_clear_error(tiny_runs):
     (run, _), out = tiny_runs
     with pytest.raises(ValueError, match=r"class 0 has: it has 24 labeled images"):
-        ev.probe_run(run, 30, device="cpu", out=out, config=TINY)
+        ev.probe_cell(run, 30, device="cpu", out=out, config=TINY)
     with pytest.raises(ValueError, match="labels"):
-        ev.probe_run(run, 0, device="cpu", out=out, config=TINY)
-    with pytest.raises(ValueError, match="probe='svm'.*mlp, linear, knn"):
-        ev.probe_run(run, 2, probe="svm", device="cpu", out=out, config=TINY)
+        ev.probe_cell(run, 0, device="cpu", out=out, config=TINY)
+    with pytest.raises(ValueError, match="head=.svm'.*mlp, linear, knn"):
+        ev.probe_cell(run, 2, head="svm", device="cpu", out=out, config=TINY)
     with pytest.raises(ValueError, match="layer='conv9'"):
-        ev.probe_run(run, 2, layer="conv9", device="cpu", out=out, config=TINY)
+        ev.probe_cell(run, 2, layer="conv9", device="cpu", out=out, config=TINY)
 
 
 def test_probe_results_are_cached_by_config(tiny_runs):
     (run, _), out = tiny_runs
-    first = ev.probe_run(run, 4, seed=0, probe="linear", device="cpu", out=out, config=TINY)
+    first = ev.probe_cell(run, 4, seed=0, head="linear", device="cpu", out=out, config=TINY)
     metrics = Path(first["run"]) / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
-    second = ev.probe_run(run, 4, seed=0, probe="linear", device="cpu", out=out, config=TINY)
+    second = ev.probe_cell(run, 4, seed=0, head="linear", device="cpu", out=out, config=TINY)
     assert second["top1"] == first["top1"] and metrics.stat().st_mtime_ns == stamp
-    knn = ev.probe_run(run, 4, seed=0, probe="knn", device="cpu", out=out, config=TINY)
+    knn = ev.probe_cell(run, 4, seed=0, head="knn", device="cpu", out=out, config=TINY)
     assert knn["run"] != first["run"] and 0 <= knn["top1"] <= 1 and knn["top5"] is None  # 3 classes < 5
 
 
@@ -184,7 +186,7 @@ def test_small_curve_produces_every_row(tiny_runs):
     expected_gain = np.mean([row["top1"] - scratch["top1"], other["top1"] - other_scratch["top1"]])
     assert gain["gain_top1_mean"] == pytest.approx(expected_gain)
     csv_text = (Path(out) / "tables" / "tiny.csv").read_text().splitlines()
-    assert csv_text[0].startswith("method,protocol,probe,layer,budget,seed,top1,top5")
+    assert csv_text[0].startswith("method,protocol,head,layer,budget,seed,top1,top5")
     assert len(csv_text) == 1 + len(expected)
     saved = json.loads((Path(out) / "tables" / "tiny.json").read_text())
     assert len(saved["rows"]) == len(expected) and saved["summary"]
@@ -209,7 +211,7 @@ def test_shards_then_merge_equal_the_unsharded_table(tiny_runs):
 def test_probe_command_prints_top1_and_top5(tiny_runs):
     (run, _), out = tiny_runs
     result = subprocess.run([sys.executable, "-m", "sslab", "probe", "--run", str(run.path), "--labels", "2",
-                             "--probe", "knn", "--device", "cpu", "--out", out, "--no-progress"],
+                             "--head", "knn", "--device", "cpu", "--out", out, "--no-progress"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "top-1" in result.stdout and "labels=2" in result.stdout
@@ -223,13 +225,15 @@ def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny
                                                                              batch_probes):
     runs, _ = tiny_runs
     seen = []
-    real_fit = ev.fit
+    from sslab.evaluate import end_to_end, probe
+    real_fit = probe.fit
 
     def recording_fit(*args, **kwargs):
         seen.append(kwargs.get("deterministic"))
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "fit", recording_fit)
+    monkeypatch.setattr(probe, "fit", recording_fit)
+    monkeypatch.setattr(end_to_end, "fit", recording_fit)
     tables = [ev.label_curve(runs, budgets=[2], seeds=[0], scratch=True, finetune=True, device="cpu",
                              out=str(tmp_path / name), config=TINY, progress=False, deterministic=True,
                              batch_probes=batch_probes)
@@ -275,25 +279,25 @@ def test_different_sweeps_write_different_tables_and_a_rerun_its_own(tiny_runs, 
     out = str(tmp_path)
 
     def sweep(budgets, methods=runs):
-        return ev.label_curve(methods, budgets=budgets, seeds=[0], probe="knn", scratch=False, device="cpu", out=out,
+        return ev.label_curve(methods, budgets=budgets, seeds=[0], head="knn", scratch=False, device="cpu", out=out,
                               config=TINY, progress=False).path
     first, other, fewer = sweep([1]), sweep([1, 2]), sweep([1], runs[:1])
     assert len({first, other, fewer}) == 3 and all(p.is_file() for p in (first, other, fewer))
     assert first.name.startswith("curve-") and "-conv4-knn-" in first.name
     assert sweep([1]) == first
-    table, missing = ev.merge_curve(runs, budgets=[1], seeds=[0], probe="knn", scratch=False, out=out, config=TINY)
+    table, missing = ev.merge_curve(runs, budgets=[1], seeds=[0], head="knn", scratch=False, out=out, config=TINY)
     assert missing == [] and table.path == first
 
 
 def test_finetune_result_does_not_depend_on_whether_its_probe_was_stored(tiny_runs, tmp_path):
     (run, _), _ = tiny_runs
-    # a: the probe head is trained inside finetune_run; b: it was stored by an earlier call,
+    # a: the probe head is trained inside finetune_cell; b: it was stored by an earlier call,
     # after which the global generator was left somewhere else.
-    a = ev.finetune_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "a"), config=TINY)
-    ev.probe_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
+    a = ev.finetune_cell(run, 2, seed=1, device="cpu", out=str(tmp_path / "a"), config=TINY)
+    ev.probe_cell(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
     torch.manual_seed(1234)
     torch.rand(7)
-    b = ev.finetune_run(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
+    b = ev.finetune_cell(run, 2, seed=1, device="cpu", out=str(tmp_path / "b"), config=TINY)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     assert (a["top1"], a["confusion"]) == (b["top1"], b["confusion"])
 
@@ -301,15 +305,15 @@ def test_finetune_result_does_not_depend_on_whether_its_probe_was_stored(tiny_ru
 def test_a_scratch_cell_is_the_same_cell_whichever_probe_the_sweep_uses(tiny_runs, tmp_path):
     (run, _), _ = tiny_runs
     out = str(tmp_path)
-    rows = [ev.scratch_run("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, probe=p))
+    rows = [ev.scratch_cell("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, head=p))
             for p in ("mlp", "linear", "knn")]
     assert len({r["run"] for r in rows}) == 1
     assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eval-scratch")]) == 1
     # ...while a setting the scratch baseline trains with makes another cell
-    other = ev.scratch_run("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, lr=2e-3))
+    other = ev.scratch_cell("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, scratch_lr=2e-3))
     assert other["run"] != rows[0]["run"]
     # and a setting only probes use does not change a fine-tuning cell's key, one they use does
-    cells = [ev._cell_for(run.method, "finetune", 1, 0, run, None, c)
+    cells = [cell_key(run.method, "finetune", 1, 0, run, None, c)
              for c in (TINY, replace(TINY, knn_k=5), replace(TINY, probe_lr=5e-3))]
     assert cells[0] == cells[1] and cells[0] != cells[2]
 
@@ -320,14 +324,14 @@ def test_cells_of_old_weights_are_not_reused_after_the_run_is_trained_again(tiny
     copy = tmp_path / "runs" / run.path.name
     shutil.copytree(run.path, copy)
     from sslab.pretrain import load_run
-    first = ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
-    assert ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)["run"] == \
+    first = ev.probe_cell(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
+    assert ev.probe_cell(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)["run"] == \
         first["run"]
     # the same folder name with other weights, as `pretrain --force` leaves it
     state = store.load_torch(copy / "model.pt")
     state["model"] = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in state["model"].items()}
     store.save_torch(copy / "model.pt", state)
-    again = ev.probe_run(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
+    again = ev.probe_cell(load_run(copy), 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
     assert again["run"] != first["run"]
     assert store.read_json(Path(again["run"]) / "config.json")["pretrained"].startswith(run.path.name + "@")
 

@@ -96,7 +96,7 @@ def test_smoke_and_full_params_are_valid_for_every_notebook():
     (dict(budgets="1,x"), r"budgets='1,x'"),
     (dict(seeds=[-1]), r"seeds=\[-1\]"),
     (dict(layer="fc7"), r"layer='fc7'.*conv1, conv2"),
-    (dict(probe="svm"), r"probe='svm'.*mlp, linear, knn"),
+    (dict(head="svm"), r"head='svm'.*mlp, linear, knn"),
     (dict(epochs=1.5), r"epochs=1.5"),
     (dict(limit=1), r"limit=1"),
     (dict(interactive="yes"), r"interactive='yes'.*True or False"),
@@ -290,7 +290,7 @@ def _result_rows():
                                             ("scratch", "scratch", 0.0)):
                 top1 = base + delta + jitter
                 confusion = [[8, 2, 0], [1, 9, 0], [0, 5, 5]]
-                rows.append({"method": method, "protocol": protocol, "probe": "mlp", "layer": "conv4",
+                rows.append({"method": method, "protocol": protocol, "head": "mlp", "layer": "conv4",
                              "budget": budget, "seed": seed, "top1": top1, "top5": top1 + 0.2, "epochs": 3,
                              "seconds": 1.0, "per_class": [0.8, 0.9, 0.5], "confusion": confusion,
                              "classes": ["a", "b", "c"]})

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sslab import store
-from sslab.__main__ import main
+from sslab.cli import main
 from sslab.models import BackboneConfig
 from sslab.pretext import build_task
 from sslab.pretrain import PretrainConfig, load_run, pretrain
@@ -86,7 +86,8 @@ def test_killed_pretrain_resumes_from_its_checkpoint(image_folder, tmp_path):
     deadline = time.monotonic() + 240
     checkpoint = None
     while checkpoint is None:
-        assert first.poll() is None, f"the run ended before its first checkpoint: {(tmp_path / 'first.err').read_text()}"
+        assert first.poll() is None, \
+            f"the run ended before its first checkpoint: {(tmp_path / 'first.err').read_text()}"
         assert time.monotonic() < deadline, "no checkpoint.pt after 240 s"
         found = list(out.glob("runs/*/checkpoint.pt"))
         checkpoint = found[0] if found else None
@@ -420,7 +421,7 @@ def test_deterministic_cpu_runs_repeat_bit_for_bit(image_folder, tmp_path):
 def test_deterministic_is_a_parameter_of_pretrain_and_the_command_line():
     import inspect
 
-    from sslab.__main__ import build_parser
+    from sslab.cli import build_parser
     assert inspect.signature(pretrain).parameters["deterministic"].default is False
     args = build_parser().parse_args(["pretrain", "--deterministic"])
     assert args.deterministic is True
@@ -436,9 +437,8 @@ def test_json_files_are_complete_json(tmp_path):
 
 @pytest.mark.parametrize("batch_probes", [False, True])
 def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_path, monkeypatch, batch_probes):
-    import sslab.evaluate as evaluate_module
-    import sslab.probe_batch as probe_batch
     from sslab.evaluate import EvalConfig, label_curve
+    from sslab.evaluate import probe as probe_module
     run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
     # budgets 1 and 3 give 16 and 18 samples an epoch: two groups when the heads train together
     cfg = EvalConfig(val_per_class=2, probe_epochs=2, samples_per_epoch=16, probe_patience=0)
@@ -452,8 +452,8 @@ def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_pat
             return real(*args, **kwargs)
         return train
 
-    monkeypatch.setattr(evaluate_module, "fit", counted(evaluate_module.fit))
-    monkeypatch.setattr(probe_batch, "train_heads", counted(probe_batch.train_heads))
+    monkeypatch.setattr(probe_module, "fit", counted(probe_module.fit))
+    monkeypatch.setattr(probe_module, "train_heads", counted(probe_module.train_heads))
 
     def sweep():
         return label_curve([run], budgets=[1, 3], seeds=[0], scratch=False, device="cpu", out=str(tmp_path),

@@ -40,7 +40,8 @@ def test_every_rank_takes_the_same_number_of_steps():
                  for c in torch.tensor_split(epoch_shard(order, rank, world), ranks[rank].steps_per_epoch(n, batch))]
         assert min(sizes) >= 2 and max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match=r"5 training images cannot be shared by 3 processes.*--limit ≥ 6"):
-        Distributed(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), backend="gloo").steps_per_epoch(5, 2)
+        ddp = Distributed(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"), backend="gloo")
+        ddp.steps_per_epoch(5, 2)
 
 
 def test_epoch_data_gives_each_rank_its_rows_and_its_own_augmentation_stream():
@@ -98,7 +99,7 @@ def pattern_folder(tmp_path_factory) -> str:
 
 def _curve(dataset: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "sslab", "curve", "--methods", "rotation,vae", "--dataset", dataset,
-               "--budgets", "1", "--seeds", "0,1", "--probe", "knn", "--no-scratch", "--val-per-class", "2",
+               "--budgets", "1", "--seeds", "0,1", "--head", "knn", "--no-scratch", "--val-per-class", "2",
                "--pretrain-epochs", "1", "--batch-size", "16", "--width", "0.125", "--device", "cpu",
                "--out", str(out), "--name", "sweep", "--no-progress", *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=_one_thread_env())

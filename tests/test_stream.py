@@ -140,7 +140,8 @@ def test_fit_on_streamed_data_trains_exactly_as_on_resident_data(device, tmp_pat
             data = StreamedData((images,), device, chunk_bytes=20 * 28 * 28)  # 20 images a chunk: several chunks
         else:
             data = (images.to(device),)
-        results.append(fit(task, data, cfg, torch.device(device), progress=False, checkpoint=tmp_path / f"{streamed}.pt"))
+        results.append(fit(task, data, cfg, torch.device(device), progress=False,
+                           checkpoint=tmp_path / f"{streamed}.pt"))
         states.append({k: v.detach().cpu().clone() for k, v in task.state_dict().items()})
     assert data.chunks_served >= 2 * 3  # each epoch went through the chunks
     assert [r["loss"] for r in results[0].history] == [r["loss"] for r in results[1].history]

@@ -1,6 +1,6 @@
 """Pretraining on a pool streamed from pinned host memory against the same pool on the device.
 
-    python scripts/stream_check.py [--method rotation] [--image-size 96] [--epochs 2]
+    python benchmarks/stream_check.py [--method rotation] [--image-size 96] [--epochs 2]
         [--limit N] [--device auto] [--data-root DIR] [--json PATH]
 
 Runs `pretrain` twice with the same config into two fresh temporary stores: once with the pool
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for sslab
 
 from sslab import store  # noqa: E402
 from sslab.pretrain import PretrainConfig, pretrain  # noqa: E402

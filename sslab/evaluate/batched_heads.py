@@ -5,7 +5,8 @@ seeds). One at a time, each is hundreds of tiny steps whose cost is launching ke
 arithmetic; stacked, the heads of one group share every launch: one batched matrix product per
 layer for all of them (``torch.bmm``), one optimiser step for all their weights.
 
-Each head trains exactly as :func:`sslab.train.fit` would train it alone: its own initial
+Each head trains exactly as :func:`sslab.train.fit` would train it alone (with fit's own
+early stopping and divergence check): its own initial
 weights (built by the caller with the cell's seed), its own permutation of its own labeled
 images each epoch (a generator seeded with the cell's seed), its own BatchNorm batch statistics
 and running averages, Adam with the same settings (Adam is elementwise, so stacking does not
@@ -27,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .train import FitResult, TrainConfig, TrainingDiverged, _Timer, batches_per_epoch, lr_factor
+from ..train import (EarlyStopping, EpochTimer, FitResult, TrainConfig, autocast, batches_per_epoch, check_divergence,
+                     lr_factor)
 
 BN_MOMENTUM_DEFAULT = 0.1
 
@@ -35,7 +37,7 @@ BN_MOMENTUM_DEFAULT = 0.1
 def _layers(probe) -> list:
     """The probe's layers in order as ("linear", nn.Linear) and ("bn", nn.BatchNorm1d) entries
     (ReLU follows every BN); raises for a head this module cannot stack."""
-    head = probe.head
+    head = probe.classifier
     if isinstance(head, nn.Linear):
         return [("linear", head)]
     layers = []
@@ -53,8 +55,8 @@ def _layers(probe) -> list:
     return layers
 
 
-class StackedProbes(nn.Module):
-    """``H`` :class:`~sslab.evaluate.FeatureProbe` heads of the same shape as stacked tensors.
+class StackedHeads(nn.Module):
+    """``H`` :class:`~sslab.evaluate.heads.FeatureHead` heads of the same shape as stacked tensors.
     ``forward(x H×B×D)`` → logits H×B×classes; BatchNorm statistics are per head."""
 
     def __init__(self, probes: Sequence[nn.Module]):
@@ -152,7 +154,7 @@ class StackedProbes(nn.Module):
 
 def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequence[tuple], cfg: TrainConfig,
                 seeds: Sequence[int], device: torch.device, monitor: str = "val_acc") -> list:
-    """Train ``probes`` (FeatureProbe heads of one shape, on ``device``) together; afterwards each
+    """Train ``probes`` (FeatureHead modules of one shape, on ``device``) together; afterwards each
     holds the weights :func:`sslab.train.fit` would have left it with (the best validation
     epoch's when ``cfg.patience``). ``train[h]`` = (features n×D, labels n): head h's samples of
     one epoch, the same n for every head; ``val[h]`` = (features, labels), the same size for
@@ -165,87 +167,78 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
     n = train[0][0].shape[0]
     if any(x.shape[0] != n for x, _ in train) or any(x.shape[0] != val[0][0].shape[0] for x, _ in val):
         raise ValueError("every head needs the same number of training samples and of validation samples")
-    on_cuda = device.type == "cuda"
-    model = StackedProbes(probes).to(device)
-    x_train = torch.stack([x for x, _ in train]).to(device)
-    y_train = torch.stack([y for _, y in train]).to(device)
-    x_val = torch.stack([x for x, _ in val]).to(device)
-    y_val = torch.stack([y for _, y in val]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) \
-        if cfg.optimizer == "adam" else None
-    if optimizer is None:
-        raise ValueError(f"optimizer={cfg.optimizer!r} is not allowed for batched probes; allowed: adam")
+    if cfg.optimizer != "adam":
+        raise ValueError(f"optimizer={cfg.optimizer!r} is not allowed for batched heads; allowed: adam")
+    model = StackedHeads(probes).to(device)
+    x_train, y_train, x_val, y_val = (torch.stack([pair[i] for pair in pairs]).to(device)
+                                      for pairs, i in ((train, 0), (train, 1), (val, 0), (val, 1)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = batches_per_epoch(n, cfg.batch_size)
-    total_steps = steps * cfg.epochs
-    warmup = cfg.warmup_epochs / cfg.epochs
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     results = [FitResult() for _ in range(count)]
-    best_states: list = [None] * count
-    bad_epochs = [0] * count
+    early = [EarlyStopping(cfg.patience) for _ in range(count)]
     alive = list(range(count))  # the heads still training, in the order of the stacked tensors
-    timer = _Timer(device)
     for epoch in range(cfg.epochs):
-        model.train()
-        live = len(alive)
-        heads = torch.arange(live, device=device)[:, None]
-        orders = torch.stack([torch.randperm(n, generator=generators[h]) for h in alive]).to(device)
-        chunks = torch.tensor_split(orders, steps, dim=1)
-        loss_sum = torch.zeros(live, device=device)
-        acc_sum = torch.zeros(live, device=device)
-        timer.start()
-        for step, index in enumerate(chunks):
-            lr = cfg.lr * lr_factor(cfg, (epoch * steps + step) / total_steps, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            xb, yb = x_train[heads, index], y_train[heads, index]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                logits = model(xb)
-            per_sample = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
-            per_head = per_sample.view(live, -1).mean(1)
-            optimizer.zero_grad(set_to_none=True)
-            per_head.sum().backward()  # each head's weights see only their own head's mean loss
-            optimizer.step()
-            loss_sum += per_head.detach()
-            acc_sum += (logits.detach().argmax(2) == yb).float().mean(1)
-        seconds = timer.seconds()
+        losses, accs, seconds = _train_epoch(model, optimizer, x_train, y_train, [generators[h] for h in alive],
+                                             cfg, epoch, steps, device)
         model.eval()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        with torch.no_grad(), autocast(device):
             val_acc = (model(x_val).argmax(2) == y_val).float().mean(1).tolist()
-        losses, accs = (loss_sum / len(chunks)).tolist(), (acc_sum / len(chunks)).tolist()
-        diverged = [alive[j] for j in range(live) if not torch.isfinite(torch.tensor(losses[j]))]
-        if diverged:
-            raise TrainingDiverged(f"probe head(s) {diverged} of this batch: the loss became "
-                                   f"{losses[alive.index(diverged[0])]} in epoch {epoch + 1}. Lower the learning "
-                                   f"rate (lr={cfg.lr}) or check the features.")
-        epoch_lr = cfg.lr * lr_factor(cfg, (epoch + 1) * steps / total_steps - 1e-9, warmup)
+        epoch_lr = cfg.lr * lr_factor(cfg, (epoch + 1) * steps / (steps * cfg.epochs) - 1e-9,
+                                      cfg.warmup_epochs / cfg.epochs)
         keep = []
         for j, h in enumerate(alive):
-            result = results[h]
             row = {"epoch": epoch, "lr": epoch_lr, "loss": losses[j], "acc": accs[j], "seconds": round(seconds, 4),
-                   "images_per_s": round(n * live / max(seconds, 1e-9), 1), monitor: val_acc[j]}
-            if result.best_metric is None or val_acc[j] > result.best_metric:
-                result.best_metric, result.best_epoch, bad_epochs[h] = float(val_acc[j]), epoch, 0
-                if cfg.patience:
-                    best_states[h] = model.head_state(j)
-            else:
-                bad_epochs[h] += 1
-            result.history.append(row)
-            if not (cfg.patience and bad_epochs[h] >= cfg.patience):
+                   "images_per_s": round(n * len(alive) / max(seconds, 1e-9), 1)}
+            check_divergence(row, f"probe head {h} of this batch", epoch, cfg.lr)
+            early[h].update(val_acc[j], epoch, lambda j=j: model.head_state(j))
+            results[h].history.append({**row, monitor: val_acc[j]})
+            if not early[h].should_stop:
                 keep.append(j)
         if not keep:
             break
-        if len(keep) < live:  # stopped heads leave the batch: their best weights are kept aside
+        if len(keep) < len(alive):  # stopped heads leave the batch: their best weights are kept aside
             index = torch.tensor(keep, device=device)
             model.keep_heads(index, optimizer)
             x_train, y_train, x_val, y_val = (t.index_select(0, index) for t in (x_train, y_train, x_val, y_val))
             alive = [alive[j] for j in keep]
-    final = list(best_states)
+    final = [e.best_state for e in early]
     for j, h in enumerate(alive):
         if final[h] is None:  # without early stopping a head ends with its last weights
             final[h] = model.head_state(j)
     model.write_back(probes, final)
-    for probe, result in zip(probes, results):
+    for probe, result, stopper in zip(probes, results, early):
         probe.eval()
+        result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_metric
         result.epochs_run = len(result.history)
         result.seconds = float(sum(r["seconds"] for r in result.history))
     return results
+
+
+def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: list, cfg: TrainConfig, epoch: int,
+                 steps: int, device) -> tuple:
+    """One epoch of every live head: each walks its own permutation of its samples. Returns the
+    heads' mean losses and accuracies over the epoch's steps, and the epoch's seconds."""
+    model.train()
+    live, n = x_train.shape[0], x_train.shape[1]
+    heads = torch.arange(live, device=device)[:, None]
+    orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+    loss_sum = torch.zeros(live, device=device)
+    acc_sum = torch.zeros(live, device=device)
+    timer = EpochTimer(device)
+    for step, index in enumerate(torch.tensor_split(orders, steps, dim=1)):
+        lr = cfg.lr * lr_factor(cfg, (epoch * steps + step) / (steps * cfg.epochs), cfg.warmup_epochs / cfg.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        xb, yb = x_train[heads, index], y_train[heads, index]
+        with autocast(device):
+            logits = model(xb)
+        per_sample = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
+        per_head = per_sample.view(live, -1).mean(1)
+        optimizer.zero_grad(set_to_none=True)
+        per_head.sum().backward()  # each head's weights see only their own head's mean loss
+        optimizer.step()
+        loss_sum += per_head.detach()
+        acc_sum += (logits.detach().argmax(2) == yb).float().mean(1)
+    seconds = timer.seconds()
+    return (loss_sum / steps).tolist(), (acc_sum / steps).tolist(), seconds

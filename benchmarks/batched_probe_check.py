@@ -1,6 +1,6 @@
 """Probe sweep with heads trained together against the same sweep one head at a time.
 
-    python scripts/batched_probe_check.py RUN_DIR [RUN_DIR ...] [--budgets 1,2,4,8,16,32,64]
+    python benchmarks/batched_probe_check.py RUN_DIR [RUN_DIR ...] [--budgets 1,2,4,8,16,32,64]
         [--seeds 0,1,2] [--device auto] [--json PATH]
 
 Both sweeps go to fresh temporary run stores (nothing is reused), on the given pretraining
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, for sslab
 
 from sslab import evaluate  # noqa: E402
 from sslab.pretrain import load_run  # noqa: E402

@@ -1,11 +1,11 @@
-"""Probe heads trained together train as each would alone (sslab.probe_batch)."""
+"""Heads trained together (sslab/evaluate/batched_heads.py) end as each would alone."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sslab.evaluate import FeatureProbe, predict
-from sslab.probe_batch import StackedProbes, train_heads
+from sslab.evaluate import FeatureHead, predict
+from sslab.evaluate.batched_heads import StackedHeads, train_heads
 from sslab.train import TrainConfig, fit
 
 D, CLASSES, HIDDEN = 32, 4, 24
@@ -35,7 +35,7 @@ def _config(seed=0, patience=3):
 
 def _head(kind, seed, feats):
     torch.manual_seed(seed)
-    return FeatureProbe(D, CLASSES, kind, HIDDEN, feats.mean(0), feats.std(0))
+    return FeatureHead(D, CLASSES, kind, HIDDEN, feats.mean(0), feats.std(0))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
@@ -46,8 +46,8 @@ def test_heads_trained_together_match_heads_trained_alone(kind):
     alone, alone_results = [], []
     for seed, data, (xv, yv) in zip(seeds, train, val):
         head = _head(kind, seed, feats)
-        validate = (lambda xv, yv, head: lambda m: {"val_acc": (predict(head, xv).argmax(1) == yv).float().mean().item()}
-                    )(xv, yv, head)
+        def validate(model, xv=xv, yv=yv, head=head):
+            return {"val_acc": (predict(head, xv).argmax(1) == yv).float().mean().item()}
         alone_results.append(fit(head, data, _config(seed), torch.device("cpu"), validate=validate, progress=False))
         alone.append(head)
     together = [_head(kind, seed, feats) for seed in seeds]
@@ -81,7 +81,7 @@ def test_stacking_checks_its_inputs():
     feats, labels = _features()
     train, val = _cells(feats, labels, [0, 1])
     with pytest.raises(ValueError, match="different kinds"):
-        StackedProbes([_head("mlp", 0, feats), _head("linear", 1, feats)])
+        StackedHeads([_head("mlp", 0, feats), _head("linear", 1, feats)])
     with pytest.raises(ValueError, match="same number of training samples"):
         train_heads([_head("mlp", 0, feats), _head("mlp", 1, feats)], [train[0], (train[1][0][:-1], train[1][1][:-1])],
                     val, _config(), [0, 1], torch.device("cpu"))

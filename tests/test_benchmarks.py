@@ -1,4 +1,4 @@
-"""The benchmark measures what it says: structure and values of its rows, never speed."""
+"""The benchmarks (benchmarks/) measure what they say: structure and values of their rows, never speed."""
 from __future__ import annotations
 
 import json
@@ -8,23 +8,24 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sslab import bench, store
-from sslab.__main__ import main
+from benchmarks import step, study
+from sslab import store
+from sslab.cli import main
 from sslab.models import BackboneConfig
 from sslab.pretext import build_task
 
 
-def tiny(**changes) -> bench.BenchConfig:
-    return bench.quick_config(**{"methods": ("rotation",), "sizes": (28,), "steps": 2, "warmup": 1, "rounds": 1,
+def tiny(**changes) -> step.BenchConfig:
+    return step.quick_config(**{"methods": ("rotation",), "sizes": (28,), "steps": 2, "warmup": 1, "rounds": 1,
                                  **changes})
 
 
 def test_rotation_row_on_cpu_has_positive_rates_ratio_and_flops():
-    rows = bench.run_bench(tiny(), "cpu", progress=False)
+    rows = step.run_bench(tiny(), "cpu", progress=False)
     assert len(rows) == 1
     row = rows[0]
     assert (row.method, row.size, row.channels) == ("rotation", 28, 1)
-    assert row.batch_size == bench.QUICK_BATCH["rotation"] and row.views == 4 and row.width == bench.QUICK_WIDTH
+    assert row.batch_size == step.QUICK_BATCH["rotation"] and row.views == 4 and row.width == step.QUICK_WIDTH
     assert row.sslab_img_s > 0 and row.reference_img_s > 0
     assert math.isclose(row.ratio, row.sslab_img_s / row.reference_img_s)
     # images/s is the median step's images: batch × 4 rotated copies.
@@ -36,7 +37,7 @@ def test_rotation_row_on_cpu_has_positive_rates_ratio_and_flops():
 
 
 def test_colour_sizes_and_each_method_get_their_own_row():
-    rows = bench.run_bench(tiny(methods=("vae", "siamese-vae"), sizes=(32,), steps=1, warmup=0), "cpu",
+    rows = step.run_bench(tiny(methods=("vae", "siamese-vae"), sizes=(32,), steps=1, warmup=0), "cpu",
                            progress=False)
     assert [(r.method, r.size, r.channels, r.views) for r in rows] == [("vae", 32, 3, 1), ("siamese-vae", 32, 3, 1)]
     # The siamese task encodes a second (positive) view, so it costs more FLOPs per image than the VAE.
@@ -47,7 +48,7 @@ def test_flops_count_forward_and_backward():
     layer = nn.Linear(8, 4, bias=False)
     x = torch.randn(5, 8)
     # forward 2·5·8·4; backward only the weight gradient (x needs none), the same again.
-    assert bench.count_flops(lambda: layer(x).sum()) == 2 * (2 * 5 * 8 * 4)
+    assert step.count_flops(lambda: layer(x).sum()) == 2 * (2 * 5 * 8 * 4)
 
 
 @pytest.mark.parametrize("method", ["rotation", "vae"])
@@ -58,19 +59,19 @@ def test_reference_loss_is_the_tasks_objective_without_anchor_augmentation(metho
     torch.manual_seed(3)  # the VAE draws its reparameterisation noise in the same order in both
     ours = task.loss(images, train=False)["loss"]
     torch.manual_seed(3)
-    reference = bench.reference_loss(task, method, images.float() / 255.0, labels)
+    reference = step.reference_loss(task, method, images.float() / 255.0, labels)
     torch.testing.assert_close(reference, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_settings_name_the_parameter():
     with pytest.raises(ValueError, match="method='jigsaw'.*allowed"):
-        bench.BenchConfig(methods=("jigsaw",)).validate()
+        step.BenchConfig(methods=("jigsaw",)).validate()
     with pytest.raises(ValueError, match="sizes=.*8.*allowed: integers ≥ 16"):
-        bench.BenchConfig(sizes=(8,)).validate()
+        step.BenchConfig(sizes=(8,)).validate()
     with pytest.raises(ValueError, match="batch_size=1 .*allowed"):
-        bench.BenchConfig(batch_size=1).validate()
+        step.BenchConfig(batch_size=1).validate()
     with pytest.raises(ValueError, match="steps=0 .*allowed"):
-        bench.BenchConfig(steps=0).validate()
+        step.BenchConfig(steps=0).validate()
 
 
 def test_cli_prints_the_table_last_and_writes_json(tmp_path, capsys):
@@ -80,27 +81,26 @@ def test_cli_prints_the_table_last_and_writes_json(tmp_path, capsys):
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].split()[:3] == ["method", "px", "ch"]
-    assert lines[-1].split()[:4] == ["vae", "28", "1", str(bench.QUICK_BATCH["vae"])]
+    assert lines[-1].split()[:4] == ["vae", "28", "1", str(step.QUICK_BATCH["vae"])]
     data = json.loads(path.read_text())
     assert data["machine"]["device"] == "cpu" and data["config"]["quick"] is True
     assert len(data["rows"]) == 1 and data["rows"][0]["ratio"] > 0
 
 
 def test_cli_rejects_a_bad_size(capsys):
-    with pytest.raises(SystemExit):
-        main(["bench", "--sizes", "28,big"])
+    assert main(["bench", "--sizes", "28,big"]) == 2
     assert "--sizes='28,big'" in capsys.readouterr().err
 
 
-def test_params_file_sets_study_and_eval_fields_and_reports_the_rest(tmp_path, monkeypatch):
+def test_params_file_sets_study_and_eval_fields_and_reports_the_rest(tmp_path):
+    from sslab.lab import load_params
     path = tmp_path / "full.yml"
     path.write_text("# the full study\nepochs: 2   # pretraining epochs\nmethods: rotation,vae\nbudgets: [1, 4]\n"
                     "probe_epochs: 5\nfinetune: false\nfigure_dpi: 150\npoints: 500\n")
-    monkeypatch.setitem(__import__("sys").modules, "yaml", None)  # the parser that works without PyYAML
-    params = bench.read_params(path)
+    params = load_params(path)
     assert params == {"epochs": 2, "methods": "rotation,vae", "budgets": [1, 4], "probe_epochs": 5,
                       "finetune": False, "figure_dpi": 150, "points": 500}
-    config, ignored = bench.study_from_params(params, bench.StudyConfig())
+    config, ignored = study.study_from_params(params, study.StudyConfig())
     assert (config.epochs, config.methods, config.budgets, config.finetune) == (2, ("rotation", "vae"), (1, 4), False)
     assert config.umap_points == 500  # the notebooks' name for it
     assert config.eval == {"probe_epochs": 5}
@@ -121,12 +121,12 @@ def _write_folder_dataset(root, classes=3, train=14, test=4, size=32):
 
 def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     _write_folder_dataset(tmp_path / "images")
-    config = bench.StudyConfig(
+    config = study.StudyConfig(
         methods=("rotation",), dataset=f"folder:{tmp_path / 'images'}", epochs=1, budgets=(1,), seeds=(0, 1),
-        umap_points=0, eval={"probe_epochs": 2, "epochs": 1, "finetune_epochs": 1, "samples_per_epoch": 16,
+        umap_points=0, eval={"probe_epochs": 2, "scratch_epochs": 1, "finetune_epochs": 1, "samples_per_epoch": 16,
                              "batch_size": 8, "val_per_class": 2})
     out = tmp_path / "study"
-    rows = bench.time_study(config, "cpu", out=str(out), progress=False)
+    rows = study.time_study(config, "cpu", out=str(out), progress=False)
     phases = [r.phase for r in rows]
     assert phases == ["load data", "pretrain rotation", "features", "probes", "probes one at a time", "scratch",
                       "finetune", "total"]
@@ -135,8 +135,8 @@ def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     assert counts["load data"] == 3 * 14 + 3 * 4
     assert all(r.seconds > 0 for r in rows)
     # the total is the study's wall time: the one-at-a-time comparison is left out of it
-    study = [r for r in rows[:-1] if r.phase != "probes one at a time"]
-    assert rows[-1].seconds >= sum(r.seconds for r in study) * 0.99
+    timed = [r for r in rows[:-1] if r.phase != "probes one at a time"]
+    assert rows[-1].seconds >= sum(r.seconds for r in timed) * 0.99
     assert rows[-1].seconds < sum(r.seconds for r in rows[:-1])
     # the probe cells of the study were trained together (two seeds, one group), the comparison's alone
     stored = [store.read_json(p) for p in (out / "runs").glob("eval-rotation_probe-*/metrics.json")]
@@ -145,7 +145,7 @@ def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     assert len(alone) == 2 and all("trained_with" not in r for r in alone)
     assert any((out / "runs").iterdir())  # the runs went where we said
     with pytest.raises(ValueError, match="out=.*not empty"):
-        bench.time_study(config, "cpu", out=str(out), progress=False)
+        study.time_study(config, "cpu", out=str(out), progress=False)
 
 
 def test_interrupted_study_still_reports_and_writes_the_phases_it_reached(tmp_path, monkeypatch, capsys):
@@ -156,7 +156,7 @@ def test_interrupted_study_still_reports_and_writes_the_phases_it_reached(tmp_pa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "scratch_run", interrupted)
+    monkeypatch.setattr(evaluate, "scratch_cell", interrupted)
     path = tmp_path / "study.json"
     code = main(["bench", "--study", "--device", "cpu", "--dataset", f"folder:{tmp_path / 'images'}", "--methods",
                  "rotation", "--epochs", "1", "--budgets", "1", "--seeds", "0", "--umap-points", "0",

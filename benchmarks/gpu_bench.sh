@@ -8,14 +8,14 @@
 # at most 8 files (what the device tool brings back), stage by stage in this order:
 #   log.txt             all output: nvidia-smi, versions, every table, the streaming tests
 #   step.json           step benchmark, pretrain default batch sizes, width 1.0, bf16 + channels_last
-#   step-big-batch.json rotation at the issue's orientation batch, 512 at 28/32 px (-96.json: 256 at 96 px)
+#   step-big-batch.json rotation at large batches, 512 at 28/32 px (-96.json: 256 at 96 px)
 #   (log.txt)           the streaming tests, tests/test_stream.py, CUDA cases included
-#   study.json          the full Fashion-MNIST study timed phase by phase: params/full.yml (30 epochs,
-#                       all 60k images, 7 budgets) with the issue's 3 seeds; UMAP only if umap-learn is
-#                       there. Capped at the issue's 5-minute target: stopped there, it still writes the
+#   study.json          the full Fashion-MNIST study timed phase by phase (bench --study's defaults: 30
+#                       epochs on all 60k images, 7 budgets × 3 seeds, fine-tuning; UMAP only if
+#                       umap-learn is there). Capped at 5 minutes: stopped there, it still writes the
 #                       phases it finished and the one it was in ("stopped": true)
 #   probe-check.json    the study's probe sweep (63 cells) with heads trained together and one at a time:
-#                       seconds of each and the top-1 differences (scripts/batched_probe_check.py)
+#                       seconds of each and the top-1 differences (benchmarks/batched_probe_check.py)
 #   stream.json         rotation pretraining at 96 px (553 MB of images: two chunks) streamed from pinned
 #                       host memory against resident on the device: img/s of each, weight difference
 #   compile.json        the step benchmark with torch.compile, rotation at 28 px
@@ -23,11 +23,11 @@
 # whole script fits one 10-minute device call; a stage cut short says so in log.txt. The device
 # machine's copy of the tree has no .git: pass COMMIT=<sha> to name the commit in the log.
 # DEVICE (default cuda) and EXTRA (extra bench flags) exist to smoke-test the script on a CPU:
-#   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=none BENCH_BUDGET_S=200 scripts/gpu_bench.sh
+#   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=none BENCH_BUDGET_S=200 benchmarks/gpu_bench.sh
 # and, with a small study (STUDY_ARGS replaces the full study's flags) to try the probe check too:
 #   DEVICE=cpu EXTRA="--quick --steps 1 --warmup 0 --sizes 28" DATA_ROOT=/usr/share/datasets/fashion-mnist \
 #   STUDY_ARGS="--quick --budgets 1,4 --no-finetune --no-scratch --umap-points 0" \
-#   STREAM_ARGS="--limit 1000 --image-size 28 --epochs 1" scripts/gpu_bench.sh
+#   STREAM_ARGS="--limit 1000 --image-size 28 --epochs 1" benchmarks/gpu_bench.sh
 # Rehearsed that way on 2026-11-30 with the H200's versions (torch 2.11.0, torchvision 0.26.0, in
 # a venv on the CPU): every stage exit 0.
 set -u -o pipefail
@@ -39,7 +39,7 @@ DATA="${DATA_ROOT:-data/fashion-mnist}"
 BUDGET="${BENCH_BUDGET_S:-540}"
 DEVICE="${DEVICE:-cuda}"
 EXTRA="${EXTRA:-}"
-STUDY_ARGS="${STUDY_ARGS:---params params/full.yml --seeds 0,1,2}"
+STUDY_ARGS="${STUDY_ARGS:-}"
 STREAM_ARGS="${STREAM_ARGS:-}"
 # The study's runs stay outside $OUT (checkpoints are too big to send back); the probe check reads them.
 STUDY_RUNS="${STUDY_RUNS:-$(mktemp -d /tmp/sslab-study-XXXXXX)}"
@@ -79,12 +79,12 @@ have_data() { [ -f "$DATA/train-images-idx3-ubyte.gz" ] || [ -f "$DATA/train-ima
 # Tests that load Fashion-MNIST without a data root look here too (and never try a download).
 if have_data; then export SSLAB_DATA="$(cd "$DATA" && pwd)"; fi
 
-# The short stages first, so a long study cannot crowd them out; then the study with the
-# issue's 5-minute target as its cap (past it the target is missed, and the stopped phase says
-# where the time went); then what only needs the study's runs or is least important.
+# The short stages first, so a long study cannot crowd them out; then the study with a 5-minute
+# cap (the GPU target for the full study: past it the target is missed, and the stopped phase
+# says where the time went); then what only needs the study's runs or is least important.
 stage "step benchmark" 120 \
   "$PY" -m sslab bench --device $DEVICE $EXTRA --json "$OUT/step.json"
-stage "rotation at the issue's batch sizes (28/32 px: 512, 96 px: 256)" 60 \
+stage "rotation at large batches (28/32 px: 512, 96 px: 256)" 60 \
   bash -c "'$PY' -m sslab bench --device $DEVICE $EXTRA --methods rotation --sizes 28,32 --batch-size 512 \
              --json '$OUT/step-big-batch.json' &&
            '$PY' -m sslab bench --device $DEVICE $EXTRA --methods rotation --sizes 96 --batch-size 256 \
@@ -99,12 +99,12 @@ if have_data; then
   complete_runs=$(for run in "$STUDY_RUNS"/runs/pretrain-*; do [ -f "$run/complete.json" ] && echo "$run"; done)
   if [ -n "$complete_runs" ]; then
     stage "probe sweep: heads trained together against one at a time (the study's runs)" 60 \
-      "$PY" scripts/batched_probe_check.py $complete_runs --device $DEVICE --json "$OUT/probe-check.json"
+      "$PY" benchmarks/batched_probe_check.py $complete_runs --device $DEVICE --json "$OUT/probe-check.json"
   else
     say "=== probe sweep check: skipped, the study left no complete pretraining run"
   fi
   stage "pretraining on a streamed pool against a resident one" 60 \
-    "$PY" scripts/stream_check.py --device "$DEVICE" --data-root "$DATA" $STREAM_ARGS --json "$OUT/stream.json"
+    "$PY" benchmarks/stream_check.py --device "$DEVICE" --data-root "$DATA" $STREAM_ARGS --json "$OUT/stream.json"
 else
   say "=== full study, probe check and stream check: skipped, no Fashion-MNIST in $DATA (see the top of this script)"
 fi

@@ -1,0 +1,341 @@
+"""The command line: ``python -m sslab {pretrain,evaluate,curve,datasets,bench} ...``.
+
+Runs with torch and torchvision alone; notebook-only packages (matplotlib) are used only when
+present. Every error a person can act on is one line, ``error: …``, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .checks import check_choice, check_choice_list, check_int_list
+from .data import DATASETS
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, except where the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line: ``error: …`` (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------- flags shared by several commands
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--data-root", default=None, help="folder to look in first for datasets (and to download into)")
+    p.add_argument("--out", default=None, help="outputs folder (default: the repository's outputs/, or $SSLAB_OUTPUTS)")
+    p.add_argument("--deterministic", action="store_true", help="bit-for-bit repeatable runs (CPU)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .train import CHECKPOINT_EVERY_S
+    p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
+    p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default per method: rotation SGD 0.05, VAEs Adam 1e-3)")
+    p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the training loss through torch.compile (no measurement has shown it faster here)")
+    p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
+                   help="write the resume checkpoint at the end of an epoch once this many seconds have passed "
+                        "since the last one (0: after every epoch); the last epoch's is always written")
+    p.add_argument("--data-budget", type=float, default=None, metavar="GB",
+                   help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
+                        "a larger pool streams from pinned host memory in chunks, with the same result")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from .evaluate import HEADS
+    from .models import LAYERS
+    p.add_argument("--layer", default="conv4", help=f"feature layer: {', '.join(LAYERS)}")
+    p.add_argument("--head", default="mlp", help=f"classifier of the probe on frozen features: {', '.join(HEADS)}")
+    p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .distributed import HELP as distributed_help
+    from .pretext import TASKS
+    parser = Parser(prog="python -m sslab", formatter_class=HelpFormatter,
+                    description="sslab: self-supervised pretraining when labels are scarce.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("pretrain", formatter_class=HelpFormatter, epilog=distributed_help,
+                       help="pretrain one pretext task (reuses a complete run with the same config)",
+                       description="Pretrain a pretext task on the dataset's unlabeled pool. The last line "
+                                   "printed is the run folder.")
+    p.add_argument("--method", default="rotation", help=", ".join(TASKS))
+    p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
+    _pretrain_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
+    p.add_argument("--force", action="store_true", help="train again even if a complete run exists")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: SyncBatchNorm, batch statistics over all processes (CUDA only)")
+    _device_args(p)
+    p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("evaluate", aliases=["probe"], formatter_class=HelpFormatter,
+                       help="evaluate one pretrained run at one label budget (`probe` is another name for it)",
+                       description="Train a classifier on frozen features of a pretrained run with K labeled "
+                                   "images per class and print top-1/top-5 on the test split; optionally also the "
+                                   "scratch baseline and fine-tuning.")
+    p.add_argument("--run", required=True, help="a run folder printed by `python -m sslab pretrain`")
+    p.add_argument("--labels", type=int, required=True, help="labeled images per class (K)")
+    _eval_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the label split and the head")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune backbone + head together")
+    p.add_argument("--scratch", action="store_true", help="also train the same net from scratch on the same labels")
+    _device_args(p)
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = sub.add_parser("curve", formatter_class=HelpFormatter, help="label-budget curves: methods × budgets × seeds",
+                       description="Pretrain what is missing, evaluate every method at every budget and seed "
+                                   "(plus the scratch baseline), print mean ± std top-1/top-5 and write the "
+                                   "table as CSV/JSON (and a figure when matplotlib is installed).")
+    p.add_argument("--methods", default=",".join(TASKS), help="comma-separated pretext tasks")
+    p.add_argument("--dataset", default="fashion-mnist", help="dataset name")
+    p.add_argument("--budgets", default="1,2,4,8,16,32,64", help="labels per class, comma-separated")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
+    _eval_args(p)
+    p.add_argument("--finetune", action="store_true", help="also fine-tune each pretrained net")
+    p.add_argument("--no-scratch", dest="scratch", action="store_false", help="skip the scratch baseline")
+    _pretrain_args(p, prefix="pretrain-")
+    p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining runs")
+    p.add_argument("--name", default=None, help="table name under outputs/tables/ (default: from the settings)")
+    p.add_argument("--shard", default=None, help="I/N: compute only this share of the cells (e.g. 0/4)")
+    p.add_argument("--merge", action="store_true", help="collect the table from cells computed by shards")
+    _device_args(p)
+    p.set_defaults(handler=cmd_curve)
+
+    p = sub.add_parser("datasets", formatter_class=HelpFormatter, help="list datasets and where each was found")
+    p.add_argument("--data-root", default=None, help="folder to look in first")
+    p.add_argument("--ensure", "--download", dest="ensure", default=None, metavar="NAME",
+                   help="make sure dataset NAME is available (download it when the network allows); "
+                        "exits non-zero with instructions otherwise")
+    p.set_defaults(handler=cmd_datasets)
+
+    sub.add_parser("bench", help="speed: the pretraining step against a plain-PyTorch step, or the whole study "
+                                 "(benchmarks/bench.py; `python -m sslab bench --help`)", add_help=False)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_pretrain(args) -> int:
+    from .distributed import is_main_process
+    from .pretrain import PretrainConfig, describe, pretrain
+    config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
+                            batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
+                            seed=args.seed, data_root=args.data_root)
+    run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
+                   deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
+                   compile=args.compile, checkpoint_every=args.checkpoint_every)
+    if is_main_process():  # under torchrun, rank 0 speaks for all
+        print(describe(run))
+        print(run.path)
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import dataset_status, load_dataset
+    if args.ensure:
+        splits = load_dataset(args.ensure, args.data_root)
+        print(f"{splits.name}: {len(splits.train)} train, {len(splits.test)} test, "
+              f"{len(splits.unlabeled)} unlabeled images of {tuple(splits.train.images.shape[1:])} "
+              f"from {splits.source}")
+        return 0
+    for name, where in dataset_status(args.data_root):
+        print(f"{name:14s} {where}")
+    return 0
+
+
+def _print_row(row: dict) -> None:
+    top5 = "-" if row["top5"] is None else f"{100 * row['top5']:.2f} %"
+    print(f"{row['method']:<12} {row['protocol']:<9} {row['head']:<6} {row['layer']} labels={row['budget']} "
+          f"seed={row['seed']}: top-1 {100 * row['top1']:.2f} %  top-5 {top5}  ({row['epochs']} epochs)")
+
+
+def cmd_evaluate(args) -> int:
+    from dataclasses import replace
+
+    from .evaluate import HEADS, EvalConfig, finetune_cell, probe_cell, scratch_cell
+    from .pretrain import load_run
+    check_choice("--head", args.head, HEADS)
+    run = load_run(args.run)
+    if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
+        run.config = replace(run.config, data_root=args.data_root)
+    cfg = EvalConfig(val_per_class=args.val_per_class)
+    common = dict(device=args.device, out=args.out, config=cfg, progress=args.progress,
+                  deterministic=args.deterministic)
+    _print_row(probe_cell(run, args.labels, args.seed, args.layer, args.head, **common))
+    if args.finetune:
+        _print_row(finetune_cell(run, args.labels, args.seed, args.layer, **common))
+    if args.scratch:
+        _print_row(scratch_cell(run.config.dataset, args.labels, args.seed, like=run, layer=args.layer, **common))
+    return 0
+
+
+def parse_shard(text):
+    if text is None:
+        return None
+    allowed = f"--shard={text!r} is not allowed; allowed: I/N with 0 ≤ I < N, e.g. 0/4"
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(allowed) from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(allowed)
+    return index, count
+
+
+def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_class: int) -> None:
+    """Every budget must leave ``val_per_class`` validation images in every class of the
+    dataset's labeled train split — checked before any pretraining, not hours into a sweep."""
+    from .data import load_dataset, max_per_class
+    most = max_per_class(load_dataset(dataset, data_root, image_size).train.labels, val_per_class)
+    if most < 1:  # not even one labeled image per class is left: the validation share is the problem
+        raise ValueError(f"--val-per-class={val_per_class} is not allowed: {dataset}'s smallest class has "
+                         f"{most + val_per_class} labeled images, and at least 1 must be left for the budget; "
+                         f"allowed: --val-per-class ≤ {most + val_per_class - 1}")
+    too_many = [b for b in budgets if b > most]
+    if too_many:
+        raise ValueError(f"--budgets={','.join(map(str, budgets))} is not allowed: {dataset} has too few labeled "
+                         f"images per class for {','.join(map(str, too_many))} with --val-per-class "
+                         f"{val_per_class}; allowed: budgets ≤ {most}")
+
+
+def cmd_curve(args) -> int:
+    from .evaluate import HEADS, EvalConfig, label_curve, merge_curve
+    from .pretext import TASKS
+    from .pretrain import PretrainConfig, find_run, pretrain
+
+    # Everything the sweep will check, checked before any pretraining starts.
+    methods = check_choice_list("--methods", args.methods, tuple(TASKS), "pretext tasks")
+    budgets = list(check_int_list("--budgets", args.budgets, 1, "labeled images per class"))
+    seeds = list(check_int_list("--seeds", args.seeds, 0, "seeds"))
+    check_choice("--head", args.head, HEADS)
+    shard = parse_shard(args.shard)
+    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class).validate()
+    configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
+                              batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
+                              seed=args.pretrain_seed, data_root=args.data_root) for method in methods]
+    check_curve_budgets(args.dataset, args.data_root, args.image_size, budgets, args.val_per_class)
+    started = time.perf_counter()
+    protocols = dict(scratch=args.scratch, finetune=args.finetune)
+    if args.merge:
+        # A merge only collects: a pretraining run that is missing is reported, never trained here.
+        found = [find_run(config, args.device, args.out) for config in configs]
+        absent = [f"pretrain {c.method}: no complete run at {folder}" for c, (run, folder) in zip(configs, found)
+                  if run is None]
+        if absent:
+            return _missing(f"{len(absent)} pretraining run(s) are not there (the same settings as the pretraining "
+                            f"and shard jobs are needed, --width included: the default width differs between CPU "
+                            f"and CUDA):", absent)
+        table, missing = merge_curve([run for run, _ in found], budgets, seeds, args.layer, args.head,
+                                     out=args.out, config=cfg, name=args.name, **protocols)
+        if missing:
+            return _missing(f"{len(missing)} cell(s) are not computed yet:", missing)
+    else:
+        runs = []
+        for config in configs:
+            runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
+                                 deterministic=args.deterministic, data_budget=args.data_budget,
+                                 compile=args.compile, checkpoint_every=args.checkpoint_every))
+            print(f"pretrained {config.method}: {runs[-1].path}", file=sys.stderr)
+        table = label_curve(runs, budgets, seeds, args.layer, args.head, device=args.device, out=args.out,
+                            config=cfg, name=args.name, progress=args.progress, shard=shard,
+                            deterministic=args.deterministic, **protocols)
+        if shard is not None:
+            print(f"shard {shard[0]}/{shard[1]}: its {len(table)} cell(s) are in the store (computed now or found "
+                  f"there); run with --merge when all shards are done")
+            return 0
+    _print_table(table, args.out)
+    print(f"wall time: {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _missing(title: str, lines: list) -> int:
+    print(f"error: {title}", file=sys.stderr)
+    for line in lines:
+        print(f"  {line}", file=sys.stderr)
+    return 3
+
+
+def _print_table(table, out) -> None:
+    from . import store
+    print(table.format())
+    print()
+    print("paired gain over scratch (top-1, percentage points, mean ± std over seeds):")
+    for g in table.paired_gain("top1"):
+        print(f"  {g['method']:<12} {g['protocol']:<9} labels={g['budget']:<3} {100 * g['gain_top1_mean']:+.1f} ± "
+              f"{100 * g['gain_top1_std']:.1f}  (wins {g['wins']}/{g['n']})")
+    print(f"table: {table.path}")
+    try:
+        from .plots import save_label_curves
+        print(f"figure: {save_label_curves(table, store.outputs_root(out) / 'figures' / table.path.stem)}")
+    except ImportError:
+        print("figure: skipped (matplotlib is not installed)")
+
+
+def _bench(argv: list) -> int:
+    """``python -m sslab bench …`` runs the benchmark tool in the repository's benchmarks/ folder."""
+    from .store import repo_root
+    root = repo_root()
+    if root is not None and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from benchmarks.bench import main as bench_main
+    except ImportError:
+        print("error: `bench` needs the repository's benchmarks/ folder (a clone of sslab, installed with "
+              "pip install -e .); run it from there, e.g. python -m benchmarks.bench", file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
+    from . import distributed
+    from .store import CorruptCheckpoint
+    from .train import TrainingDiverged
+    # Under torchrun every process runs this; each message is shown once per node at most.
+    speaks = distributed.reports_errors()
+    if distributed.launched() and args.command != "pretrain":
+        if speaks:
+            print(f"error: under torchrun only `pretrain` runs on several processes; run `{args.command}` as one "
+                  f"process (a sweep spreads over machines with `curve --shard I/N`, then `curve --merge`)",
+                  file=sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    # Errors a person can act on (bad parameter, missing or unwritable folder, damaged file,
+    # diverged loss): their message says what to do, a traceback would only hide it.
+    except (ValueError, OSError, CorruptCheckpoint, TrainingDiverged) as exc:
+        if speaks:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if speaks:
+            print("interrupted; the last complete checkpoint is kept and the same command resumes from it",
+                  file=sys.stderr)
+        return 130
+    finally:
+        distributed.shutdown()

@@ -1,0 +1,29 @@
+"""Measuring what pretraining buys: each evaluation protocol in a file of its own, on shared
+pieces (metrics, frozen features, heads, the cells of the run store), and label-budget curves.
+
+Every evaluation cell (method × protocol × budget × seed) is a run in the store
+(``outputs/runs/eval-…``: config, metrics, split indices), found again by its config, so a
+sweep run twice only computes what is missing. For one budget and seed every method sees
+the same labeled and validation images (:func:`sslab.data.label_budget_split`).
+
+- :mod:`.probe`: a head (mlp, linear, knn) on frozen features; :mod:`.batched_heads` trains a
+  sweep's heads together.
+- :mod:`.end_to_end`: the scratch baseline and fine-tuning.
+- :mod:`.curve`: label-budget sweeps; :mod:`.table`: their results.
+"""
+from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrained_id
+from .curve import BUDGETS, curve_cells, default_table_name, label_curve, merge_curve
+from .end_to_end import finetune_cell, scratch_cell
+from .features import dataset_splits, extract_features, run_features
+from .heads import HEADS, FeatureHead, ImageClassifier, knn_predict, predict
+from .metrics import classification_metrics, confusion_matrix, topk_accuracy
+from .probe import probe_cell, probe_cells_together
+from .table import ResultTable, series_name, series_order
+
+PROTOCOLS = ("probe", "scratch", "finetune")
+
+__all__ = ["BUDGETS", "EvalConfig", "FeatureHead", "HEADS", "ImageClassifier", "PROTOCOLS", "ResultTable",
+           "budget_split", "check_budgets", "check_seeds", "classification_metrics", "confusion_matrix",
+           "curve_cells", "dataset_splits", "default_table_name", "extract_features", "finetune_cell",
+           "knn_predict", "label_curve", "merge_curve", "predict", "pretrained_id", "probe_cell",
+           "probe_cells_together", "run_features", "scratch_cell", "series_name", "series_order", "topk_accuracy"]

@@ -1,0 +1,92 @@
+"""The classifiers every protocol trains: a head on frozen features, the same head on a
+backbone trained end to end, and the kNN vote that trains nothing."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..augment import default_augment, to_float
+from ..models import ClassifierHead, pooled_features
+from ..train import autocast
+
+HEADS = ("mlp", "linear", "knn")
+
+
+class FeatureHead(nn.Module):
+    """A classifier on frozen, standardised features: ``mlp`` (the study's three fully connected
+    layers) or ``linear``. ``forward(features N×D)`` → logits N×classes; ``loss(features,
+    labels N)`` → cross-entropy and accuracy."""
+
+    def __init__(self, in_dim: int, classes: int, kind: str = "mlp", hidden: int = 200,
+                 mean: Optional[torch.Tensor] = None, std: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.register_buffer("mean", mean if mean is not None else torch.zeros(in_dim))
+        self.register_buffer("std", std if std is not None else torch.ones(in_dim))
+        self.classifier = ClassifierHead(in_dim, classes, hidden) if kind == "mlp" else nn.Linear(in_dim, classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier((features.float() - self.mean) / self.std)
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self(features)
+        return {"loss": F.cross_entropy(logits.float(), labels),
+                "acc": (logits.argmax(1) == labels).float().mean().detach()}
+
+
+class ImageClassifier(nn.Module):
+    """Backbone + pooled ``layer`` features + :class:`FeatureHead`, trained end to end on
+    augmented images (the scratch baseline, fine-tuning). ``forward(images uint8 N×C×H×W)`` →
+    logits; ``loss(images, labels)`` → cross-entropy and accuracy on augmented views."""
+
+    def __init__(self, backbone: nn.Module, head: FeatureHead, layer: str, grid: int, augment=None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.layer = layer
+        self.grid = grid
+        self.augment = augment or default_augment(backbone.config.image_size)
+        self.channels_last = False
+
+    def forward(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        x = to_float(images)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if train:
+            x = self.augment.apply(x)
+        return self.head(pooled_features(self.backbone, x, self.layer, self.grid))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
+        logits = self(images, train=True)
+        return {"loss": F.cross_entropy(logits.float(), labels),
+                "acc": (logits.argmax(1) == labels).float().mean().detach()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """``model``'s logits (float32) for ``inputs``, in eval mode, batch by batch."""
+    model.eval()
+    outs = []
+    for chunk in inputs.split(batch_size):
+        with autocast(inputs.device):
+            outs.append(model(chunk).float())
+    return torch.cat(outs)
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int,
+                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Class scores (N×classes) from a cosine-similarity kNN with exp(sim / T) weighted votes
+    (Wu et al. 2018). No training."""
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    for chunk in query.split(2048):
+        sims = F.normalize(chunk.float(), dim=1) @ bank.T
+        top_sim, top_idx = sims.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], classes, device=chunk.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores)

@@ -1,0 +1,262 @@
+"""``python -m sslab.lab`` (``make lab``): run the notebooks in order with papermill, print the
+headline table, and publish executed copies as the committed notebooks."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .. import store
+from .params import CHECKS
+from .tables import curve_sentence, gain_frame, pivot_frame
+
+NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune")
+# Table names under outputs/tables/ written by the notebooks (the last run of each wins).
+TABLES = {"02_probe": "nb02_probe", "04_label_curves": "nb04_label_curves", "05_finetune": "nb05_finetune"}
+
+
+def notebooks_dir() -> Path:
+    root = store.repo_root()
+    if root is None or not (root / "notebooks").is_dir():
+        raise FileNotFoundError("the notebooks/ folder was not found next to the sslab package; run from a "
+                                "clone of the repository (pip install -e .)")
+    return root / "notebooks"
+
+
+def load_params(path: Optional[str]) -> dict:
+    """A papermill parameter file (YAML mapping) → dict; None → {}."""
+    if not path:
+        return {}
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--params={str(path)!r} does not exist; allowed: a YAML file such as params/full.yml")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--params={str(path)!r} must hold a mapping of parameter: value")
+    return data
+
+
+def notebook_parameters(path: Path) -> set:
+    """The parameter names a notebook declares in its ``parameters`` cell."""
+    import papermill
+    return set(papermill.inspect_notebook(str(path)))
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)  # at once, also when make's output goes to a pipe or a log file
+
+
+def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Optional[Path] = None,
+                  announce=_say) -> list:
+    """Execute the notebooks in order with papermill (each gets only the parameters it
+    declares); returns ``[(name, output path, seconds)]``. Stops at the first failure with the
+    notebook, cell and error."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    source = notebooks_dir()
+    # A name no notebook declares (a typo such as 'lables') would be dropped without a word.
+    known = set().union(*(notebook_parameters(source / f"{n}.ipynb") for n in NOTEBOOKS))
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"parameter {unknown[0]}={params[unknown[0]]!r} is not declared by any notebook; allowed: "
+                         f"{', '.join(sorted(known))}")
+    # Each notebook's check cell would refuse a bad value too, but only once the notebooks before
+    # it had run (minutes of pretraining for `-p labels abc`): check every value first.
+    for name, value in params.items():
+        if name in CHECKS:
+            CHECKS[name](value)
+    output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name in names:
+        src = source / f"{name}.ipynb"
+        dst = output_dir / f"{name}.ipynb"
+        declared = notebook_parameters(src)
+        mine = {k: v for k, v in params.items() if k in declared}
+        announce(f"[{len(done) + 1}/{len(names)}] {name} " + (" ".join(f"{k}={v}" for k, v in mine.items()) or
+                                                                "(defaults)"))
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source), kernel_name="python3",
+                                       progress_bar=False, log_output=False,
+                                       on_cell_start=_cell_announcer(announce, started))
+        except PapermillExecutionError as exc:
+            raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
+                               f"the executed copy with the error is {dst}") from None
+        seconds = time.perf_counter() - started
+        announce(f"      done in {seconds:.0f} s → {dst}")
+        done.append((name, dst, seconds))
+    return done
+
+
+def _cell_announcer(announce, started: float):
+    """A line as each code cell starts (nbclient's ``on_cell_start`` hook): its number, the time
+    since the notebook started and its first line, so a long cell shows where the time goes."""
+    def on_cell_start(cell, cell_index):
+        if cell.cell_type != "code" or not cell.source.strip():
+            return
+        first = cell.source.strip().splitlines()[0]
+        first = first if len(first) <= 90 else first[:87] + "..."
+        announce(f"      {time.perf_counter() - started:5.0f} s  cell {cell_index + 1}: {first}")
+    return on_cell_start
+
+
+OUTPUTS_NOTE = "**Outputs shown below**:"
+# Cell metadata papermill and the kernel add on every run (times, status): volatile, not committed.
+VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime", "collapsed", "scrolled")
+
+
+def machine_description() -> str:
+    """What ran the notebooks, in words, for the committed notebooks' first cell."""
+    import os
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__.split('+')[0]}"
+    return (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+            f"torch {torch.__version__.split('+')[0]}")
+
+
+def published_notebook(executed: Path, machine: str, total_seconds: Optional[float] = None):
+    """An executed notebook made fit to commit: papermill's injected-parameters cell and the
+    volatile metadata (times, status) removed, outputs and execution counts kept, and the
+    first cell's "Outputs shown below" paragraph rewritten from the run itself — parameters
+    papermill set, date, machine, and how long the notebook took."""
+    import nbformat
+    nb = nbformat.read(str(executed), as_version=4)
+    run = nb.metadata.get("papermill")
+    if run is None:
+        raise ValueError(f"{executed} was not executed by papermill; allowed: an executed copy from make lab")
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    if errors or run.get("exception"):
+        raise ValueError(f"{executed} holds an error output ({errors[0].ename if errors else 'exception'}); "
+                         f"only complete runs are published")
+    injected = run.get("parameters") or {}
+    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_KEYS:
+            cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+    nb.metadata = nbformat.from_dict({k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")})
+    given = ", ".join(f"`{k}` = {v!r}" for k, v in injected.items())
+    if given:
+        given = f" except {given}"
+        if injected.get("interactive") is False:
+            given += " (a batch run: static figures, no widgets)"
+    day = str(run.get("end_time") or "")[:10]
+    took = f"This notebook took {run['duration']:.0f} s" if run.get("duration") is not None else ""
+    if took and total_seconds is not None:
+        took += f" (all five: {total_seconds:.0f} s)"
+    note = (f"{OUTPUTS_NOTE} a real run of the whole pipeline with `make lab` (`python -m sslab.lab`) at this "
+            f"notebook's defaults{given}, on {machine}, on {day}. {took + '. ' if took else ''}"
+            f"The parameters are the table under the parameters cell.")
+    first = nb.cells[0]
+    paragraphs = first.source.split("\n\n")
+    kept = [p for p in paragraphs if not p.startswith(OUTPUTS_NOTE)]
+    first.source = "\n\n".join([*kept, note])
+    return nb
+
+
+def publish(executed_dir: Path, names: Sequence[str] = NOTEBOOKS, machine: Optional[str] = None,
+            announce=print, dest: Optional[Path] = None) -> list:
+    """Copy the executed notebooks in ``executed_dir`` over ``notebooks/`` (or ``dest``), made fit
+    to commit by :func:`published_notebook`. All of them are checked before any is written."""
+    import nbformat
+    executed = [Path(executed_dir) / f"{name}.ipynb" for name in names]
+    missing = [str(p) for p in executed if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no executed notebook at {', '.join(missing)}; run make lab first")
+    durations = [nbformat.read(str(p), as_version=4).metadata.get("papermill", {}).get("duration") for p in executed]
+    total = sum(durations) if all(d is not None for d in durations) and len(names) == len(NOTEBOOKS) else None
+    machine = machine or machine_description()
+    published = [published_notebook(p, machine, total) for p in executed]
+    written = []
+    for name, nb in zip(names, published):
+        target = Path(dest or notebooks_dir()) / f"{name}.ipynb"
+        store.write_text(target, nbformat.writes(nb) + "\n")
+        if announce:
+            announce(f"published {target}")
+        written.append(target)
+    return written
+
+
+def headline(out: Optional[str] = None) -> str:
+    """The label-curve table written by notebook 04 (top-1 mean ± std, paired gains), as text."""
+    from ..evaluate import ResultTable
+    path = store.outputs_root(out) / "tables" / f"{TABLES['04_label_curves']}.json"
+    if not path.is_file():
+        return f"(no label-curve table at {path}: notebook 04 did not run)"
+    table = ResultTable.load(path)
+    lines = ["top-1 test accuracy, % (mean ± std over seeds):", pivot_frame(table, "top1").to_string(), "",
+             "paired gain over scratch, top-1 percentage points (seeds won):", gain_frame(table, "top1").to_string(),
+             "", curve_sentence(table), f"table: {path.with_suffix('.csv')}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from ..cli import HelpFormatter, Parser
+    parser = Parser(prog="python -m sslab.lab", formatter_class=HelpFormatter,
+                    description="Run the notebooks in order with papermill (make lab), write executed copies to "
+                                "outputs/notebooks/ and figures to outputs/figures/, then print the headline table.")
+    parser.add_argument("--params", default=None,
+                        help="papermill parameter file (e.g. params/smoke.yml, params/full.yml); default: the "
+                             "notebooks' own defaults")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="one more parameter (YAML value), e.g. -p labels 5; wins over --params")
+    parser.add_argument("--notebooks", default=",".join(n[:2] for n in NOTEBOOKS),
+                        help="which notebooks to run, by number, e.g. 01,04")
+    parser.add_argument("--interactive", action="store_true",
+                        help="keep the ipywidgets in the executed copies (batch runs are static by default)")
+    parser.add_argument("--output-dir", default=None, help="where executed notebooks go (default: outputs/notebooks)")
+    parser.add_argument("--publish", action="store_true",
+                        help="after the run, copy the executed notebooks over notebooks/ (outputs kept, volatile "
+                             "metadata removed, first cell says which run produced them): how the committed "
+                             "notebooks are made")
+    parser.add_argument("--publish-from", default=None, metavar="DIR",
+                        help="only publish the executed notebooks already in DIR (e.g. a fresh clone's "
+                             "outputs/notebooks), without running anything")
+    parser.add_argument("--machine", default=None,
+                        help="what ran the notebooks, for the published first cell (default: this machine)")
+    args = parser.parse_args(argv)
+    if args.publish_from:
+        try:
+            publish(Path(args.publish_from), machine=args.machine)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        import yaml
+        params = load_params(args.params)
+        for name, value in args.parameter:
+            params[name] = yaml.safe_load(value)
+        if not args.interactive:
+            params.setdefault("interactive", False)
+        wanted = {n.strip() for n in args.notebooks.split(",") if n.strip()}
+        names = [n for n in NOTEBOOKS if n[:2] in wanted or n in wanted]
+        unknown = wanted - {n[:2] for n in NOTEBOOKS} - set(NOTEBOOKS)
+        if unknown or not names:
+            raise ValueError(f"--notebooks={args.notebooks!r} is not allowed; allowed: numbers from "
+                             f"{', '.join(n[:2] for n in NOTEBOOKS)}")
+        started = time.perf_counter()
+        done = run_notebooks(params, names, args.output_dir)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    total = time.perf_counter() - started
+    print()
+    if "04_label_curves" in names:
+        print(headline())
+        print()
+    print(f"wall time: {total:.0f} s (" + ", ".join(f"{n} {s:.0f} s" for n, _, s in done) + ")")
+    print(f"executed notebooks: {done[0][1].parent}")
+    print(f"figures (PNG + PDF): {store.outputs_root() / 'figures'}")
+    print(f"tables (CSV + JSON): {store.outputs_root() / 'tables'}")
+    print(f"runs: {store.outputs_root() / 'runs'}")
+    if args.publish:
+        publish(done[0][1].parent, [n for n, _, _ in done], machine=args.machine)
+    return 0
+

@@ -1,0 +1,144 @@
+"""A notebook's parameters: checked once, in the cell after the parameters cell, and what
+follows from them (the one pretraining config per method that every notebook shares)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from ..checks import check_bool, check_choice, check_choice_list, check_int, check_int_list, fail
+from ..data import check_dataset_name, load_dataset
+from ..embed import SCORES as SCORE_FUNCTIONS
+from ..evaluate import HEADS, EvalConfig
+from ..models import LAYERS
+from ..pretext import TASKS, check_method
+from ..pretrain import PretrainConfig
+from ..train import make_deterministic, resolve_device
+
+SCORES = tuple(SCORE_FUNCTIONS)
+
+
+def _name(parameter: str) -> str:
+    return f"parameter {parameter}"
+
+
+def _check_limit(value) -> Optional[int]:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
+        return None
+    return check_int(_name("limit"), value, 2, " (unlabeled images used for pretraining), or None for all")
+
+
+def _check_dataset(value) -> str:
+    try:
+        return check_dataset_name(value)
+    except ValueError:
+        fail(_name("dataset"), value, "fashion-mnist, cifar10, stl10 or folder:PATH")
+
+
+def _check_device(value) -> torch.device:
+    if not isinstance(value, str):
+        fail(_name("device"), value, "auto, cpu, cuda or cuda:N")
+    try:
+        return resolve_device(value)
+    except ValueError as exc:
+        raise ValueError(f"parameter device={value!r} is not allowed: {exc}") from None
+
+
+def _check_out(value) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        fail(_name("out"), value, "None (the repository's outputs/, or $SSLAB_OUTPUTS) or a folder path")
+    return value or None
+
+
+def _choice(parameter: str, choices):
+    return lambda value: check_choice(_name(parameter), value, choices)
+
+
+# name → checker; the notebooks' parameter cells use these names and nothing else.
+CHECKS = {
+    "dataset": _check_dataset,
+    "methods": lambda v: check_choice_list(_name("methods"), v, tuple(TASKS), "pretext tasks"),
+    "epochs": lambda v: check_int(_name("epochs"), v, 1, " (pretraining epochs)"),
+    "limit": _check_limit,
+    "device": _check_device,
+    "interactive": lambda v: check_bool(_name("interactive"), v),
+    "labels": lambda v: check_int(_name("labels"), v, 1, " (labeled images per class)"),
+    "budgets": lambda v: tuple(sorted(check_int_list(_name("budgets"), v, 1, "labeled images per class"))),
+    "seeds": lambda v: tuple(sorted(check_int_list(_name("seeds"), v, 0, "seeds"))),
+    "layer": _choice("layer", LAYERS),
+    "head": _choice("head", HEADS),
+    "points": lambda v: check_int(_name("points"), v, 20, " (test images in each UMAP)"),
+    "vae_latent": lambda v: check_bool(_name("vae_latent"), v),
+    "score": _choice("score", SCORES),
+    "examples": lambda v: check_int(_name("examples"), v, 1, " (images per gallery)"),
+    "out": _check_out,
+    "deterministic": lambda v: check_bool(_name("deterministic"), v),
+}
+
+
+@dataclass
+class LabSettings:
+    """A notebook's checked parameters and what follows from them."""
+
+    dataset: str = "fashion-mnist"
+    methods: tuple = tuple(TASKS)
+    epochs: int = 3
+    limit: Optional[int] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    interactive: bool = True
+    labels: Optional[int] = None
+    budgets: tuple = ()
+    seeds: tuple = (0,)
+    layer: str = "conv4"
+    head: str = "mlp"
+    points: int = 2000
+    vae_latent: bool = True
+    score: str = "knn"
+    examples: int = 8
+    out: Optional[str] = None
+    deterministic: bool = False
+    given: tuple = ()  # the parameter names the notebook set (what frame() shows)
+
+    def pretrain_config(self, method: str) -> PretrainConfig:
+        """The one pretraining config of ``method`` that every notebook (and
+        ``python -m sslab curve --pretrain-epochs E --limit L``) derives from the same parameters."""
+        return PretrainConfig(method=check_method(method), dataset=self.dataset, epochs=self.epochs, limit=self.limit)
+
+    def eval_config(self) -> EvalConfig:
+        return EvalConfig(layer=self.layer, head=self.head)
+
+    @property
+    def splits(self):
+        return load_dataset(self.dataset)
+
+    def frame(self):
+        """The notebook's parameters as checked, and the pretraining config they give (what
+        produced this notebook's outputs), as a one-column table."""
+        import pandas as pd
+        names = self.given or [f for f in asdict(self) if f != "given"]
+        values = {}
+        for name in names:
+            value = getattr(self, name)
+            values[name] = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        values["device"] = str(self.device)
+        config = self.pretrain_config(self.methods[0]).resolved(self.device)
+        values["pretraining images × epochs"] = f"{config.limit or 'all'} × {config.epochs}"
+        values["backbone width"] = f"{config.width:g}"
+        return pd.DataFrame({"value": values})
+
+
+def check_notebook_params(**params) -> LabSettings:
+    """Check a notebook's parameters (as papermill or a person set them) and return the
+    :class:`LabSettings`. A bad value raises ``ValueError`` naming the parameter, the value and
+    what is allowed — e.g. ``-p labels abc`` or an unknown method."""
+    unknown = sorted(set(params) - set(CHECKS))
+    if unknown:
+        raise TypeError(f"unknown notebook parameter(s): {', '.join(unknown)}; known: {', '.join(CHECKS)}")
+    checked = {name: CHECKS[name](value) for name, value in params.items()}
+    settings = LabSettings(**checked, given=tuple(params))
+    if "device" not in params:
+        settings.device = resolve_device("auto")
+    if settings.deterministic:
+        make_deterministic()  # process-wide: feature extraction and the UMAP inputs repeat too
+    return settings

@@ -1,0 +1,148 @@
+"""What notebook 01 shows and what every notebook starts with: the dataset, the pretrained
+runs (trained now or found in the store), and what each pretext task learned."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+
+from .. import store
+from ..pretrain import Run, describe, pretrain
+from .params import LabSettings
+
+
+def dataset_summary(settings: LabSettings) -> str:
+    """One line per split: what the dataset is (the same whatever the other parameters)."""
+    s = settings.splits
+    kind = "grey" if s.train.channels == 1 else "colour"
+    counts = torch.bincount(s.train.labels[s.train.labels >= 0]).tolist()
+    return (f"{s.name}: {len(s.train)} labeled train images ({min(counts)}–{max(counts)} per class), "
+            f"{len(s.test)} test images, {len(s.unlabeled)} unlabeled for pretraining; "
+            f"{s.train.num_classes} classes, {s.train.image_size}×{s.train.image_size} px, {kind}\n"
+            f"classes: {', '.join(s.train.classes)}")
+
+
+def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print) -> dict:
+    """Pretrain every method in ``settings.methods`` unless the run store already holds the same
+    config (then it is reused); returns ``{method: Run}`` and says which happened."""
+    runs = {}
+    for method in settings.methods:
+        config = settings.pretrain_config(method)
+        resolved = config.resolved(settings.device)
+        folder = store.run_dir("pretrain", method, config.dataset, asdict(resolved), settings.out)
+        reused = store.is_complete(folder)
+        started = time.perf_counter()
+        run = pretrain(config, device=settings.device, out=settings.out, progress=progress,
+                       deterministic=settings.deterministic)
+        if announce:
+            how = "reused" if reused else f"trained now in {time.perf_counter() - started:.0f} s"
+            announce(f"{how}: {run.path.name} — {describe(run)}")
+        runs[method] = run
+    return runs
+
+
+def _class_examples(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` test-image indices, one per class first (class order), seeded."""
+    from ..embed import stratified_sample
+    return torch.from_numpy(stratified_sample(labels, n, seed, sort=False, name="examples"))
+
+
+@torch.no_grad()
+def rotation_predictions(run: Run, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
+    """Test images (one per class first) shown at 0/90/180/270° with the rotation the
+    pretrained net predicts: ``images`` N×4×C×H×W (float, [0, 1]), ``predicted`` N×4 (0-3),
+    ``confidence`` N×4 (softmax probability of the prediction)."""
+    from ..augment import rotate4, to_float
+    if run.method != "rotation":
+        raise ValueError(f"run={run.path.name!r} is a {run.method} run; rotation examples need a rotation run")
+    n = n or settings.examples
+    test = settings.splits.test
+    index = _class_examples(test.labels, n, seed)
+    task = run.load_task(settings.device)
+    x = to_float(test.images[index].to(settings.device))
+    rotated, _ = rotate4(x)
+    probs = torch.softmax(task.logits(rotated).float(), dim=1).cpu()
+    predicted = probs.argmax(1)
+    confidence = probs.max(1).values
+    k = len(index)
+    images = rotated.cpu().reshape(4, k, *x.shape[1:]).transpose(0, 1)
+    return {"images": images.numpy(), "predicted": predicted.reshape(4, k).T.numpy(),
+            "confidence": confidence.reshape(4, k).T.numpy()}
+
+
+@torch.no_grad()
+def vae_gallery(runs: dict, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
+    """For every VAE-type run: reconstructions of the same test images (decoded latent means)
+    and images decoded from ``n`` draws of the prior N(0, I) (seeded)."""
+    from ..augment import to_float
+    n = n or settings.examples
+    test = settings.splits.test
+    index = _class_examples(test.labels, n, seed)
+    x = to_float(test.images[index].to(settings.device))
+    gallery = {"inputs": x.cpu().numpy(), "reconstructions": {}, "samples": {}}
+    generator = torch.Generator().manual_seed(seed)
+    for method, run in runs.items():
+        task = run.load_task(settings.device)
+        if not hasattr(task, "decode"):
+            continue
+        mu, _ = task.encode(x)
+        gallery["reconstructions"][method] = task.decode(mu).float().cpu().numpy()
+        z = torch.randn(n, task.latent, generator=generator).to(settings.device)
+        gallery["samples"][method] = task.decode(z).float().cpu().numpy()
+    if not gallery["reconstructions"]:
+        raise ValueError(f"methods={list(runs)!r} has no VAE; reconstructions need vae or siamese-vae")
+    return gallery
+
+
+def pretext_sentence(runs: dict) -> str:
+    """One sentence on what each pretext task reached on held-out test images."""
+    parts = []
+    for method, run in runs.items():
+        s = run.summary
+        if "test_rot_acc" in s:
+            parts.append(f"{method} predicts {100 * s['test_rot_acc']:.1f}% of test rotations (chance 25%)")
+        elif "test_recon" in s:
+            text = f"{method} reconstructs test images with {s['test_recon']:.1f} summed squared error per image"
+            if "test_triplet" in s:
+                text += f" (triplet loss {s['test_triplet']:.3f}, margin 0.5)"
+            parts.append(text)
+    epochs = {run.summary.get("epochs_run") for run in runs.values()}
+    images = {run.summary.get("images") for run in runs.values()}
+    return (f"After {'/'.join(map(str, sorted(epochs)))} epoch(s) on {'/'.join(map(str, sorted(images)))} unlabeled "
+            f"images: " + "; ".join(parts) + ".")
+
+
+@torch.no_grad()
+def rotation_accuracy_by_class(run: Run, settings: LabSettings, n: int = 2000) -> dict:
+    """Class name → fraction of the 4 rotations predicted right, on ``n`` test images (stratified)."""
+    from ..augment import rotate4, to_float
+    from ..embed import stratified_sample
+    test = settings.splits.test
+    index = torch.from_numpy(stratified_sample(test.labels, n, seed=0))
+    task = run.load_task(settings.device)
+    right = torch.zeros(test.num_classes)
+    total = torch.zeros(test.num_classes)
+    for chunk in index.split(500):
+        rotated, target = rotate4(to_float(test.images[chunk].to(settings.device)))
+        ok = (task.logits(rotated).argmax(1) == target).float().cpu()
+        classes = test.labels[chunk].repeat(4)
+        right.index_add_(0, classes, ok)
+        total.index_add_(0, classes, torch.ones_like(ok))
+    return {name: float(right[i] / total[i]) for i, name in enumerate(test.classes) if total[i] > 0}
+
+
+def rotation_sentence(run: Run, settings: LabSettings) -> str:
+    accuracy = rotation_accuracy_by_class(run, settings)
+    ranked = sorted(accuracy.items(), key=lambda kv: kv[1])
+    (hard, hard_acc), (easy, easy_acc) = ranked[0], ranked[-1]
+    return (f"On 2000 test images, rotation is hardest to predict for {hard} ({100 * hard_acc:.0f}% right) and "
+            f"easiest for {easy} ({100 * easy_acc:.0f}%).")
+
+
+def vae_sentence(runs: dict) -> str:
+    parts = [f"{m} {r.summary['test_recon']:.1f}" for m, r in runs.items() if "test_recon" in r.summary]
+    return ("Test reconstruction error (summed squared error per image, lower is closer to the input): "
+            + ", ".join(parts) + ".")
+
