@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, default=None, help="AlexNet width (default: 1.0 CUDA, 0.25 CPU/quick)")
     p.add_argument("--compile", action="store_true", help="torch.compile the sslab loss and the reference loss")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and synthetic images")
+    p.add_argument("--precision", default="auto",
+                   help="of the sslab and reference steps: bf16, fp32 or auto (bf16 on CUDA and on CPUs with native "
+                        "bf16); sslab's step in fp32 is always measured too (the fp32 img/s and gain columns)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's own choice). On a busy shared machine 1 thread "
                         "gives steadier numbers: threads that wait on each other while descheduled slow every op")
@@ -131,8 +134,8 @@ def cmd_bench(args) -> int:
         values["methods"] = check_choice_list("--methods", args.methods, tuple(TASKS), "pretext tasks")
     if args.sizes is not None:
         values["sizes"] = check_int_list("--sizes", args.sizes, 16, "image sizes in px")
-    config = replace(base, batch_size=args.batch_size,
-                     width=args.width, compile=args.compile, seed=args.seed, **values).validate()
+    config = replace(base, batch_size=args.batch_size, width=args.width, compile=args.compile, seed=args.seed,
+                     precision=args.precision, **values).validate()
     _busy_note(device, info)
     print(f"bench on {_describe(info)}: {len(config.methods) * len(config.sizes)} configurations, "
           f"{config.warmup} warm-up + {config.steps} timed steps each", file=sys.stderr, flush=True)
@@ -146,7 +149,8 @@ def cmd_bench(args) -> int:
     print(f"# {_describe(info)}; width {config.width_for(device)}; {config.steps} timed steps per variant "
           f"(median); compile {'on' if config.compile else 'off'}")
     print("# img/s counts images as pretrain does: ×4 rotated copies for rotation; siamese-vae counts each source "
-          "image once though its encoder also sees the positive view; ratio = sslab / reference")
+          "image once though its encoder also sees the positive view; ratio = sslab / reference (same precision); "
+          "gain = sslab / sslab's own step in fp32")
     if config.compile:
         print("# warm-up incl. compilation: " + ", ".join(f"{r.method} {r.size} px {r.warmup_s:.0f} s" for r in rows))
     print(format_rows(rows))

@@ -13,6 +13,7 @@ load hits both, and the median step gives images/s. Model FLOPs come from
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from sslab.augment import rotate4
+from sslab.checks import check_choice
 from sslab.models import BackboneConfig
+from sslab.precision import PRECISIONS, autocast, memory_format, resolve_precision
 from sslab.pretext import TASKS, build_task, check_method, kl_to_standard_normal, reconstruction_error, triplet_loss
 from sslab.pretrain import DEFAULT_WIDTH, METHOD_DEFAULTS, PretrainConfig
 from sslab.train import lr_factor, make_optimizer, prepare_model, resolve_device, train_step
@@ -54,6 +57,7 @@ class BenchConfig:
     compile: bool = False
     quick: bool = False
     seed: int = 0
+    precision: str = "auto"  # of the sslab and reference steps; the fp32 step is always measured too
 
     def validate(self) -> "BenchConfig":
         if not self.methods:
@@ -77,6 +81,7 @@ class BenchConfig:
                              f"(BatchNorm needs more than one image)")
         if self.width is not None and not (isinstance(self.width, (int, float)) and 0 < self.width <= 4):
             raise ValueError(f"width={self.width!r} is not allowed; allowed: a number in (0, 4]")
+        check_choice("precision", self.precision, PRECISIONS)
         return self
 
     def batch_for(self, method: str) -> int:
@@ -115,7 +120,8 @@ class StepTimes:
 
 @dataclass
 class BenchRow:
-    """One task × resolution: sslab's step against the reference step."""
+    """One task × resolution: sslab's step against the reference step in the same precision, and
+    sslab's step in fp32 (the gain the precision gives)."""
 
     method: str
     size: int
@@ -124,11 +130,15 @@ class BenchRow:
     views: int
     width: float
     compiled: bool
+    precision: str
     sslab_img_s: float
     reference_img_s: float
     ratio: float
+    fp32_img_s: float
+    gain: float  # sslab img/s over sslab's own step in fp32
     sslab_ms: float
     reference_ms: float
+    fp32_ms: float
     gflop_per_image: float
     sslab_tflops: float
     reference_tflops: float
@@ -138,6 +148,7 @@ class BenchRow:
     steps: int
     sslab_step_ms: list = field(default_factory=list)
     reference_step_ms: list = field(default_factory=list)
+    fp32_step_ms: list = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- the reference step
@@ -219,24 +230,27 @@ def max_rss_mib() -> Optional[float]:
 # ---------------------------------------------------------------- one configuration
 
 def bench_one(method: str, size: int, device: torch.device, config: BenchConfig) -> BenchRow:
-    """Time sslab's pretraining step and the reference step for one task at one resolution."""
+    """Time sslab's pretraining step and the reference step (both in the run's precision), and
+    sslab's step in fp32, for one task at one resolution."""
     channels = 1 if size in GREY_SIZES else 3
     batch = config.batch_for(method)
     width = config.width_for(device)
     views = VIEWS.get(method, 1)
-    on_cuda = device.type == "cuda"
+    precision = resolve_precision(config.precision, device)
     if config.compile:
         torch._dynamo.reset()  # a fresh compile cache per model, so no recompile limit is hit
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
 
-    task = build_task(method, BackboneConfig(channels, size, width)).to(device)
-    prepare_model(task, device)  # what fit does first: channels_last on CUDA
-    task.train()
+    task = build_task(method, BackboneConfig(channels, size, width)).to(device).train()
+    fp32_task = copy.deepcopy(task)  # its own weights in the contiguous layout fp32 wants
+    prepare_model(task, precision)  # what fit does first: channels_last for bf16
     train_cfg = PretrainConfig(method=method, epochs=1, batch_size=batch, width=width).resolved(device).train_config()
-    optimizer = make_optimizer([{"params": [p for p in task.parameters() if p.requires_grad], "lr_scale": 1.0}],
-                               train_cfg)
-    reference_optimizer = make_optimizer([{"params": [p for p in task.parameters() if p.requires_grad]}], train_cfg)
+
+    def optimizer_of(model):
+        return make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}],
+                              train_cfg)
+    optimizer, reference_optimizer, fp32_optimizer = optimizer_of(task), optimizer_of(task), optimizer_of(fp32_task)
 
     # A pool of four batches; sslab slices a fresh permutation of it into batches, as fit does per epoch.
     pool = torch.randint(0, 256, (4 * batch, channels, size, size), dtype=torch.uint8, generator=generator)
@@ -247,18 +261,19 @@ def bench_one(method: str, size: int, device: torch.device, config: BenchConfig)
         indices += list(torch.tensor_split(torch.randperm(len(pool), generator=generator).to(device), 4))
     sums: dict = {}
 
-    def sslab_step(i: int):
-        lr = train_cfg.lr * lr_factor(train_cfg, i / total, 0.0)
-        return train_step(task, (pool,), indices[i], optimizer, lr, on_cuda, sums)
+    def lab_step(model, opt, step_precision):
+        def step(i: int):
+            lr = train_cfg.lr * lr_factor(train_cfg, i / total, 0.0)
+            return train_step(model, (pool,), indices[i], opt, lr, sums, step_precision)
+        return step
+    sslab_step, fp32_step = lab_step(task, optimizer, precision), lab_step(fp32_task, fp32_optimizer, "fp32")
 
-    x = pool[:batch].float().div(255.0)
-    if on_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = pool[:batch].float().div(255.0).contiguous(memory_format=memory_format(precision))
     rotation_labels = torch.arange(4, device=device).repeat_interleave(batch) if method == "rotation" else None
     loss_fn = reference_loss
 
     def reference_run():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        with autocast(device, precision):
             return loss_fn(task, method, x, rotation_labels)
 
     def reference_step(i: int):
@@ -279,38 +294,36 @@ def bench_one(method: str, size: int, device: torch.device, config: BenchConfig)
     # Warm-up (the first step compiles under --compile), each variant with its own peak memory.
     synchronize(device)
     t0 = time.perf_counter()
-    _reset_peak(device)
-    time_steps(sslab_step, max(1, config.warmup), device)
-    sslab_peak = _peak_mib(device)
-    _reset_peak(device)
-    time_steps(reference_step, max(1, config.warmup), device)
-    reference_peak = _peak_mib(device)
+    peaks = []
+    for step in (sslab_step, reference_step, fp32_step):
+        _reset_peak(device)
+        time_steps(step, max(1, config.warmup), device)
+        peaks.append(_peak_mib(device))
     synchronize(device)
     warmup_s = time.perf_counter() - t0
 
     images = batch * views
-    sslab_seconds, reference_seconds = [], []
+    seconds = {"sslab": [], "reference": [], "fp32": []}
     # On CPU every op is synchronous, so alternating every step costs nothing and spreads load changes
     # evenly; on CUDA a round ends in a synchronisation, so rounds stay long enough to keep the queue full.
     rounds = config.rounds or (config.steps if device.type == "cpu" else min(6, config.steps))
-    per_round = [len(r) for r in _split(config.steps, rounds)]
     done = config.warmup
-    for count in per_round:
-        sslab_seconds += time_steps(sslab_step, count, device, offset=done)
-        reference_seconds += time_steps(reference_step, count, device, offset=done)
+    for count in [len(r) for r in _split(config.steps, rounds)]:
+        for name, step in (("sslab", sslab_step), ("reference", reference_step), ("fp32", fp32_step)):
+            seconds[name] += time_steps(step, count, device, offset=done)
         done += count
     if config.compile:
         del task.loss
-    ours, theirs = StepTimes(sslab_seconds, images), StepTimes(reference_seconds, images)
+    ours, theirs, fp32 = (StepTimes(seconds[name], images) for name in ("sslab", "reference", "fp32"))
     return BenchRow(
         method=method, size=size, channels=channels, batch_size=batch, views=views, width=width,
-        compiled=config.compile, sslab_img_s=ours.images_per_s, reference_img_s=theirs.images_per_s,
-        ratio=ours.images_per_s / theirs.images_per_s, sslab_ms=1000 * ours.median,
-        reference_ms=1000 * theirs.median, gflop_per_image=flops_per_step / images / 1e9,
+        compiled=config.compile, precision=precision, sslab_img_s=ours.images_per_s,
+        reference_img_s=theirs.images_per_s, ratio=ours.images_per_s / theirs.images_per_s,
+        fp32_img_s=fp32.images_per_s, gain=ours.images_per_s / fp32.images_per_s, sslab_ms=1000 * ours.median,
+        reference_ms=1000 * theirs.median, fp32_ms=1000 * fp32.median, gflop_per_image=flops_per_step / images / 1e9,
         sslab_tflops=flops_per_step / ours.median / 1e12, reference_tflops=flops_per_step / theirs.median / 1e12,
-        sslab_peak_mib=sslab_peak, reference_peak_mib=reference_peak, warmup_s=warmup_s,
-        steps=len(sslab_seconds), sslab_step_ms=[round(1000 * s, 3) for s in sslab_seconds],
-        reference_step_ms=[round(1000 * s, 3) for s in reference_seconds])
+        sslab_peak_mib=peaks[0], reference_peak_mib=peaks[1], warmup_s=warmup_s, steps=len(seconds["sslab"]),
+        **{f"{name}_step_ms": [round(1000 * t, 3) for t in seconds[name]] for name in seconds})
 
 
 def _split(n: int, parts: int) -> list:
@@ -329,7 +342,8 @@ def run_bench(config: BenchConfig, device="auto", progress: bool = True) -> list
             rows.append(row)
             if progress:
                 print(f"  {method:<12} {size:>3} px  sslab {row.sslab_img_s:>10.0f} img/s  reference "
-                      f"{row.reference_img_s:>10.0f} img/s  ratio {row.ratio:.2f}", file=sys.stderr, flush=True)
+                      f"{row.reference_img_s:>10.0f} img/s  ratio {row.ratio:.2f}  ({row.precision}; sslab in fp32 "
+                      f"{row.fp32_img_s:.0f} img/s, gain {row.gain:.2f}×)", file=sys.stderr, flush=True)
     return rows
 
 
@@ -341,13 +355,14 @@ def _fmt(value, spec: str) -> str:
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
     """The step benchmark as a fixed-width table."""
-    header = (f"{'method':<12} {'px':>3} {'ch':>2} {'batch':>5} {'views':>5} {'sslab img/s':>12} {'ref img/s':>10} "
-              f"{'ratio':>5} {'GFLOP/img':>9} {'sslab TFLOP/s':>13} {'ref TFLOP/s':>11} {'peak MiB sslab/ref':>18}")
+    header = (f"{'method':<12} {'px':>3} {'ch':>2} {'batch':>5} {'views':>5} {'prec':>4} {'sslab img/s':>12} "
+              f"{'ref img/s':>10} {'ratio':>5} {'fp32 img/s':>10} {'gain':>5} {'GFLOP/img':>9} {'sslab TFLOP/s':>13} "
+              f"{'peak MiB sslab/ref':>18}")
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{_fmt(r.sslab_peak_mib, '.0f')}/{_fmt(r.reference_peak_mib, '.0f')}"
-        lines.append(f"{r.method:<12} {r.size:>3} {r.channels:>2} {r.batch_size:>5} {r.views:>5} "
-                     f"{r.sslab_img_s:>12.0f} {r.reference_img_s:>10.0f} {r.ratio:>5.2f} {r.gflop_per_image:>9.4f} "
-                     f"{r.sslab_tflops:>13.3f} {r.reference_tflops:>11.3f} {peak:>18}")
+        lines.append(f"{r.method:<12} {r.size:>3} {r.channels:>2} {r.batch_size:>5} {r.views:>5} {r.precision:>4} "
+                     f"{r.sslab_img_s:>12.0f} {r.reference_img_s:>10.0f} {r.ratio:>5.2f} {r.fp32_img_s:>10.0f} "
+                     f"{r.gain:>5.2f} {r.gflop_per_image:>9.4f} {r.sslab_tflops:>13.3f} {peak:>18}")
     return "\n".join(lines)
 

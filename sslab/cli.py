@@ -34,6 +34,9 @@ class Parser(argparse.ArgumentParser):
 
 def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto",
+                   help="bf16 (bfloat16 autocast + channels_last), fp32, or auto: bf16 on CUDA and on CPUs with "
+                        "native bf16 (AVX-512 BF16 or AMX), fp32 elsewhere. Part of a run's settings")
     p.add_argument("--data-root", default=None, help="folder to look in first for datasets (and to download into)")
     p.add_argument("--out", default=None, help="outputs folder (default: the repository's outputs/, or $SSLAB_OUTPUTS)")
     p.add_argument("--deterministic", action="store_true", help="bit-for-bit repeatable runs (CPU)")
@@ -142,7 +145,7 @@ def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, describe, pretrain
     config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                            seed=args.seed, data_root=args.data_root)
+                            seed=args.seed, data_root=args.data_root, precision=args.precision)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
                    deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
                    compile=args.compile, checkpoint_every=args.checkpoint_every)
@@ -180,7 +183,7 @@ def cmd_evaluate(args) -> int:
     run = load_run(args.run)
     if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
         run.config = replace(run.config, data_root=args.data_root)
-    cfg = EvalConfig(val_per_class=args.val_per_class)
+    cfg = EvalConfig(val_per_class=args.val_per_class, precision=args.precision)
     common = dict(device=args.device, out=args.out, config=cfg, progress=args.progress,
                   deterministic=args.deterministic)
     _print_row(probe_cell(run, args.labels, args.seed, args.layer, args.head, **common))
@@ -231,10 +234,15 @@ def cmd_curve(args) -> int:
     seeds = list(check_int_list("--seeds", args.seeds, 0, "seeds"))
     check_choice("--head", args.head, HEADS)
     shard = parse_shard(args.shard)
-    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class).validate()
+    if args.name is not None:
+        from .store import check_file_name
+        check_file_name("--name", args.name)
+    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class,
+                     precision=args.precision).validate()
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                               batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                              seed=args.pretrain_seed, data_root=args.data_root) for method in methods]
+                              seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision)
+               for method in methods]
     check_curve_budgets(args.dataset, args.data_root, args.image_size, budgets, args.val_per_class)
     started = time.perf_counter()
     protocols = dict(scratch=args.scratch, finetune=args.finetune)
@@ -248,7 +256,7 @@ def cmd_curve(args) -> int:
                             f"and shard jobs are needed, --width included: the default width differs between CPU "
                             f"and CUDA):", absent)
         table, missing = merge_curve([run for run, _ in found], budgets, seeds, args.layer, args.head,
-                                     out=args.out, config=cfg, name=args.name, **protocols)
+                                     out=args.out, config=cfg, name=args.name, device=args.device, **protocols)
         if missing:
             return _missing(f"{len(missing)} cell(s) are not computed yet:", missing)
     else:

@@ -7,6 +7,7 @@ once; there is no per-sample loader in the training path.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -265,6 +266,44 @@ def _detect_mode(files: list) -> str:
     return "L"
 
 
+_FINGERPRINTS: dict = {}  # (folder, every sub-folder's modification time) → fingerprint
+
+
+def folder_fingerprint(path: str) -> str:
+    """A digest of what a ``folder:`` dataset holds: the relative path, size and modification time
+    of every image file (by suffix) under its ``train/``, ``test/`` and ``unlabeled/`` folders, and
+    the names of their sub-folders (the classes). Part of the run and cell folder names, so images
+    added, removed, moved between classes or rewritten give new runs instead of old ones. Pixels
+    are not read: a file rewritten with the same size and modification time is not seen. Within
+    one process it is recomputed when a sub-folder's modification time changes (a file added,
+    removed or renamed in it)."""
+    root = Path(path).expanduser()
+    folder_classes(path)  # the layout's own errors first
+    pending = [str(d) for d in (root / "train", root / "test", root / "unlabeled") if d.is_dir()]
+    folders = []
+    while pending:  # the sub-folders and their times only: cheap enough to do on every call
+        folder = pending.pop()
+        folders.append((folder, os.stat(folder).st_mtime_ns))
+        with os.scandir(folder) as entries:
+            pending += [entry.path for entry in entries if entry.is_dir()]
+    folders.sort()
+    key = (str(root.resolve()), tuple(folders))
+    if key not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        start = len(str(root)) + 1
+        for folder, _ in folders:
+            digest.update(f"{folder[start:]}/\n".encode())
+            with os.scandir(folder) as entries:
+                files = sorted((entry.name, entry.stat()) for entry in entries
+                               if not entry.is_dir() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+            for name, st in files:
+                digest.update(f"{folder[start:]}/{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        while len(_FINGERPRINTS) >= 64:
+            del _FINGERPRINTS[next(iter(_FINGERPRINTS))]
+        _FINGERPRINTS[key] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[key]
+
+
 def folder_classes(path: str) -> list:
     """The class folders of a ``folder:`` dataset, checked from the directory listing alone (so a
     run fails before any work when the layout is wrong)."""
@@ -356,6 +395,8 @@ def load_dataset(name: str = "fashion-mnist", data_root: Optional[str] = None, i
     """
     check_dataset_name(name)
     key = (name, data_root, image_size)
+    if name.startswith("folder:"):  # a folder whose files changed is read again
+        key += (folder_fingerprint(name[len("folder:"):]),)
     if key in _CACHE:
         return _CACHE[key]
     if name == "fashion-mnist":

@@ -1,8 +1,9 @@
 """Pretraining a pretext task on a dataset's unlabeled pool, through the run store."""
 from __future__ import annotations
 
+import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,8 @@ from .checks import check_bool, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import AlexNetBackbone, BackboneConfig
 from .pretext import PretextTask, build_task, check_method
-from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, autocast, check_checkpoint_every, fit, resolve_device
+from .precision import autocast, resolve_precision
+from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
@@ -43,6 +45,9 @@ class PretrainConfig:
     width: Optional[float] = None
     seed: int = 0
     data_root: Optional[str] = None
+    precision: str = "auto"  # bf16, fp32, or auto: bf16 where the hardware runs it natively
+    # SyncBatchNorm under torchrun: batch statistics over all processes change the result
+    sync_bn: bool = False
 
     def resolved(self, device: torch.device) -> "PretrainConfig":
         """Fill method and device defaults and check every value, before any work starts."""
@@ -62,12 +67,14 @@ class PretrainConfig:
             check_number("lr", self.lr)
         if self.width is not None:
             check_number("width", self.width, 0, 4)
+        check_bool("sync_bn", self.sync_bn)
         defaults = METHOD_DEFAULTS[self.method]
         values = asdict(self)
         values["batch_size"] = self.batch_size or defaults["batch_size"]
         values["lr"] = float(self.lr or defaults["lr"])
         values["schedule"] = self.schedule or defaults["schedule"]
         values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
+        values["precision"] = resolve_precision(self.precision, device)
         return PretrainConfig(**values)
 
     def train_config(self) -> TrainConfig:
@@ -93,7 +100,7 @@ class Run:
     def load_task(self, device="cpu") -> PretextTask:
         """The pretext task (backbone + heads) with the run's final weights, in eval mode."""
         task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
-        task.load_state_dict(store.load_torch(self.path / "model.pt")["model"])
+        task.load_state_dict(store.load_torch(self.path / "model.pt", expect=self.weights_provenance())["model"])
         return task.to(device).eval()
 
     def load_backbone(self, device="cpu") -> AlexNetBackbone:
@@ -102,18 +109,29 @@ class Run:
         rotation's classifier holds 33.6 of its 36 M weights) and, for the same model.pt, without
         reading it again (the study's fine-tuning loads a backbone for each of its 63 cells)."""
         backbone = AlexNetBackbone(BackboneConfig(**self.summary["backbone"]))
-        backbone.load_state_dict(_backbone_state(self.path / "model.pt"))
+        backbone.load_state_dict(_backbone_state(self.path / "model.pt", self.weights_provenance()))
         return backbone.to(device).eval()
+
+    def weights_provenance(self) -> dict:
+        """What this run's model.pt must record of what made it (see :func:`model_provenance`):
+        weights of another method, backbone or config are refused, not loaded."""
+        return model_provenance(self.config.method, self.summary["backbone"], store.folder_config_hash(self.path))
+
+
+def model_provenance(method: str, backbone: dict, config_id: str, kind: str = "model") -> dict:
+    """The provenance a run's model.pt (``kind="model"``) or checkpoint.pt (``"checkpoint"``)
+    carries: the method, the backbone (arch, width, input) and the hash of the run's config."""
+    return store.provenance(kind, method=method, backbone=dict(backbone), config=config_id)
 
 
 _BACKBONE_STATES: dict = {}  # (model.pt, its mtime and size) → the backbone's part of its state, on the CPU
 
 
-def _backbone_state(model_file: Path) -> dict:
+def _backbone_state(model_file: Path, expect: Optional[dict] = None) -> dict:
     stat = model_file.stat()
     key = (str(model_file.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _BACKBONE_STATES:
-        state = store.load_torch(model_file)["model"]
+        state = store.load_torch(model_file, expect=expect)["model"]
         prefix = "backbone."
         while len(_BACKBONE_STATES) >= 8:  # a sweep cycles through a few runs; memory stays bounded
             del _BACKBONE_STATES[next(iter(_BACKBONE_STATES))]
@@ -130,10 +148,11 @@ def load_run(path) -> Run:
     if missing:
         raise ValueError(f"run={str(path)!r} is not a complete run (missing {', '.join(missing)}); "
                          f"allowed: a folder written by a finished `python -m sslab pretrain`")
-    raw = store.read_json(path / "config.json")
+    raw = store.read_json(path / "config.json", required=("method", "dataset", "width"))
     names = {f.name for f in fields(PretrainConfig)}
     config = PretrainConfig(**{k: v for k, v in raw.items() if k in names})
-    return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), store.read_json(path / store.COMPLETE))
+    summary = store.read_json(path / store.COMPLETE, required=("backbone", "images", "epochs_run"))
+    return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), summary)
 
 
 def unlabeled_pool(config: PretrainConfig):
@@ -156,7 +175,7 @@ EVAL_SEED = 0  # seeds the random draws of a task's test-set evaluation (see eva
 
 
 @torch.no_grad()
-def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512) -> dict:
+def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512, precision: str = "fp32") -> dict:
     """The task's metrics on held-out images without augmentation (e.g. test rotation accuracy).
 
     Some tasks still draw random numbers here (siamese-vae's positive views and negatives), so
@@ -165,7 +184,7 @@ def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512
     task.eval()
     totals, count = {}, 0
     on_cuda = images.device.type == "cuda"
-    with torch.random.fork_rng(devices=[images.device] if on_cuda else []), autocast(images.device):
+    with torch.random.fork_rng(devices=[images.device] if on_cuda else []), autocast(images.device, precision):
         torch.default_generator.manual_seed(EVAL_SEED)
         if on_cuda:
             with torch.cuda.device(images.device):
@@ -214,7 +233,10 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     budget = check_data_budget(data_budget)
     check_checkpoint_every(checkpoint_every)
     check_bool("compile", compile)
-    ddp = distributed.from_environment(device, sync_bn)
+    check_bool("sync_bn", sync_bn)
+    if sync_bn:  # part of the config: a synchronised run gets a folder of its own
+        config = replace(config, sync_bn=True)
+    ddp = distributed.from_environment(device, config.sync_bn)
     dev = resolve_device(device) if ddp is None else ddp.device
     config = config.resolved(dev)
     if compile and ddp is not None:
@@ -256,8 +278,9 @@ def check_data_budget(data_budget) -> Optional[int]:
     """``data_budget`` in GB → bytes (None stays None: the device's own default)."""
     if data_budget is None:
         return None
-    if isinstance(data_budget, bool) or not isinstance(data_budget, (int, float)) or not data_budget >= 0:
-        raise ValueError(f"data_budget={data_budget!r} is not allowed; allowed: a number of GB ≥ 0 "
+    if (isinstance(data_budget, bool) or not isinstance(data_budget, (int, float)) or not data_budget >= 0
+            or not math.isfinite(data_budget * 2 ** 30)):
+        raise ValueError(f"data_budget={data_budget!r} is not allowed; allowed: a finite number of GB ≥ 0 "
                          f"(0 streams everything from host memory), or None for half the free device memory")
     return int(data_budget * 2 ** 30)
 
@@ -294,6 +317,7 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     splits, pool = unlabeled_pool(config)
     backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width)
     task = build_task(config.method, backbone).to(dev)
+    identity = store.config_hash(asdict(config))  # what the run's weights and checkpoints record
     if main:
         work.mkdir(parents=True, exist_ok=True)
         store.write_json(work / "config.json", asdict(config))
@@ -315,25 +339,27 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
                             desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
                             deterministic=options.deterministic, distributed=ddp,
-                            checkpoint_every=options.checkpoint_every)
+                            checkpoint_every=options.checkpoint_every, precision=config.precision,
+                            provenance=model_provenance(config.method, asdict(backbone), identity, "checkpoint"))
     if options.compile_loss:
         del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
     ranks = None if ddp is None else ddp.summary(config.batch_size, ddp.state_hashes(task))
     if not main:
         return None
     test_images = splits.test.images[:options.eval_limit].to(dev)
-    test_metrics = evaluate_task(task, test_images)
+    test_metrics = evaluate_task(task, test_images, precision=config.precision)
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
-                                         "method": config.method})
+                                         "method": config.method},
+                     provenance=model_provenance(config.method, asdict(backbone), identity))
     summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool),
-               "compiled": options.compile_loss,
+               "precision": config.precision, "compiled": options.compile_loss,
                "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
                "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
                **{k: round(v, 6) for k, v in test_metrics.items()}}
     if ranks is not None:
         summary["distributed"] = ranks
     store.write_json(work / store.COMPLETE, summary)
-    (work / "checkpoint.pt").unlink(missing_ok=True)
+    store.remove(work / "checkpoint.pt")
     if work != final:
         _replace_folder(work, final)
     return load_run(final)
@@ -354,5 +380,6 @@ def _replace_folder(new: Path, old: Path) -> None:
 def describe(run: Run) -> str:
     s = run.summary
     metrics = ", ".join(f"{k[5:]}={v:.4g}" for k, v in s.items() if k.startswith("test_"))
+    precision = f" in {s['precision']}" if "precision" in s else ""
     return (f"{run.method}: {s['images']} images, {s['epochs_run']} epochs, {s['train_seconds']:.0f} s on "
-            f"{s['device']}; test {metrics}")
+            f"{s['device']}{precision}; test {metrics}")

@@ -5,19 +5,30 @@
 (one line per epoch). While a run trains, ``checkpoint.pt`` holds everything needed to
 resume it; ``complete.json`` is written last, so a folder without it is never taken for a
 finished run. Every file is written atomically (temporary file, then rename).
+
+Every file the store reads back is verified first: beside each one, ``<name>.sha256`` holds the
+sha256 recorded when it was written (the format of ``sha256sum``), and torch files carry a
+``provenance`` record of what made them (store format, kind, method, backbone, config hash),
+which the run loading them compares with its own. A file whose bytes changed is *damaged*
+(:class:`DamagedFile`), one made for another run is *foreign* (:class:`ForeignFile`); both
+messages name the file and say what to do. Why, and what it costs: docs/reliability.md.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
+import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -27,10 +38,30 @@ COMPLETE = "complete.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 HASH_EXCLUDE = {"device", "data_root", "out", "progress", "force"}
+# What the store's files mean (their layout, what a model or checkpoint holds, the networks they
+# come from). It is part of every config hash, so a change to it never reuses runs or cells
+# written before; raise it whenever such a change is made.
+STORE_FORMAT = 2
+SUMS_SUFFIX = ".sha256"
 
 
 class CorruptCheckpoint(RuntimeError):
-    """A checkpoint could not be read; the message names the file."""
+    """A stored file could not be used; the message names the file and what to do."""
+
+
+class DamagedFile(CorruptCheckpoint):
+    """A file's bytes are not the ones written (flipped or zeroed bytes, a truncated copy)."""
+
+
+class ForeignFile(CorruptCheckpoint):
+    """A file was written for another run, model or kind of file than the one loading it."""
+
+
+class StoreFull(OSError):
+    """A write failed for lack of space; nothing was replaced. ``str()`` is the one-line message."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def repo_root() -> Optional[Path]:
@@ -65,10 +96,22 @@ def check_writable(folder: Path, parameter: str = "out") -> Path:
 
 
 def config_hash(config: dict) -> str:
-    """A short stable hash of the fields that change a run's result."""
+    """A short stable hash of the fields that change a run's result, and of the store format."""
     relevant = {k: v for k, v in config.items() if k not in HASH_EXCLUDE}
+    relevant["store_format"] = STORE_FORMAT
     text = json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def folder_hash(config: dict) -> str:
+    """The hash in a run or cell folder's name: :func:`config_hash` of the config and, for a
+    ``folder:PATH`` dataset, of a fingerprint of its files (names, sizes, modification times),
+    so adding, removing or moving images gives new runs and cells instead of reusing old ones."""
+    dataset = config.get("dataset")
+    if isinstance(dataset, str) and dataset.startswith("folder:"):
+        from .data import folder_fingerprint
+        config = {**config, "dataset_files": folder_fingerprint(dataset[len("folder:"):])}
+    return config_hash(config)
 
 
 def slug(text: str) -> str:
@@ -76,55 +119,294 @@ def slug(text: str) -> str:
 
 
 def run_dir(stage: str, method: str, dataset: str, config: dict, out: Optional[str] = None) -> Path:
-    return outputs_root(out) / "runs" / f"{stage}-{slug(method)}-{slug(dataset)}-{config_hash(config)}"
+    return outputs_root(out) / "runs" / f"{stage}-{slug(method)}-{slug(dataset)}-{folder_hash(config)}"
+
+
+# A name becomes files such as <name>.csv, <name>.json and figures <name>.png/.pdf: one plain
+# file name, short enough for every file system (255 bytes) with its suffixes.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_NAME = 120
+
+
+def check_file_name(parameter: str, value) -> str:
+    """``value`` if it is one plain file name (letters, digits, ``.``, ``_``, ``-``; no folder part,
+    not hidden, at most :data:`MAX_NAME` characters), else the lab's one-line error."""
+    if not isinstance(value, str) or len(value) > MAX_NAME or not _FILE_NAME.fullmatch(value) or ".." in value:
+        shown = value if not isinstance(value, str) or len(value) <= 60 else value[:57] + "..."
+        raise ValueError(f"{parameter}={shown!r} is not allowed; allowed: one file name of 1 to {MAX_NAME} letters, "
+                         f"digits, '.', '_' or '-' (no '/', no '..', not starting with '.'), e.g. my-curve")
+    return value
+
+
+def folder_config_hash(folder: Path) -> str:
+    """The config hash of the run or cell in ``folder``, from its (verified) ``config.json``: what
+    the files written in it record as the run that made them."""
+    return config_hash(read_json(Path(folder) / "config.json"))
 
 
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE).is_file()
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- atomic, checksummed writes
 
-def _atomic(path: Path, write) -> None:
+class _Sink:
+    """The file object a writer sees: hashes what passes through (so a checksum costs no second
+    read) and keeps the operating system's error, which torch's zip writer may wrap."""
+
+    def __init__(self, f, checksum: bool):
+        self.f, self.digest, self.error = f, hashlib.sha256() if checksum else None, None
+
+    def write(self, data) -> int:
+        try:
+            written = self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        if self.digest is not None:
+            self.digest.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def sums_path(path: Path) -> Path:
+    """Where the sha256 of ``path`` is recorded: ``<name>.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SUMS_SUFFIX)
+
+
+def _atomic(path: Path, write, checksum: bool = False) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file, then rename it over ``path``:
+    a kill leaves either the old file or the new one, never a mix. With ``checksum``, the
+    sidecar lists the new file's sha256 before the rename and keeps the old file's until after
+    it, so whichever of the two a kill leaves verifies."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sink = None
+    previous: list = []
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            sink = _Sink(f, checksum)
+            write(sink)
             f.flush()
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             os.fsync(f.fileno())
+        if checksum:
+            digest = sink.digest.hexdigest()
+            previous = []
+            if path.exists():  # a file without a sidecar (written before checksums) is hashed now
+                previous = [d for d in (_recorded(path, strict=False) or [file_digest(path)]) if d != digest]
+            _write_sums(path, [digest, *previous][:8])
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        full = _no_space(exc, sink, path)
+        if full is not None:
+            raise full from exc
         raise
+    if checksum:
+        if previous:  # the old file is gone: only the new digest stays valid
+            with contextlib.suppress(OSError):
+                _write_sums(path, [digest])
+        _remember(path, digest)
 
 
-def write_json(path: Path, data) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"))
+def _write_sums(path: Path, digests: Sequence[str]) -> None:
+    text = "".join(f"{d}  {Path(path).name}\n" for d in digests)
+    _atomic(sums_path(path), lambda f: f.write(text.encode()))
 
 
-def write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
+def _mount_point(path: Path) -> Path:
+    path = Path(path).resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
-def read_json(path: Path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def save_torch(path: Path, obj) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
-
-
-def load_torch(path: Path, map_location="cpu"):
-    """``torch.load`` with ``weights_only=True``: a file that would run code when unpickled is
-    refused. A truncated or corrupt file raises :class:`CorruptCheckpoint` naming it."""
-    path = Path(path)
+def _no_space(exc: BaseException, sink: Optional[_Sink], path: Path) -> Optional[StoreFull]:
+    """The one-line error for a write that failed for lack of space, or None for other failures.
+    torch's zip writer reports a failed write as ``RuntimeError`` (``... file write failed``)."""
+    cause = sink.error if sink is not None and sink.error is not None else exc
+    text = str(exc)
+    space = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    zip_writer = isinstance(exc, RuntimeError) and ("write failed" in text or "PytorchStreamWriter" in text
+                                                    or "unexpected pos" in text)
+    if not (space or zip_writer):
+        return None
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        free = f"{shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+    message = (f"no space left on {_mount_point(path.parent)} ({free}) to write {path}: {kept}; free some space "
+               f"(or write elsewhere: --out) and run the same command again, it resumes where it stopped")
+    return StoreFull(errno.ENOSPC, message)
+
+
+def remove(path: Path) -> None:
+    """Delete a stored file and its recorded checksum (nothing happens if they are absent)."""
+    Path(path).unlink(missing_ok=True)
+    sums_path(path).unlink(missing_ok=True)
+
+
+def write_json(path: Path, data, checksum: bool = True) -> None:
+    """Write ``data`` as JSON, atomically, with its sha256 recorded beside it (``checksum``)."""
+    _atomic(path, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"),
+            checksum)
+
+
+def write_text(path: Path, text: str, checksum: bool = False) -> None:
+    _atomic(path, lambda f: f.write(text.encode()), checksum)
+
+
+def save_torch(path: Path, obj, provenance: Optional[dict] = None) -> None:
+    """``torch.save`` atomically, with its sha256 recorded beside it. ``provenance`` (a dict from
+    :func:`provenance`) is stored in ``obj`` (a dict) under ``"provenance"``, for
+    :func:`load_torch`'s ``expect`` to compare."""
+    if provenance is not None:
+        obj = {**obj, "provenance": provenance}
+    _atomic(path, lambda f: torch.save(obj, f), checksum=True)
+
+
+# ---------------------------------------------------------------- verified reads
+
+_DIGESTS: dict = {}  # (file, device, inode, size, mtime, ctime) → its sha256: each file hashed once per process
+
+
+def _stat_key(path: Path) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember(path: Path, digest: str) -> None:
+    with contextlib.suppress(OSError):
+        while len(_DIGESTS) >= 4096:
+            del _DIGESTS[next(iter(_DIGESTS))]
+        _DIGESTS[_stat_key(path)] = digest
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of ``path`` (hex), read in 1 MiB blocks; computed once per process for a file
+    that has not changed since (same inode, size, modification and change times)."""
+    key = _stat_key(path)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        while len(_DIGESTS) >= 4096:
+            del _DIGESTS[next(iter(_DIGESTS))]
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def _recorded(path: Path, strict: bool = True) -> Optional[list]:
+    """The digests recorded for ``path`` (None when there is no sidecar). A sidecar that is not
+    in ``sha256sum`` form is itself damaged."""
+    sums = sums_path(path)
+    try:
+        text = sums.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        if not strict:
+            return None
+        raise DamagedFile(f"{sums} is damaged ({exc}); {remedy(path)}") from None
+    digests = [line.split()[0].lower() for line in text.splitlines() if line.strip()]
+    if not digests or not all(re.fullmatch(r"[0-9a-f]{64}", d) for d in digests):
+        if not strict:
+            return None
+        raise DamagedFile(f"{sums} is damaged: it does not hold sha256 digests; {remedy(path)}")
+    return digests
+
+
+def remedy(path: Path) -> str:
+    """What to do about a damaged or foreign stored file, in words."""
+    path = Path(path)
+    if path.name == "checkpoint.pt":
+        return (f"delete {path} to train that run again from its start (its other files are kept), or put back "
+                f"an intact copy")
+    if path.parent.parent.name == "runs":
+        return f"delete the folder {path.parent} to compute it again, or put back an intact copy of {path.name}"
+    return f"delete {path} to write it again, or put back an intact copy"
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`DamagedFile` unless ``path`` holds the bytes that were written: its sha256 is
+    one its sidecar records or, for a torch (zip) file without one (written before checksums,
+    or copied without it), every member passes its zip CRC check."""
+    path = Path(path)
+    recorded = _recorded(path)
+    if recorded is not None:
+        if file_digest(path) not in recorded:
+            raise DamagedFile(f"{path} is damaged: its sha256 is not the one recorded in {sums_path(path).name} when "
+                              f"it was written; {remedy(path)}")
+        return
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            bad = f"({type(exc).__name__}: {exc})"
+        if bad is not None:
+            raise DamagedFile(f"{path} is damaged: {bad} fails its zip CRC check; {remedy(path)}")
+
+
+def provenance(kind: str, **identity) -> dict:
+    """What made a stored torch file: the store format, its ``kind`` (model, checkpoint, head,
+    features) and whatever identifies the run that wrote it (method, backbone, config hash …)."""
+    return {"store_format": STORE_FORMAT, "kind": kind, **identity}
+
+
+def _describe(record: dict) -> str:
+    parts = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            parts.append(f"{key} ({' '.join(f'{k}={v}' for k, v in sorted(value.items()))})")
+        elif isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+            parts.append(f"{key}={value[:12]}…")  # a sha256: its start tells two apart
+        else:
+            parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (tuples become lists), so a record read from a JSON file
+    compares equal to the same record stored in a torch file."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_provenance(obj, path: Path, expect: dict) -> None:
+    """Raise :class:`ForeignFile` unless ``obj`` (what ``path`` held) records the provenance
+    ``expect`` asks for: every key of ``expect`` (``store_format`` always) must match."""
+    expect = {"store_format": STORE_FORMAT, **expect}
+    got = obj.get("provenance") if isinstance(obj, dict) else None
+    if not isinstance(got, dict):
+        raise ForeignFile(f"{path} does not say what made it (written by another program or an older sslab), so "
+                          f"it cannot be taken for this run's {expect.get('kind', 'file')} "
+                          f"({_describe(expect)}); {remedy(path)}")
+    wrong = [k for k in expect if _plain(got.get(k)) != _plain(expect[k])]
+    if wrong:
+        shown = ["kind"] + [k for k in wrong if k != "kind"]  # what differs, and what the file is
+        raise ForeignFile(f"{path} belongs to something else: it holds {_describe({k: got.get(k) for k in shown})} "
+                          f"where this run expects {_describe({k: expect.get(k) for k in shown})}; {remedy(path)}")
+
+
+def load_torch(path: Path, map_location="cpu", expect: Optional[dict] = None):
+    """``torch.load`` with ``weights_only=True`` after :func:`verify`: a file whose bytes changed
+    raises :class:`DamagedFile`, a file that would run code when unpickled is refused
+    (:class:`CorruptCheckpoint`), and with ``expect`` one written for something else raises
+    :class:`ForeignFile` (:func:`check_provenance`). Every message names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, f"{path} does not exist", str(path))
+    verify(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
@@ -133,38 +415,78 @@ def load_torch(path: Path, map_location="cpu"):
                                 f"weights-only files; delete it (or the run folder) to train again.") from exc
     except Exception as exc:  # truncated zip, empty file, bad magic number, ...
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        raise CorruptCheckpoint(f"cannot load {path}: {type(exc).__name__}: {first_line}. "
-                                f"The file is truncated or corrupt; delete it (or the run folder) "
-                                f"to train again.") from exc
+        raise DamagedFile(f"{path} is damaged: it cannot be read ({type(exc).__name__}: {first_line}); "
+                          f"{remedy(path)}") from exc
+    if expect is not None:
+        check_provenance(obj, path, expect)
+    return obj
+
+
+def read_json(path: Path, required: Iterable[str] = ()):
+    """The JSON in ``path`` after :func:`verify`; a file that is not valid JSON, or (for a mapping)
+    lacks a key of ``required``, raises :class:`DamagedFile` naming it."""
+    path = Path(path)
+    verify(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise DamagedFile(f"{path} is damaged: it is not valid JSON ({problem}{where}); {remedy(path)}") from None
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise DamagedFile(f"{path} is damaged: it has no {', '.join(map(repr, missing))}; {remedy(path)}")
+    return data
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one JSON line (a line cut by a full disk or a kill is skipped when read back)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        full = _no_space(exc, None, Path(path))
+        if full is not None:
+            raise full from exc
+        raise
 
 
 def read_jsonl(path: Path) -> list:
+    """The rows of a JSON-lines file. A line that is not JSON (cut by a kill, or damaged) is
+    skipped with a warning; every other row is kept."""
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         line = line.strip()
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut by a kill; everything before it is good
+            bad.append(number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(number)
+    if bad and bad != [number]:  # a last line cut by a kill is expected; others are worth a word
+        print(f"{path}: skipped line(s) {', '.join(map(str, bad))}, not JSON rows", file=sys.stderr)
     return rows
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    """Replace a JSON-lines file by ``rows``, atomically."""
+    write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 def truncate_jsonl(path: Path, keep) -> None:
     """Keep only the rows for which ``keep(row)`` is true (used when resuming)."""
-    rows = [r for r in read_jsonl(path) if keep(r)]
-    write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    write_jsonl(path, [r for r in read_jsonl(path) if keep(r)])
 
 
 # ---------------------------------------------------------------- locking

@@ -2,8 +2,8 @@
 
 Data sits on the training device as tensors; each epoch draws a seeded permutation and
 slices batches from it. Augmentation happens inside the model's ``loss`` on the same device.
-On CUDA the loop runs under bf16 autocast with channels_last weights and times epochs with
-CUDA events; on CPU it runs in fp32. :func:`fit` reads top to bottom; its pieces (the epoch,
+A run's precision (:mod:`sslab.precision`: bf16 autocast with channels_last, or fp32) is
+the caller's to choose; epochs are timed with CUDA events on CUDA. :func:`fit` reads top to bottom; its pieces (the epoch,
 the resume state, early stopping, the divergence check, the progress bar) are the small
 functions and classes below it, and the batched probe trainer reuses them. Why it checkpoints
 on a clock and how a resumed run repeats bit for bit: docs/troubleshooting.md.
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from . import store
+from .checks import check_choice
+from .precision import autocast
 
 
 @dataclass
@@ -45,7 +47,7 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
-        from .checks import check_choice, check_int, check_number
+        from .checks import check_int, check_number
         check_int("epochs", self.epochs, 1)
         check_int("batch_size", self.batch_size, 1)
         check_number("lr", self.lr)
@@ -55,7 +57,8 @@ class TrainConfig:
 
 
 class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite; the message says which checkpoint, if any, is kept."""
+    """The loss became NaN or infinite or exploded (:func:`check_divergence`), or an update overflowed;
+    the message says which checkpoint, if any, is kept."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -126,15 +129,10 @@ def check_checkpoint_every(value) -> float:
                         allowed="seconds ≥ 0 (0: after every epoch)")
 
 
-def autocast(device: torch.device):
-    """The mixed precision every forward pass of the lab runs under: bf16 on CUDA, none elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-
-
-def prepare_model(model: nn.Module, device: torch.device) -> None:
-    """On CUDA: channels_last weights, and modules with a ``channels_last`` flag (the pretext
-    tasks) switch their inputs to it too. Nothing changes on CPU."""
-    if device.type == "cuda":
+def prepare_model(model: nn.Module, precision: str) -> None:
+    """For bf16: channels_last weights, and modules with a ``channels_last`` flag (the pretext
+    tasks, the image classifier) switch their inputs to it too. Nothing changes for fp32."""
+    if precision == "bf16":
         model.to(memory_format=torch.channels_last)
         for module in model.modules():
             if hasattr(module, "channels_last"):
@@ -142,15 +140,16 @@ def prepare_model(model: nn.Module, device: torch.device) -> None:
 
 
 def train_step(model: nn.Module, data: tuple, index: torch.Tensor, optimizer: torch.optim.Optimizer,
-               lr: float, on_cuda: bool, sums: dict) -> torch.Tensor:
+               lr: float, sums: dict, precision: str = "fp32") -> torch.Tensor:
     """One step of :func:`fit`: set every group's learning rate to ``lr`` × its ``lr_scale``, take
-    rows ``index`` of each tensor in ``data``, minimise ``model.loss(*batch)["loss"]`` (bf16
-    autocast on CUDA) and add every value ``model.loss`` returned to ``sums`` (as tensors, so
-    nothing waits for the device). Returns the loss. The benchmark times exactly this function."""
+    rows ``index`` of each tensor in ``data``, minimise ``model.loss(*batch)["loss"]`` (under
+    bf16 autocast for ``precision="bf16"``) and add every value ``model.loss`` returned to
+    ``sums`` (as tensors, so nothing waits for the device). Returns the loss. The benchmark
+    times exactly this function."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     batch = tuple(t[index] for t in data)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+    with autocast(batch[0].device, precision):
         out = model.loss(*batch)
     loss = out["loss"]
     optimizer.zero_grad(set_to_none=True)
@@ -170,6 +169,7 @@ class FitResult:
     epochs_run: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
+    first_loss: Optional[float] = None  # the run's first step: what check_divergence compares with
 
 
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
@@ -178,7 +178,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         checkpoint: Optional[Path] = None, metrics_path: Optional[Path] = None,
         progress: bool = True, desc: str = "train", images_per_sample: int = 1,
         deterministic: bool = False, distributed=None, checkpoint_every: float = 0.0,
-        checkpoint_last: bool = True) -> FitResult:
+        checkpoint_last: bool = True, precision: str = "fp32", provenance: Optional[dict] = None) -> FitResult:
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
     ``data``: tensors on ``device`` sharing their first dimension (each step passes one slice
@@ -191,32 +191,42 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     after the last epoch unless ``checkpoint_last=False``; if it exists, training resumes from
     it. ``metrics_path``: one JSON line per epoch. ``distributed``: a
     :class:`sslab.distributed.Distributed` under torchrun (rank 0 alone writes and shows
-    progress), ``None`` for one process.
+    progress), ``None`` for one process. ``precision``: ``fp32`` or ``bf16``
+    (:func:`sslab.precision.resolve_precision` turns the lab's ``auto`` into one of them).
+    ``provenance``: what the checkpoint records of the run that writes it
+    (:func:`sslab.store.provenance`); a checkpoint recording something else is refused.
     """
     cfg.validate()
     if deterministic:
         make_deterministic()
     plan = EpochPlan.make(data, cfg, distributed)
     main = distributed is None or distributed.is_main
-    saver = Checkpointer(checkpoint, checkpoint_every, checkpoint_last, writes=main)
-    prepare_model(model, device)
+    saver = Checkpointer(checkpoint, checkpoint_every, checkpoint_last, writes=main, provenance=provenance)
+    check_choice("precision", precision, ("fp32", "bf16"))
+    prepare_model(model, precision)
     step_model = model if distributed is None else distributed.wrap(model)
     optimizer = make_optimizer(_param_groups(model, param_groups), cfg)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     early, result = EarlyStopping(cfg.patience), FitResult()
-    state = saver.load(distributed)
+    state = saver.load(distributed, model)
     start = resume(state, model, optimizer, generator, early, result, cfg, device) if state else 0
-    _start_metrics(metrics_path if main else None, result.resumed_from, state is not None)
+    _start_metrics(metrics_path if main else None, result.resumed_from, state is not None, result.history)
     if state and main:
         print(f"resuming {desc} from {checkpoint} after epoch {result.resumed_from} of {cfg.epochs}", file=sys.stderr)
-    bar = ProgressBar(progress and main, plan, start, desc, cfg.batch_size * plan.world * images_per_sample)
+    bar = ProgressBar(progress and main, plan, start, f"{desc} ({precision})",
+                      cfg.batch_size * plan.world * images_per_sample)
     for epoch in range(start, cfg.epochs):
-        seconds, sums = run_epoch(model, step_model, data, plan, optimizer, cfg, generator, epoch, device, distributed,
-                                  bar)
+        try:
+            seconds, sums = run_epoch(model, step_model, data, plan, optimizer, cfg, generator, epoch, device,
+                                      distributed, bar, precision)
+        except RuntimeError as exc:  # an update too large for float32 fails in the optimiser
+            raise overflow_divergence(exc, desc, epoch, cfg.lr, saver, bar) from exc
         row = epoch_row(cfg, plan, epoch, sums, seconds, images_per_sample)
-        check_divergence(row, desc, epoch, cfg.lr, saver, bar)
+        if result.first_loss is None:  # under torchrun the first epoch's mean, the same on every rank
+            result.first_loss = bar.first_loss if distributed is None else row.get("loss")
+        check_divergence(row, desc, epoch, cfg.lr, saver, bar, result.first_loss)
         if validate is not None:
-            row.update(validation_metrics(model, validate, device))
+            row.update(validation_metrics(model, validate, device, precision))
             early.update(row.get(monitor), epoch, lambda: clone_state(model))
         result.history.append(row)
         if metrics_path is not None and main:
@@ -269,7 +279,7 @@ class EpochPlan:
 
 
 def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainConfig, generator, epoch: int, device,
-              distributed, bar: "ProgressBar") -> tuple:
+              distributed, bar: "ProgressBar", precision: str = "fp32") -> tuple:
     """Train one epoch of ``model`` (through ``step_model``, its DDP wrapper under torchrun); returns
     (seconds, the mean of every metric over its steps, averaged over processes)."""
     model.train()
@@ -278,7 +288,7 @@ def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainCon
     timer = EpochTimer(device)
     for step, (step_data, index) in enumerate(batches):
         factor = lr_factor(cfg, (epoch * plan.steps + step) / plan.total_steps, plan.warmup)
-        loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, device.type == "cuda", sums)
+        loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, sums, precision)
         # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
         if not bar.step(step, epoch, loss) and distributed is None:
             break
@@ -298,16 +308,44 @@ def epoch_row(cfg: TrainConfig, plan: EpochPlan, epoch: int, means: dict, second
             "images_per_s": round(plan.n * images_per_sample / max(seconds, 1e-9), 1)}
 
 
+# An epoch whose mean loss is this many times the run's first loss has diverged, finite or not
+# (an Adam VAE at lr 1e6 reaches 1e28 from 100 while every value stays finite).
+DIVERGENCE_FACTOR = 1e3
+
+
 def check_divergence(row: dict, desc: str, epoch: int, lr: float, saver: Optional["Checkpointer"] = None,
-                     bar=None) -> None:
-    """Stop with :class:`TrainingDiverged` when an epoch's mean loss or metric is not finite."""
-    if all(math.isfinite(v) for v in row.values()):
+                     bar=None, reference: Optional[float] = None) -> None:
+    """Stop with :class:`TrainingDiverged` when an epoch's mean loss or any metric is not finite,
+    or its loss is more than :data:`DIVERGENCE_FACTOR` times the ``reference`` loss in absolute
+    value (:func:`fit`: the loss of the run's first step, an untrained net's, or under torchrun
+    the first epoch's mean, the same on every rank; the batched heads: their first epoch's). The
+    diverged epoch's row and state are never stored."""
+    loss = row.get("loss")
+    finite = all(math.isfinite(v) for v in row.values() if isinstance(v, (int, float)))
+    exploded = (finite and isinstance(loss, (int, float)) and isinstance(reference, (int, float)) and reference != 0
+                and math.isfinite(reference) and abs(loss) > DIVERGENCE_FACTOR * abs(reference))
+    if finite and not exploded:
         return
+    became = f"{loss:.3g}, over {DIVERGENCE_FACTOR:g}× its first loss ({reference:.3g})," if exploded else f"{loss}"
+    raise _diverged(f"{desc}: the loss became {became} in epoch {epoch + 1}", lr, saver, bar)
+
+
+def overflow_divergence(exc: RuntimeError, desc: str, epoch: int, lr: float, saver: Optional["Checkpointer"] = None,
+                        bar=None) -> RuntimeError:
+    """The error to raise for ``exc``, raised during an epoch: :class:`TrainingDiverged` when an
+    update overflowed float32 (torch: ``value cannot be converted ... without overflow``), else
+    ``exc`` itself."""
+    if "without overflow" not in str(exc):
+        return exc
+    return _diverged(f"{desc}: an update overflowed float32 in epoch {epoch + 1}", lr, saver, bar)
+
+
+def _diverged(what: str, lr: float, saver: Optional["Checkpointer"], bar) -> TrainingDiverged:
     if bar is not None:
         bar.close()
     kept = saver.describe_kept() if saver is not None else "nothing of this training is kept"
-    raise TrainingDiverged(f"{desc}: the loss became {row.get('loss')} in epoch {epoch + 1}; {kept}. "
-                           f"Lower the learning rate (lr={lr}) or check the input data.")
+    return TrainingDiverged(f"{what}; {kept}. Lower the learning rate (lr={lr:g}; another lr trains in a run folder "
+                           f"of its own) or check the input data.")
 
 
 @dataclass
@@ -340,9 +378,9 @@ def clone_state(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def validation_metrics(model: nn.Module, validate: Callable[[nn.Module], dict], device) -> dict:
+def validation_metrics(model: nn.Module, validate: Callable[[nn.Module], dict], device, precision: str) -> dict:
     model.eval()
-    with autocast(device):
+    with autocast(device, precision):
         return validate(model)
 
 
@@ -351,14 +389,18 @@ class Checkpointer:
     seconds have passed since the last write (0: every epoch), and after the last epoch when
     ``last``. Only the process that ``writes`` touches the file."""
 
-    def __init__(self, path: Optional[Path], every: float, last: bool, writes: bool = True):
+    def __init__(self, path: Optional[Path], every: float, last: bool, writes: bool = True,
+                 provenance: Optional[dict] = None):
         self.path = None if path is None else Path(path)
+        self.provenance = provenance
         self.every = check_checkpoint_every(every)
         self.last, self.writes = last, writes
         self.saved_at = time.monotonic()
         self.saved_epoch: Optional[int] = None
 
-    def load(self, distributed=None) -> Optional[dict]:
+    def load(self, distributed=None, model: Optional[nn.Module] = None) -> Optional[dict]:
+        """The resume state (None when there is none), verified: its bytes (sslab.store), what
+        made it (``provenance``), that it is a training state, and that its weights fit ``model``."""
         if distributed is not None:
             state = distributed.load_checkpoint(self.path)  # rank 0 reads it, every rank gets it
         elif self.path is None or not self.path.is_file():
@@ -366,20 +408,44 @@ class Checkpointer:
         else:  # RNG and generator states must be CPU tensors; load_state_dict moves the rest to the device.
             state = store.load_torch(self.path, map_location="cpu")
         if state is not None:
+            if self.provenance is not None:
+                store.check_provenance(state, self.path, self.provenance)
+            self._check_fits(state, model)
             self.saved_epoch = state["epoch"]
         return state
+
+    def _check_fits(self, state, model: Optional[nn.Module]) -> None:
+        missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise store.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
+                                    f"{store.remedy(self.path)}")
+        if model is None:
+            return
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state["model"].items() if torch.is_tensor(v)}
+        if mine != theirs:
+            odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
+            raise store.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
+                                    f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
+                                    f"{store.remedy(self.path)}")
 
     def maybe_save(self, state: Callable[[], dict], last_epoch: bool) -> None:
         due = (last_epoch and self.last) or time.monotonic() - self.saved_at >= self.every
         if self.path is not None and self.writes and due:
             snapshot = state()
+            if self.provenance is not None:
+                snapshot["provenance"] = self.provenance
             store.save_torch(self.path, snapshot)
             self.saved_at, self.saved_epoch = time.monotonic(), snapshot["epoch"]
 
     def describe_kept(self) -> str:
         if self.path is None or self.saved_epoch is None:
-            return "no checkpoint of this run was written, so nothing is kept"
+            return "no checkpoint of this run was written, so nothing of its training is kept"
         return f"the checkpoint after epoch {self.saved_epoch + 1} ({self.path}) is kept"
+
+
+TRAINING_STATE_KEYS = ("model", "optimizer", "epoch", "generator", "rng", "history", "best_epoch", "best_metric",
+                       "bad_epochs")
 
 
 def training_state(model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
@@ -388,7 +454,8 @@ def training_state(model, optimizer, generator, early: EarlyStopping, result: Fi
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
             "best_epoch": early.best_epoch, "best_metric": early.best_metric, "best_state": early.best_state,
-            "bad_epochs": early.bad_epochs, "stopped_early": early.should_stop, "config": asdict(cfg)}
+            "bad_epochs": early.bad_epochs, "stopped_early": early.should_stop, "config": asdict(cfg),
+            "first_loss": result.first_loss}
 
 
 def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
@@ -402,15 +469,20 @@ def resume(state: dict, model, optimizer, generator, early: EarlyStopping, resul
     early.best_epoch, early.best_metric = state["best_epoch"], state["best_metric"]
     early.best_state, early.bad_epochs = state.get("best_state"), state["bad_epochs"]
     result.resumed_from = state["epoch"] + 1
+    result.first_loss = state.get("first_loss")
     # A run that had stopped early finishes as the first run would have.
     return cfg.epochs if state.get("stopped_early") else result.resumed_from
 
 
-def _start_metrics(path: Optional[Path], start, resumed: bool) -> None:
-    """metrics.jsonl holds the epochs before ``start`` when resuming, nothing otherwise."""
+def _start_metrics(path: Optional[Path], start, resumed: bool, history: Optional[list] = None) -> None:
+    """metrics.jsonl holds the epochs before ``start`` when resuming, nothing otherwise. On resume
+    it is rewritten from the checkpoint's ``history`` (the same rows), so a damaged line in it
+    costs nothing."""
     if path is None:
         return
-    if resumed:
+    if resumed and history is not None:
+        store.write_jsonl(path, [row for row in history if row.get("epoch", -1) < start])
+    elif resumed:
         store.truncate_jsonl(path, lambda row: row.get("epoch", -1) < start)
     elif Path(path).exists():
         Path(path).unlink()
@@ -478,9 +550,12 @@ class ProgressBar:
                             mininterval=1.0, file=sys.stderr)
         self.steps, self.images_per_step = plan.steps, images_per_step
         self.started = time.perf_counter()  # (tqdm's own start_t is on another clock: time.time)
+        self.first_loss: Optional[float] = None  # of the first step it counts (read once: one wait)
 
     def step(self, step: int, epoch: int, loss: torch.Tensor) -> bool:
         """Count a step; False when the loss just read is not finite (the epoch can stop there)."""
+        if self.first_loss is None:
+            self.first_loss = float(loss.detach())
         if self.bar is None:
             return True
         self.bar.update(1)

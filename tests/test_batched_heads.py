@@ -62,8 +62,8 @@ def test_heads_trained_together_match_heads_trained_alone(kind):
         for key in state_a:
             torch.testing.assert_close(state_b[key], state_a[key], rtol=1e-5, atol=1e-5, msg=key)
         assert not b.training
-    # the heads stopped at different epochs: early stopping is per head
-    assert len({r.epochs_run for r in results}) > 1 or kind == "linear"
+    # the heads stopped at different epochs, some before the last: early stopping is per head
+    assert len({r.epochs_run for r in results}) > 1 and min(r.epochs_run for r in results) < _config().epochs
 
 
 def test_a_stopped_head_keeps_its_best_weights_while_others_train_on():

@@ -119,6 +119,7 @@ def _write_folder_dataset(root, classes=3, train=14, test=4, size=32):
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
     _write_folder_dataset(tmp_path / "images")
     config = study.StudyConfig(
@@ -148,6 +149,7 @@ def test_study_timing_runs_every_phase_on_a_tiny_dataset(tmp_path):
         study.time_study(config, "cpu", out=str(out), progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_study_still_reports_and_writes_the_phases_it_reached(tmp_path, monkeypatch, capsys):
     # A time limit's SIGINT arrives as KeyboardInterrupt: the finished phases must survive it.
     _write_folder_dataset(tmp_path / "images")

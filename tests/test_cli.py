@@ -39,6 +39,7 @@ def sslab_here(capsys, *args: str):
 
 
 @needs_fashion_mnist
+@pytest.mark.slow
 def test_pretrain_command_writes_a_run_then_hits_the_cache_and_force_retrains(tmp_path):
     command = ["pretrain", "--method", "rotation", "--epochs", "1", "--limit", "256", "--width", "0.125",
                "--device", "cpu", "--no-progress", "--out", str(tmp_path)]

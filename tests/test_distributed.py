@@ -64,6 +64,7 @@ def _epochs(run_dir: Path) -> list:
     return [row["epoch"] for row in store.read_jsonl(run_dir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_one_run_with_identical_weights(pattern_folder, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(_pretrain_command(pattern_folder, out, epochs=2, processes=2), capture_output=True,
@@ -91,6 +92,7 @@ def test_torchrun_two_processes_train_one_run_with_identical_weights(pattern_fol
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_run_stopped_under_two_processes_resumes_in_one(pattern_folder, tmp_path):
     out = tmp_path / "out"
     with open(tmp_path / "torchrun.log", "w") as log:

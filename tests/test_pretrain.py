@@ -46,7 +46,7 @@ def test_pretrain_writes_a_complete_run(tmp_path, method, metrics):
     assert metrics <= set(rows[0])
     assert run.summary["images"] == 64 and run.summary["epochs_run"] == 1
     assert {f"test_{m}" for m in metrics} <= set(run.summary)
-    assert run.summary["backbone"] == {"in_channels": 1, "image_size": 28, "width": 0.125}
+    assert run.summary["backbone"] == {"arch": "alexnet", "in_channels": 1, "image_size": 28, "width": 0.125}
     state = torch.load(run.path / "model.pt", weights_only=True)
     assert state["method"] == method
 
@@ -82,7 +82,7 @@ def test_load_task_round_trip_gives_identical_weights(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), loaded.values()))
     # The loaded weights reproduce the test metrics recorded when the run finished.
     splits, _ = unlabeled_pool(run.config)
-    again = evaluate_task(task, splits.test.images[:EVAL])
+    again = evaluate_task(task, splits.test.images[:EVAL], precision=run.config.precision)
     for key in ("test_loss", "test_rot_acc"):
         assert again[key] == pytest.approx(run.summary[key], abs=1e-5), key
 
@@ -142,6 +142,7 @@ def test_load_run_refuses_incomplete_folders(tmp_path):
         load_run(tmp_path / "half")
 
 
+@pytest.mark.slow
 def test_compiled_pretraining_trains_the_same_model(tmp_path):
     """``compile=True`` runs the loss through torch.compile (recorded in the summary) and trains
     what the eager run trains, to rounding."""
@@ -168,10 +169,10 @@ def test_siamese_test_metrics_are_the_same_every_time_and_leave_the_callers_rand
     splits, _ = unlabeled_pool(run.config)
     images = splits.test.images[:EVAL]
     torch.manual_seed(123)
-    first = evaluate_task(task, images)
+    first = evaluate_task(task, images, precision=run.config.precision)
     after_first = torch.rand(3)
     torch.manual_seed(456)
-    second = evaluate_task(task, images)
+    second = evaluate_task(task, images, precision=run.config.precision)
     assert first == second
     assert first["test_triplet"] == pytest.approx(run.summary["test_triplet"], abs=1e-6)
     torch.manual_seed(123)

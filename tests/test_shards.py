@@ -115,6 +115,7 @@ def _table(out: Path) -> list:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
+@pytest.mark.slow
 def test_two_curve_shards_then_merge_give_the_unsharded_table(pattern_folder, tmp_path):
     whole, sharded = tmp_path / "whole", tmp_path / "sharded"
     full = _curve(pattern_folder, whole)
@@ -145,6 +146,7 @@ def test_two_curve_shards_then_merge_give_the_unsharded_table(pattern_folder, tm
     assert _table(sharded) == expected
 
 
+@pytest.mark.slow
 def test_merge_lists_a_missing_pretraining_run_instead_of_training_it(pattern_folder, tmp_path):
     merged = _curve(pattern_folder, tmp_path, "--merge")
     assert merged.returncode == 3, merged.stderr

@@ -75,8 +75,11 @@ def test_fit_is_repeatable_with_the_same_seed():
 
 def test_fit_runs_with_a_progress_bar(capsys):
     x, y, _ = _regression_data(n=64)
-    result = fit(LinearRegression(), (x, y), _config(epochs=2), CPU, progress=True)
+    result = fit(LinearRegression(), (x, y), _config(epochs=2), CPU, progress=True, desc="regression")
     assert result.epochs_run == 2
+    shown = capsys.readouterr().err
+    steps = 2 * batches_per_epoch(64, 32)  # one bar over every step of the run
+    assert any("regression" in line and f"/{steps} " in line for line in shown.split("\r")), shown
 
 
 def test_batches_per_epoch_never_leaves_a_tiny_last_batch():
@@ -285,14 +288,29 @@ def test_checkpoint_round_trip(tmp_path):
     copy = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     copy.load_state_dict(torch.load(path, weights_only=True)["model"])
     assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values()))
-    assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "no temporary file is left behind"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt", "model.pt.sha256"], \
+        "no temporary file is left behind (only the file and its checksum)"
 
 
-def test_save_torch_replaces_atomically(tmp_path):
+def test_save_torch_replaces_atomically(tmp_path, monkeypatch):
+    """While the new file is being written, a reader of the path still gets the whole old one;
+    afterwards, the whole new one (a temporary file renamed over it, never a file half written)."""
     path = tmp_path / "state.pt"
     store.save_torch(path, {"v": torch.tensor([1])})
+    seen_while_writing = []
+    real_save = torch.save
+
+    def save_and_look(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        seen_while_writing.append(store.load_torch(path)["v"].tolist())
+
+    monkeypatch.setattr(torch, "save", save_and_look)
     store.save_torch(path, {"v": torch.tensor([2])})
+    monkeypatch.undo()
+    assert seen_while_writing == [[1]]
     assert store.load_torch(path)["v"].tolist() == [2]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # no temporary file left
 
 
 class _NotAWeight:

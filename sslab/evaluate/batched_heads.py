@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..train import (EarlyStopping, EpochTimer, FitResult, TrainConfig, autocast, batches_per_epoch, check_divergence,
+from ..precision import autocast
+from ..train import (EarlyStopping, EpochTimer, FitResult, TrainConfig, batches_per_epoch, check_divergence,
                      lr_factor)
 
 BN_MOMENTUM_DEFAULT = 0.1
@@ -153,13 +154,13 @@ class StackedHeads(nn.Module):
 
 
 def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequence[tuple], cfg: TrainConfig,
-                seeds: Sequence[int], device: torch.device, monitor: str = "val_acc") -> list:
+                seeds: Sequence[int], device: torch.device, monitor: str = "val_acc", precision: str = "fp32") -> list:
     """Train ``probes`` (FeatureHead modules of one shape, on ``device``) together; afterwards each
     holds the weights :func:`sslab.train.fit` would have left it with (the best validation
     epoch's when ``cfg.patience``). ``train[h]`` = (features n×D, labels n): head h's samples of
     one epoch, the same n for every head; ``val[h]`` = (features, labels), the same size for
     every head; ``seeds[h]`` seeds head h's permutations. Returns one FitResult per head, its
-    history as ``fit`` writes it (the epoch seconds are the group's)."""
+    history as ``fit`` writes it (the epoch seconds are the group's). ``precision`` as in ``fit``."""
     cfg.validate()
     count = len(probes)
     if not (len(train) == len(val) == len(seeds) == count) or count == 0:
@@ -180,9 +181,9 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
     alive = list(range(count))  # the heads still training, in the order of the stacked tensors
     for epoch in range(cfg.epochs):
         losses, accs, seconds = _train_epoch(model, optimizer, x_train, y_train, [generators[h] for h in alive],
-                                             cfg, epoch, steps, device)
+                                             cfg, epoch, steps, device, precision)
         model.eval()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, precision):
             val_acc = (model(x_val).argmax(2) == y_val).float().mean(1).tolist()
         epoch_lr = cfg.lr * lr_factor(cfg, (epoch + 1) * steps / (steps * cfg.epochs) - 1e-9,
                                       cfg.warmup_epochs / cfg.epochs)
@@ -190,7 +191,8 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
         for j, h in enumerate(alive):
             row = {"epoch": epoch, "lr": epoch_lr, "loss": losses[j], "acc": accs[j], "seconds": round(seconds, 4),
                    "images_per_s": round(n * len(alive) / max(seconds, 1e-9), 1)}
-            check_divergence(row, f"probe head {h} of this batch", epoch, cfg.lr)
+            check_divergence(row, f"probe head {h} of this batch", epoch, cfg.lr,
+                             reference=results[h].history[0]["loss"] if results[h].history else None)
             early[h].update(val_acc[j], epoch, lambda j=j: model.head_state(j))
             results[h].history.append({**row, monitor: val_acc[j]})
             if not early[h].should_stop:
@@ -216,7 +218,7 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
 
 
 def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: list, cfg: TrainConfig, epoch: int,
-                 steps: int, device) -> tuple:
+                 steps: int, device, precision: str) -> tuple:
     """One epoch of every live head: each walks its own permutation of its samples. Returns the
     heads' mean losses and accuracies over the epoch's steps, and the epoch's seconds."""
     model.train()
@@ -231,7 +233,7 @@ def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: l
         for group in optimizer.param_groups:
             group["lr"] = lr
         xb, yb = x_train[heads, index], y_train[heads, index]
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(xb)
         per_sample = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), reduction="none")
         per_head = per_sample.view(live, -1).mean(1)

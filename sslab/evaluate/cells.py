@@ -3,9 +3,8 @@ its config, the labeled/validation split, the trained head and the result row. A
 again by the hash of what it trains with, locked while computed, and never computed twice."""
 from __future__ import annotations
 
-import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +14,7 @@ from .. import store
 from ..checks import check_choice, check_int, check_int_list
 from ..data import DatasetSplits, label_budget_split
 from ..models import check_layer
+from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import Run
 from .heads import HEADS
 
@@ -50,14 +50,22 @@ class EvalConfig:
     # head = knn
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # bf16 or fp32 (features, heads, end-to-end training); auto: bf16 where the hardware has it
+    precision: str = "auto"
 
     def validate(self) -> "EvalConfig":
         check_layer(self.layer)
         check_choice("head", self.head, HEADS)
+        check_choice("precision", self.precision, PRECISIONS)
         for name in ("grid", "hidden", "probe_epochs", "scratch_epochs", "finetune_epochs", "batch_size", "knn_k",
                      "val_per_class"):
             check_int(name, getattr(self, name), 1)
         return self
+
+    def resolved(self, device) -> "EvalConfig":
+        """The same settings with ``precision`` resolved for ``device`` (a cell's key holds the
+        arithmetic it was computed in)."""
+        return replace(self.validate(), precision=resolve_precision(self.precision, device))
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:
@@ -68,13 +76,13 @@ def check_seeds(seeds, name: str = "seeds") -> list:
     return list(check_int_list(name, seeds, 0, "seeds"))
 
 
-_SHARED = ("layer", "grid", "hidden", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay")
+_SHARED = ("layer", "grid", "hidden", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay", "precision")
 _PROBE = ("probe_epochs", "probe_lr", "probe_patience")
 # The EvalConfig settings each kind of cell trains with, and so the ones in its stored key: a
 # setting a cell does not use (the sweep's head for a scratch cell, k of kNN for a fine-tuning
 # cell) must not make the same cell count as a new one.
 CELL_FIELDS = {
-    "knn": ("layer", "grid", "val_per_class", "knn_k", "knn_temperature"),
+    "knn": ("layer", "grid", "val_per_class", "knn_k", "knn_temperature", "precision"),
     "probe": ("head",) + _SHARED + _PROBE,
     "scratch": _SHARED + ("scratch_epochs", "scratch_lr", "scratch_patience"),
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
@@ -89,33 +97,27 @@ def cell_config(kind: str, method: str, dataset: str, budget: int, seed: int, cf
             "seed": seed, **{k: fields[k] for k in CELL_FIELDS[kind]}, **extra}
 
 
-_WEIGHT_DIGESTS: dict = {}
-
-
 def pretrained_id(run: Run) -> str:
     """What an evaluation cell records of the pretrained net it used: the run folder's name and a
     digest of its weights file, so a run trained again under the same name (``--force``) does
-    not reuse cells computed from the old weights."""
-    model = run.path / "model.pt"
-    stat = model.stat()
-    key = (str(model.resolve()), stat.st_mtime_ns, stat.st_size)
-    if key not in _WEIGHT_DIGESTS:
-        digest = hashlib.sha256()
-        with open(model, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _WEIGHT_DIGESTS[key] = digest.hexdigest()[:12]
-    return f"{run.path.name}@{_WEIGHT_DIGESTS[key]}"
+    not reuse cells computed from the old weights. (The sha256 the store verifies model.pt with,
+    computed once per process.)"""
+    return f"{run.path.name}@{store.file_digest(run.path / 'model.pt')[:12]}"
 
 
 def cell_folder(config: dict, out) -> Path:
     return store.run_dir("eval", f"{config['method']}-{config['protocol']}", config["dataset"], config, out)
 
 
+# What every stored row holds (:func:`result_row`); a metrics.json without one of them is damaged.
+ROW_KEYS = ("method", "protocol", "head", "layer", "budget", "seed", "top1", "top5", "epochs", "per_class",
+            "confusion", "classes")
+
+
 def stored_row(config: dict, out) -> Optional[dict]:
-    """The result row of a complete cell, or None."""
+    """The result row of a complete cell (its metrics.json verified), or None."""
     folder = cell_folder(config, out)
-    return store.read_json(folder / "metrics.json") if store.is_complete(folder) else None
+    return store.read_json(folder / "metrics.json", required=ROW_KEYS) if store.is_complete(folder) else None
 
 
 def computed_once(cell: dict, out, compute) -> dict:
@@ -135,13 +137,20 @@ def finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state:
     """Write a computed cell (config, split, head weights, row; complete.json last) and return its row."""
     folder.mkdir(parents=True, exist_ok=True)
     store.write_json(folder / "config.json", config)
-    store.save_torch(folder / "split.pt", {"train": split[0], "val": split[1]})
+    store.save_torch(folder / "split.pt", {"train": split[0], "val": split[1]},
+                     provenance=cell_provenance("split", config))
     if head_state is not None:
-        store.save_torch(folder / "head.pt", head_state)
+        store.save_torch(folder / "head.pt", head_state, provenance=cell_provenance("head", config))
     row = {**row, "run": str(folder)}
     store.write_json(folder / "metrics.json", row)
     store.write_json(folder / store.COMPLETE, {"top1": row["top1"], "top5": row["top5"]})
     return row
+
+
+def cell_provenance(kind: str, config: dict) -> dict:
+    """What a cell's ``kind`` of torch file (head, checkpoint) records: the cell it belongs to."""
+    return store.provenance(kind, method=config["method"], protocol=config["protocol"],
+                            config=store.config_hash(config))
 
 
 def result_row(method, protocol, head, cfg: EvalConfig, budget, seed, metrics, classes, epochs, seconds,

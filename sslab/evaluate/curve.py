@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from .. import store
 from ..pretrain import Run, load_run
+from ..train import resolve_device
 from .cells import EvalConfig, check_budgets, check_seeds, stored_row
 from .end_to_end import finetune_cell, finetune_key, scratch_cell, scratch_key
 from .probe import probe_cell, probe_cells_together, probe_key
@@ -54,6 +55,8 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     (:func:`probe_cells_together`; the same training as one at a time, to rounding), before
     the cells are read in order; ``False`` trains each one alone in :func:`probe_cell`.
     """
+    if name is not None:
+        store.check_file_name("name", name)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
     if not runs and not scratch:
         raise ValueError("label_curve needs at least one pretrained run or scratch=True")
@@ -61,7 +64,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     if len(datasets) > 1:
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).validate()
+    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(resolve_device(device))
     by_method = {r.method: r for r in runs}
     cells = curve_cells(list(by_method), budgets, seeds, scratch, finetune)
     if shard is not None:
@@ -117,11 +120,15 @@ def default_table_name(runs, budgets, seeds, layer: str, head: str, scratch: boo
 
 def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", head: str = "mlp",
                 scratch: bool = True, finetune: bool = False, out=None, config: Optional[EvalConfig] = None,
-                name: Optional[str] = None):
+                name: Optional[str] = None, device="auto"):
     """Collect a sweep computed by shards: ``(table, missing)`` where ``missing`` lists the cells
-    not computed yet. The table is written only when nothing is missing."""
+    not computed yet. The table is written only when nothing is missing. ``device`` resolves a
+    precision of ``auto`` as the shards did on theirs (give the shards' precision explicitly when
+    merging on another kind of machine)."""
+    if name is not None:
+        store.check_file_name("name", name)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).validate()
+    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(resolve_device(device))
     by_method = {r.method: r for r in runs}
     like = runs[0] if runs else None
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)

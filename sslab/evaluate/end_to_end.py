@@ -15,12 +15,12 @@ from ..data import load_dataset
 from ..models import AlexNetBackbone, BackboneConfig, pooled_dim
 from ..pretrain import DEFAULT_WIDTH, Run, load_run
 from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
-from .cells import (EvalConfig, budget_split, cell_config, check_budgets, check_seeds, computed_once, finish_cell,
-                    pretrained_id, repeat_to, result_row)
+from .cells import (EvalConfig, budget_split, cell_config, cell_folder, cell_provenance, check_budgets, check_seeds,
+                    computed_once, finish_cell, pretrained_id, repeat_to, result_row)
 from .features import dataset_splits, run_features
 from .heads import FeatureHead, ImageClassifier, predict
 from .metrics import classification_metrics
-from .probe import probe_cell, validator
+from .probe import probe_cell, probe_key, validator
 
 
 def scratch_key(dataset: str, budget: int, seed: int, cfg: EvalConfig, width: float,
@@ -40,9 +40,9 @@ def scratch_cell(dataset: str, labels: int, seed: int = 0, like: Optional[Run] =
     """The supervised baseline: the same backbone (shaped ``like`` a pretrained run), randomly
     initialised, with the same classifier head, trained end to end on the same labeled images
     with the same augmentation, schedule and early stopping."""
-    cfg = replace(config or EvalConfig(), layer=layer).validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     dev = resolve_device(device)
+    cfg = replace(config or EvalConfig(), layer=layer).resolved(dev)
     if like is not None:
         dataset, data_root = like.config.dataset, like.config.data_root
         width, image_size = like.config.width, like.config.image_size
@@ -68,18 +68,23 @@ def finetune_cell(run, labels: int, seed: int = 0, layer: str = "conv4", device=
     missing), trained together with a small learning rate, the backbone ``backbone_lr_scale``
     times slower than the head, ``finetune_epochs`` (15, as in the study) with early stopping."""
     run = run if isinstance(run, Run) else load_run(run)
-    cfg = replace(config or EvalConfig(), layer=layer, head="mlp").validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
+    dev = resolve_device(device)
+    cfg = replace(config or EvalConfig(), layer=layer, head="mlp").resolved(dev)
     key = finetune_key(run, budget, seed, cfg)
 
     def compute(folder: Path) -> dict:
-        dev = resolve_device(device)
-        probe = probe_cell(run, budget, seed, layer, "mlp", dev, out, cfg, deterministic=deterministic)
+        probe_cell(run, budget, seed, layer, "mlp", dev, out, cfg, deterministic=deterministic)
         splits = dataset_splits(run.config)
         backbone = run.load_backbone(dev)
-        feats = run_features(run, "train", layer, cfg.grid, dev)
+        feats = run_features(run, "train", layer, cfg.grid, dev, precision=cfg.precision)
         head = FeatureHead(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
-        head.load_state_dict(store.load_torch(Path(probe["run"]) / "head.pt", map_location=dev)["head"])
+        # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
+        # copied or merged store no longer has), and the head that cell recorded making.
+        probe_cell_key = probe_key(run, budget, seed, cfg)
+        head_file = cell_folder(probe_cell_key, out) / "head.pt"
+        head.load_state_dict(store.load_torch(head_file, map_location=dev,
+                                              expect=cell_provenance("head", probe_cell_key))["head"])
         model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
         # The augmentation draws from torch's global generator: seed it here, or the result would
         # depend on whether the probe head above was trained just now or found stored.
@@ -110,12 +115,14 @@ def train_end_to_end(model: ImageClassifier, splits, method: str, protocol: str,
                             patience=schedule.patience, seed=seed)
     t0 = time.perf_counter()
     result = fit(model, (images[order], y[order]), train_cfg, dev, param_groups=groups,
-                 validate=validator(model, images[va], y[va]), progress=progress, desc=protocol,
+                 validate=validator(model, images[va], y[va], cfg.precision), progress=progress, desc=protocol,
                  checkpoint=folder / "checkpoint.pt", deterministic=deterministic,
-                 checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False)
-    metrics = classification_metrics(predict(model, splits.test.images.to(dev)), splits.test.labels.to(dev))
+                 checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False, precision=cfg.precision,
+                 provenance=cell_provenance("checkpoint", key))
+    metrics = classification_metrics(predict(model, splits.test.images.to(dev), precision=cfg.precision),
+                                     splits.test.labels.to(dev))
     row = result_row(method, protocol, "mlp", cfg, budget, seed, metrics, splits.train.classes, result.epochs_run,
                      time.perf_counter() - t0, result.history)
     row = finish_cell(folder, key, row, (train_idx, val_idx))
-    (folder / "checkpoint.pt").unlink(missing_ok=True)
+    store.remove(folder / "checkpoint.pt")
     return row

@@ -2,6 +2,7 @@
 in memory and in the run folder, so every protocol and every notebook reads the same ones."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,8 @@ from ..augment import to_float
 from ..data import DatasetSplits, load_dataset
 from ..models import check_layer, pooled_features
 from ..pretrain import Run
-from ..train import autocast, resolve_device
+from ..precision import autocast
+from ..train import resolve_device
 
 
 def dataset_splits(config) -> DatasetSplits:
@@ -22,17 +24,19 @@ def dataset_splits(config) -> DatasetSplits:
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, images: torch.Tensor, layer: str = "conv4", grid: int = 4,
-                     device=None, batch_size: int = 1024) -> torch.Tensor:
+                     device=None, batch_size: int = 1024, precision: str = "fp32") -> torch.Tensor:
     """Frozen ``layer`` features of uint8 ``images``, average-pooled to grid×grid and flattened
-    (N×D float32, on the images' device). The backbone runs in eval mode, so BN statistics
-    are used, not updated."""
+    (N×D float32, on ``device``), computed in ``precision``. The backbone runs in eval mode, so
+    BN statistics are used, not updated."""
     device = device or images.device
     was_training = backbone.training
     backbone.eval()
     parts = []
     for chunk in images.split(batch_size):
         x = to_float(chunk.to(device, non_blocking=True))
-        with autocast(device):
+        if precision == "bf16":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
             parts.append(pooled_features(backbone, x, layer, grid).float())
     backbone.train(was_training)
     return torch.cat(parts)
@@ -42,23 +46,41 @@ _FEATURES: dict = {}
 
 
 def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 4, device="auto",
-                 index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 index: Optional[torch.Tensor] = None, precision: str = "fp32") -> torch.Tensor:
     """Features of a whole split (``train`` or ``test``) for a pretrained run, computed once per
-    run, layer and grid, kept in memory (rows selected with ``index``) and in the run folder,
-    so the next process (each notebook is one) reads them instead of recomputing."""
+    run, layer, grid and precision, kept in memory (rows selected with ``index``) and in the run
+    folder, so the next process (each notebook is one) reads them instead of recomputing."""
     dev = resolve_device(device)
     check_layer(layer)
-    key = (str(run.path), split, layer, grid, str(dev))
+    weights = store.file_digest(Path(run.path) / "model.pt")  # new weights (--force): new features
+    key = (str(run.path), weights, split, layer, grid, str(dev), precision)
     if key not in _FEATURES:
-        cache = Path(run.path) / f"features-{split}-{layer}-g{grid}-{dev.type}.pt"
-        if cache.is_file():
-            _FEATURES[key] = store.load_torch(cache)["features"].to(dev)
-        else:
+        cache = Path(run.path) / f"features-{split}-{layer}-g{grid}-{dev.type}-{precision}.pt"
+        made_by = store.provenance("features", model=weights, split=split, layer=layer, grid=grid,
+                                   precision=precision)
+        feats = _cached_features(cache, made_by)
+        if feats is None:
             images = getattr(dataset_splits(run.config), split).images
-            _FEATURES[key] = extract_features(run.load_backbone(dev), images, layer, grid, dev)
+            feats = extract_features(run.load_backbone(dev), images, layer, grid, dev, precision=precision)
             try:
-                store.save_torch(cache, {"features": _FEATURES[key].cpu()})
-            except OSError:  # a read-only store still works, only slower
+                store.save_torch(cache, {"features": feats.cpu()}, provenance=made_by)
+            except (OSError, RuntimeError):  # a read-only or full store still works, only slower
                 pass
+        _FEATURES[key] = feats.to(dev)
     feats = _FEATURES[key]
     return feats if index is None else feats[index.to(feats.device)]
+
+
+def _cached_features(cache: Path, made_by: dict) -> Optional[torch.Tensor]:
+    """The features in ``cache`` if it is intact and was made by ``made_by`` (these weights, split,
+    layer, grid and precision); None otherwise, and a cache that fails is computed again."""
+    if not cache.is_file():
+        return None
+    try:
+        feats = store.load_torch(cache, expect=made_by).get("features")
+    except store.ForeignFile:  # made from other weights (the run was trained again): simply stale
+        return None
+    except store.CorruptCheckpoint as exc:  # damaged or unsafe: a cache is rebuilt, never trusted
+        print(f"rebuilding the feature cache: {str(exc).split('; ')[0]}", file=sys.stderr)
+        return None
+    return feats if torch.is_tensor(feats) else None

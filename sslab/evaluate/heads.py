@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..augment import default_augment, to_float
 from ..models import ClassifierHead, pooled_features
-from ..train import autocast
+from ..precision import autocast
 
 HEADS = ("mlp", "linear", "knn")
 
@@ -65,12 +65,12 @@ class ImageClassifier(nn.Module):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """``model``'s logits (float32) for ``inputs``, in eval mode, batch by batch."""
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, precision: str = "fp32") -> torch.Tensor:
+    """``model``'s logits (float32) for ``inputs``, in eval mode, batch by batch, in ``precision``."""
     model.eval()
     outs = []
     for chunk in inputs.split(batch_size):
-        with autocast(inputs.device):
+        with autocast(inputs.device, precision):
             outs.append(model(chunk).float())
     return torch.cat(outs)
 

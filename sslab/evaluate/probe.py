@@ -34,18 +34,18 @@ def probe_cell(run, labels: int, seed: int = 0, layer: str = "conv4", head: str 
     """Train a ``head`` on frozen ``layer`` features of ``run`` with ``labels`` images per class;
     return the test-set result row (top-1, top-5, per-class accuracy, confusion)."""
     run = run if isinstance(run, Run) else load_run(run)
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).validate()
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
+    dev = resolve_device(device)
+    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(dev)
 
     def compute(folder: Path) -> dict:
-        dev = resolve_device(device)
         if head == "knn":
             return _knn_cell(run, budget, seed, cfg, dev, folder)
         probe = new_probe(run, budget, seed, head, cfg, dev)
         t0 = time.perf_counter()
         result = fit(probe.model, probe.train, head_train_config(cfg, len(probe.train[0]), seed), dev,
-                     validate=validator(probe.model, *probe.val), progress=progress, desc="probe",
-                     deterministic=deterministic)
+                     validate=validator(probe.model, *probe.val, cfg.precision), progress=progress, desc="probe",
+                     deterministic=deterministic, precision=cfg.precision)
         row = probe_row(probe, cfg, result, time.perf_counter() - t0, dev)
         return finish_cell(folder, probe_key(run, budget, seed, cfg), row, probe.split,
                            {"head": probe.model.state_dict()})
@@ -57,7 +57,7 @@ def _knn_cell(run: Run, budget: int, seed: int, cfg: EvalConfig, dev, folder: Pa
     splits = dataset_splits(run.config)
     train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
     y = splits.train.labels.to(dev)
-    feats, test_feats = run_features(run, "train", cfg.layer, cfg.grid, dev), _test_features(run, cfg, dev)
+    feats, test_feats = _features(run, "train", cfg, dev), _features(run, "test", cfg, dev)
     t0 = time.perf_counter()
     scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats, splits.train.num_classes,
                          cfg.knn_k, cfg.knn_temperature)
@@ -78,6 +78,7 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
     if deterministic:
         make_deterministic()
     dev = resolve_device(device)
+    cfg = cfg.resolved(dev)
     wanted = {}
     for run, budget, seed, kind in items:
         if kind == "knn":
@@ -104,7 +105,7 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
             started = time.perf_counter()
             results = train_heads([p.model for p, _, _ in entries], [p.train for p, _, _ in entries],
                                   [p.val for p, _, _ in entries], head_train_config(cfg, n),
-                                  [p.seed for p, _, _ in entries], dev)
+                                  [p.seed for p, _, _ in entries], dev, precision=cfg.precision)
             share = (time.perf_counter() - started) / len(entries)
             for (probe, key, folder), result in zip(entries, results):
                 row = probe_row(probe, replace(cfg, head=kind), result, share, dev)
@@ -114,10 +115,10 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
     return computed
 
 
-def validator(model, inputs, targets):
+def validator(model, inputs, targets, precision: str = "fp32"):
     """``validate`` for :func:`sslab.train.fit`: top-1 of ``model`` on the validation set."""
     def validate(m):
-        return {"val_acc": topk_accuracy(predict(model, inputs), targets, 1)}
+        return {"val_acc": topk_accuracy(predict(model, inputs, precision=precision), targets, 1)}
     return validate
 
 
@@ -143,7 +144,7 @@ def new_probe(run: Run, budget: int, seed: int, kind: str, cfg: EvalConfig, dev,
     same weights and see the same data. ``stats`` caches each run's standardisation."""
     splits = dataset_splits(run.config)
     train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-    feats = run_features(run, "train", cfg.layer, cfg.grid, dev)
+    feats = _features(run, "train", cfg, dev)
     stats = {} if stats is None else stats
     if run.path.name not in stats:
         # Standardise with statistics of every train image's features: no labels involved.
@@ -164,13 +165,14 @@ def head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConf
                        patience=cfg.probe_patience, seed=seed)
 
 
-def _test_features(run: Run, cfg: EvalConfig, dev) -> torch.Tensor:
-    return run_features(run, "test", cfg.layer, cfg.grid, dev)
+def _features(run: Run, split: str, cfg: EvalConfig, dev) -> torch.Tensor:
+    return run_features(run, split, cfg.layer, cfg.grid, dev, precision=cfg.precision)
 
 
 def probe_row(probe: Probe, cfg: EvalConfig, result: FitResult, seconds: float, dev) -> dict:
     """The test-set result row of a trained probe head."""
     test_y = dataset_splits(probe.run.config).test.labels.to(dev)
-    metrics = classification_metrics(predict(probe.model, _test_features(probe.run, cfg, dev)), test_y)
+    metrics = classification_metrics(predict(probe.model, _features(probe.run, "test", cfg, dev),
+                                             precision=cfg.precision), test_y)
     return result_row(probe.run.method, "probe", cfg.head, cfg, probe.budget, probe.seed, metrics, probe.classes,
                       result.epochs_run, seconds, result.history)

@@ -32,14 +32,16 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
                                for c in images.split(1024)])
             space = "latent μ"
         else:
-            feats = extract_features(task.backbone, images, layer, grid, settings.device).cpu()
+            feats = extract_features(task.backbone, images, layer, grid, settings.device,
+                                     precision=settings.resolved_precision).cpu()
             space = f"{layer} ({grid}×{grid} pooled)"
         panels.append(embed(method, feats, labels, space, test.classes, settings.score))
     if random_init and runs:
         like = next(iter(runs.values()))
         torch.manual_seed(0)
         backbone = AlexNetBackbone(BackboneConfig(**like.summary["backbone"])).to(settings.device)
-        feats = extract_features(backbone, images, layer, grid, settings.device).cpu()
+        feats = extract_features(backbone, images, layer, grid, settings.device,
+                                 precision=settings.resolved_precision).cpu()
         panels.append(embed("random init", feats, labels, f"{layer} ({grid}×{grid} pooled)", test.classes,
                             settings.score))
     return panels

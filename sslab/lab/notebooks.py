@@ -34,10 +34,81 @@ def load_params(path: Optional[str]) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--params={str(path)!r} does not exist; allowed: a YAML file such as params/full.yml")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--params={str(path)!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML mapping of "
+                         f"parameter: value, one per line, e.g. labels: 20") from None
     if not isinstance(data, dict):
         raise ValueError(f"--params={str(path)!r} must hold a mapping of parameter: value")
     return data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML parse error is, in one line: ``line L column C: problem``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    if context and getattr(exc, "problem", None):
+        problem += f" ({' '.join(str(context).split())})"
+    if "constructor for the tag" in problem:
+        problem += "; only plain values are read (numbers, text, lists), no !!python tags"
+    return where + problem
+
+
+def parse_parameter(name: str, text: str):
+    """The value of ``-p NAME TEXT`` (YAML, as papermill reads it); a malformed one is one line."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"-p {name} {text!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML value, e.g. "
+                         f"-p labels 5, -p dataset cifar10, -p seeds '[0, 1]'") from None
+
+
+def check_labels_fit(params: dict, names: Sequence[str], source: Optional[Path] = None) -> None:
+    """The ``labels`` and ``budgets`` each notebook in ``names`` will use (given in ``params`` or
+    its default) against its dataset: every one must leave the validation images
+    (``EvalConfig.val_per_class``) in every class. Checked before the first notebook runs,
+    instead of failing in notebook 02 after the pretraining."""
+    import ast
+
+    import papermill
+
+    from ..data import load_dataset, max_per_class
+    from ..evaluate import EvalConfig
+    source = source or notebooks_dir()
+    validation = EvalConfig().val_per_class
+    uses = []
+    for name in names:
+        declared = papermill.inspect_notebook(str(source / f"{name}.ipynb"))
+
+        def value(parameter, default=None):
+            if parameter in params:
+                return params[parameter]
+            try:
+                return ast.literal_eval(declared[parameter]["default"])
+            except (KeyError, ValueError, SyntaxError):
+                return default
+
+        for parameter in ("labels", "budgets"):
+            if parameter in declared and value(parameter) is not None:
+                counts = CHECKS[parameter](value(parameter))
+                uses.append((value("dataset", "fashion-mnist"), name, parameter, value(parameter),
+                             [counts] if isinstance(counts, int) else list(counts)))
+    for dataset, name, parameter, given, counts in uses:
+        most = max_per_class(load_dataset(dataset).train.labels, validation)
+        if most < 1:  # no budget at all fits: the validation share is the problem, not the value
+            raise ValueError(f"parameter dataset={dataset!r} is not allowed: its smallest class has "
+                             f"{most + validation} labeled images, and the notebooks keep {validation} per class for "
+                             f"validation; "
+                             f"allowed: a dataset with more than {validation} labeled images in every class")
+        too_many = [c for c in counts if c > most]
+        if too_many:
+            raise ValueError(f"parameter {parameter}={given!r} is not allowed: {dataset} has too few labeled images "
+                             f"per class for {', '.join(map(str, too_many))} (notebook {name} keeps {validation} per "
+                             f"class for validation); allowed: {parameter} ≤ {most}")
 
 
 def notebook_parameters(path: Path) -> set:
@@ -69,6 +140,7 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
     for name, value in params.items():
         if name in CHECKS:
             CHECKS[name](value)
+    check_labels_fit(params, names, source)
     output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -82,7 +154,7 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
         started = time.perf_counter()
         try:
             papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source), kernel_name="python3",
-                                       progress_bar=False, log_output=False,
+                                       progress_bar=False, log_output=False, kernel_manager_class=_local_kernels(),
                                        on_cell_start=_cell_announcer(announce, started))
         except PapermillExecutionError as exc:
             raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
@@ -91,6 +163,19 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
         announce(f"      done in {seconds:.0f} s → {dst}")
         done.append((name, dst, seconds))
     return done
+
+
+def _local_kernels():
+    """Kernels that talk to make lab over local sockets (IPC), not TCP: a kernel on TCP warns at
+    every start that its traffic is unencrypted, and a batch run never needs the network."""
+    from jupyter_client import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return LocalKernelManager
 
 
 def _cell_announcer(announce, started: float):
@@ -229,10 +314,9 @@ def main(argv=None) -> int:
             return 2
         return 0
     try:
-        import yaml
         params = load_params(args.params)
         for name, value in args.parameter:
-            params[name] = yaml.safe_load(value)
+            params[name] = parse_parameter(name, value)
         if not args.interactive:
             params.setdefault("interactive", False)
         wanted = {n.strip() for n in args.notebooks.split(",") if n.strip()}
@@ -243,7 +327,7 @@ def main(argv=None) -> int:
                              f"{', '.join(n[:2] for n in NOTEBOOKS)}")
         started = time.perf_counter()
         done = run_notebooks(params, names, args.output_dir)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     total = time.perf_counter() - started

@@ -13,6 +13,7 @@ from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, EvalConfig
 from ..models import LAYERS
 from ..pretext import TASKS, check_method
+from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import PretrainConfig
 from ..train import make_deterministic, resolve_device
 
@@ -74,6 +75,7 @@ CHECKS = {
     "examples": lambda v: check_int(_name("examples"), v, 1, " (images per gallery)"),
     "out": _check_out,
     "deterministic": lambda v: check_bool(_name("deterministic"), v),
+    "precision": _choice("precision", PRECISIONS),
 }
 
 
@@ -98,15 +100,22 @@ class LabSettings:
     examples: int = 8
     out: Optional[str] = None
     deterministic: bool = False
+    precision: str = "auto"
     given: tuple = ()  # the parameter names the notebook set (what frame() shows)
 
     def pretrain_config(self, method: str) -> PretrainConfig:
         """The one pretraining config of ``method`` that every notebook (and
         ``python -m sslab curve --pretrain-epochs E --limit L``) derives from the same parameters."""
-        return PretrainConfig(method=check_method(method), dataset=self.dataset, epochs=self.epochs, limit=self.limit)
+        return PretrainConfig(method=check_method(method), dataset=self.dataset, epochs=self.epochs, limit=self.limit,
+                              precision=self.precision)
 
     def eval_config(self) -> EvalConfig:
-        return EvalConfig(layer=self.layer, head=self.head)
+        return EvalConfig(layer=self.layer, head=self.head, precision=self.precision)
+
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` as the runs use it on ``device`` (auto → bf16 or fp32)."""
+        return resolve_precision(self.precision, self.device)
 
     @property
     def splits(self):
@@ -125,6 +134,7 @@ class LabSettings:
         config = self.pretrain_config(self.methods[0]).resolved(self.device)
         values["pretraining images × epochs"] = f"{config.limit or 'all'} × {config.epochs}"
         values["backbone width"] = f"{config.width:g}"
+        values["precision (resolved)"] = config.precision
         return pd.DataFrame({"value": values})
 
 
