@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sslab import store
+from sslab import integrity, store
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -48,11 +48,11 @@ def measure(folder: Path, megabytes: float, repeats: int) -> dict:
     size = path.stat().st_size
 
     def fresh_digest():
-        store._DIGESTS.clear()  # as a new process would: nothing remembered
+        integrity._DIGESTS.clear()  # as a new process would: nothing remembered
         store.file_digest(path)
 
     def verified_load():
-        store._DIGESTS.clear()
+        integrity._DIGESTS.clear()
         store.load_torch(path)
 
     def crc_check():

@@ -2,11 +2,11 @@
 
 Data sits on the training device as tensors; each epoch draws a seeded permutation and
 slices batches from it. Augmentation happens inside the model's ``loss`` on the same device.
-A run's precision (:mod:`sslab.precision`: bf16 autocast with channels_last, or fp32) is
-the caller's to choose; epochs are timed with CUDA events on CUDA. :func:`fit` reads top to bottom; its pieces (the epoch,
-the resume state, early stopping, the divergence check, the progress bar) are the small
-functions and classes below it, and the batched probe trainer reuses them. Why it checkpoints
-on a clock and how a resumed run repeats bit for bit: docs/troubleshooting.md.
+A run's precision (:mod:`sslab.precision`: bf16 autocast with channels_last, or fp32) is the
+caller's to choose; epochs are timed with CUDA events on CUDA. :func:`fit` reads top to bottom;
+its pieces (the epoch, early stopping, the divergence check, the progress bar) are the small
+functions and classes below it, and the batched probe trainer reuses them; the resume state and
+when it is written are in :mod:`sslab.checkpoint`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from . import store
+from .checkpoint import (CHECKPOINT_EVERY_S, Checkpointer, check_checkpoint_every, resume,  # noqa: F401
+                         start_metrics, training_state)
 from .checks import check_choice
 from .precision import autocast
 
@@ -118,17 +120,6 @@ def make_deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-# Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
-# lost on a kill: at most this much training is done again).
-CHECKPOINT_EVERY_S = 60.0
-
-
-def check_checkpoint_every(value) -> float:
-    from .checks import check_number
-    return check_number("checkpoint_every", value, 0.0, low_open=False,
-                        allowed="seconds ≥ 0 (0: after every epoch)")
-
-
 def prepare_model(model: nn.Module, precision: str) -> None:
     """For bf16: channels_last weights, and modules with a ``channels_last`` flag (the pretext
     tasks, the image classifier) switch their inputs to it too. Nothing changes for fp32."""
@@ -210,7 +201,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     early, result = EarlyStopping(cfg.patience), FitResult()
     state = saver.load(distributed, model)
     start = resume(state, model, optimizer, generator, early, result, cfg, device) if state else 0
-    _start_metrics(metrics_path if main else None, result.resumed_from, state is not None, result.history)
+    start_metrics(metrics_path if main else None, result.resumed_from, state is not None, result.history)
     if state and main:
         print(f"resuming {desc} from {checkpoint} after epoch {result.resumed_from} of {cfg.epochs}", file=sys.stderr)
     bar = ProgressBar(progress and main, plan, start, f"{desc} ({precision})",
@@ -384,110 +375,6 @@ def validation_metrics(model: nn.Module, validate: Callable[[nn.Module], dict], 
         return validate(model)
 
 
-class Checkpointer:
-    """Where and when :func:`fit` writes its resume state: at the end of an epoch once ``every``
-    seconds have passed since the last write (0: every epoch), and after the last epoch when
-    ``last``. Only the process that ``writes`` touches the file."""
-
-    def __init__(self, path: Optional[Path], every: float, last: bool, writes: bool = True,
-                 provenance: Optional[dict] = None):
-        self.path = None if path is None else Path(path)
-        self.provenance = provenance
-        self.every = check_checkpoint_every(every)
-        self.last, self.writes = last, writes
-        self.saved_at = time.monotonic()
-        self.saved_epoch: Optional[int] = None
-
-    def load(self, distributed=None, model: Optional[nn.Module] = None) -> Optional[dict]:
-        """The resume state (None when there is none), verified: its bytes (sslab.store), what
-        made it (``provenance``), that it is a training state, and that its weights fit ``model``."""
-        if distributed is not None:
-            state = distributed.load_checkpoint(self.path)  # rank 0 reads it, every rank gets it
-        elif self.path is None or not self.path.is_file():
-            return None
-        else:  # RNG and generator states must be CPU tensors; load_state_dict moves the rest to the device.
-            state = store.load_torch(self.path, map_location="cpu")
-        if state is not None:
-            if self.provenance is not None:
-                store.check_provenance(state, self.path, self.provenance)
-            self._check_fits(state, model)
-            self.saved_epoch = state["epoch"]
-        return state
-
-    def _check_fits(self, state, model: Optional[nn.Module]) -> None:
-        missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
-        if missing:
-            raise store.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
-                                    f"{store.remedy(self.path)}")
-        if model is None:
-            return
-        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in state["model"].items() if torch.is_tensor(v)}
-        if mine != theirs:
-            odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
-            raise store.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
-                                    f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
-                                    f"{store.remedy(self.path)}")
-
-    def maybe_save(self, state: Callable[[], dict], last_epoch: bool) -> None:
-        due = (last_epoch and self.last) or time.monotonic() - self.saved_at >= self.every
-        if self.path is not None and self.writes and due:
-            snapshot = state()
-            if self.provenance is not None:
-                snapshot["provenance"] = self.provenance
-            store.save_torch(self.path, snapshot)
-            self.saved_at, self.saved_epoch = time.monotonic(), snapshot["epoch"]
-
-    def describe_kept(self) -> str:
-        if self.path is None or self.saved_epoch is None:
-            return "no checkpoint of this run was written, so nothing of its training is kept"
-        return f"the checkpoint after epoch {self.saved_epoch + 1} ({self.path}) is kept"
-
-
-TRAINING_STATE_KEYS = ("model", "optimizer", "epoch", "generator", "rng", "history", "best_epoch", "best_metric",
-                       "bad_epochs")
-
-
-def training_state(model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
-                   epoch: int, device) -> dict:
-    """Everything a resumed run needs to go on exactly as if it had never stopped."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
-            "best_epoch": early.best_epoch, "best_metric": early.best_metric, "best_state": early.best_state,
-            "bad_epochs": early.bad_epochs, "stopped_early": early.should_stop, "config": asdict(cfg),
-            "first_loss": result.first_loss}
-
-
-def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
-           device) -> int:
-    """Load a :func:`training_state` into the run; returns the epoch to start from."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    _set_rng_state(state["rng"], device)
-    result.history = list(state["history"])
-    early.best_epoch, early.best_metric = state["best_epoch"], state["best_metric"]
-    early.best_state, early.bad_epochs = state.get("best_state"), state["bad_epochs"]
-    result.resumed_from = state["epoch"] + 1
-    result.first_loss = state.get("first_loss")
-    # A run that had stopped early finishes as the first run would have.
-    return cfg.epochs if state.get("stopped_early") else result.resumed_from
-
-
-def _start_metrics(path: Optional[Path], start, resumed: bool, history: Optional[list] = None) -> None:
-    """metrics.jsonl holds the epochs before ``start`` when resuming, nothing otherwise. On resume
-    it is rewritten from the checkpoint's ``history`` (the same rows), so a damaged line in it
-    costs nothing."""
-    if path is None:
-        return
-    if resumed and history is not None:
-        store.write_jsonl(path, [row for row in history if row.get("epoch", -1) < start])
-    elif resumed:
-        store.truncate_jsonl(path, lambda row: row.get("epoch", -1) < start)
-    elif Path(path).exists():
-        Path(path).unlink()
-
-
 def finish(model: nn.Module, early: EarlyStopping, result: FitResult) -> FitResult:
     if early.best_state is not None:
         model.load_state_dict(early.best_state)
@@ -503,19 +390,6 @@ def _param_groups(model: nn.Module, groups: Optional[list]) -> list:
     for group in groups:
         group.setdefault("lr_scale", 1.0)
     return groups
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class EpochTimer:

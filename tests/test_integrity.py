@@ -403,7 +403,10 @@ def test_the_store_format_is_in_every_config_hash_and_every_provenance(tmp_path,
     path = tmp_path / "model.pt"
     store.save_torch(path, {"w": torch.ones(2)}, provenance=store.provenance("model", method="rotation"))
     before = store.config_hash(config)
-    monkeypatch.setattr(store, "STORE_FORMAT", store.STORE_FORMAT + 1)
+    from sslab import integrity
+    newer = store.STORE_FORMAT + 1
+    for module in (store, integrity):  # the store hashes with it, integrity checks records against it
+        monkeypatch.setattr(module, "STORE_FORMAT", newer)
     assert store.config_hash(config) != before  # a new format never reuses old runs or cells
     with pytest.raises(store.ForeignFile, match="store_format=2 where this run expects kind=model, store_format=3"):
         store.load_torch(path, expect={"kind": "model", "method": "rotation"})

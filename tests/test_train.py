@@ -241,7 +241,7 @@ def test_checkpoint_every_spaces_checkpoints_in_time_and_keeps_the_last_epochs(t
     passed since the last write; the last epoch's is written unless ``checkpoint_last=False``."""
     x, y, _ = _regression_data(n=96)
     clock = [0.0]
-    monkeypatch.setattr("sslab.train.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("sslab.checkpoint.time.monotonic", lambda: clock[0])
     saved_epochs = []
     save = store.save_torch
 
@@ -250,7 +250,7 @@ def test_checkpoint_every_spaces_checkpoints_in_time_and_keeps_the_last_epochs(t
         clock[0] += 1.0  # a save takes "1 s"
         return save(path, state)
 
-    monkeypatch.setattr("sslab.train.store.save_torch", recording_save)
+    monkeypatch.setattr("sslab.checkpoint.store.save_torch", recording_save)
 
     class TenSecondEpochs(LinearRegression):
         def loss(self, x, y):
