@@ -1,7 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make lab    create .venv, install, check the dataset, run the notebooks
 #   make test   the same set-up, then the linter and the whole test suite (unit tests + notebooks under nbval)
-# and one for quick work: make test-fast (everything but the notebook, subprocess and torchrun tests).
+# and one for quick work: make test-fast (everything but the notebook, subprocess, torchrun and heaviest tests).
 PYTHON_BOOT ?= python3
 VENV        := .venv
 PY          := $(VENV)/bin/python

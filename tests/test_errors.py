@@ -59,7 +59,7 @@ def cli(capsys, *argv) -> str:
 # ---------------------------------------------------------------- parameters
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--method", "simclr"], ["method='simclr'", "rotation, vae, siamese-vae"]),
+    (["--method", "jigsaw"], ["method='jigsaw'", "rotation, vae, siamese-vae, simclr"]),
     (["--dataset", "mnist"], ["dataset='mnist'", "fashion-mnist", "cifar10", "folder:PATH"]),
     (["--epochs", "0"], ["epochs=0", "integer ≥ 1"]),
     (["--epochs", "-3"], ["epochs=-3", "integer ≥ 1"]),
@@ -202,7 +202,12 @@ def test_folder_dataset_skips_single_unreadable_images(tmp_path):
     (root / "train" / "a" / "broken.png").write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="broken.png"):
         splits = load_dataset(f"folder:{root}", image_size=16)
-    assert len(splits.train) == 6
+    # every readable image is kept, with its class: the same set as the folder without the broken file
+    clean = grey_folder(tmp_path / "clean")
+    with pytest.warns(UserWarning, match="no test/ folder"):
+        reference = load_dataset(f"folder:{clean}", image_size=16)
+    assert splits.train.labels.tolist() == reference.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert torch.equal(splits.train.images, reference.train.images)
 
 
 def test_odd_image_modes_are_converted_not_rejected(tmp_path):
@@ -336,10 +341,11 @@ def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expect
 # ---------------------------------------------------------------- a real process: exit code, no traceback
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--method", "simclr"], "method='simclr' is not known; allowed: rotation, vae, siamese-vae"),
+    (["--method", "jigsaw"], "method='jigsaw' is not known; allowed: rotation, vae, siamese-vae, simclr"),
     (["--epochs", "0"], "epochs=0 is not allowed; allowed: an integer ≥ 1"),
     (["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
 ])
+@pytest.mark.slow
 def test_command_line_exits_2_with_one_error_line(argv, expected, tmp_path):
     result = subprocess.run([sys.executable, "-m", "sslab", "pretrain", "--out", str(tmp_path), *argv],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sslab import evaluate as ev
 from sslab import store
-from sslab.data import label_budget_split
 from sslab.evaluate.curve import cell_key
-from sslab.models import pooled_dim
 from sslab.pretrain import PretrainConfig, pretrain
 
 TINY = ev.EvalConfig(probe_epochs=3, scratch_epochs=2, finetune_epochs=2, samples_per_epoch=64, batch_size=32,
@@ -90,8 +89,10 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_runs(tiny_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
+    # fp32: these tests compare evaluation paths with each other to fp32 rounding, which needs the
+    # tiny nets' features free of bf16 rounding too.
     runs = [pretrain(PretrainConfig(method=m, dataset=tiny_folder, epochs=1, width=0.125, image_size=28,
-                                    batch_size=16), device="cpu", out=str(out), progress=False)
+                                    batch_size=16, precision="fp32"), device="cpu", out=str(out), progress=False)
             for m in ("rotation", "vae")]
     return runs, str(out)
 
@@ -100,29 +101,112 @@ def _weights(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_probe_keeps_backbone_frozen_and_finetune_changes_it(tiny_runs):
-    (run, _), out = tiny_runs
-    before = _weights(run.load_task("cpu").backbone)
-    ev.probe_cell(run, 2, seed=0, device="cpu", out=out, config=TINY)
-    splits = ev.dataset_splits(run.config)
-    backbone = run.load_task("cpu").backbone
-    backbone.train()  # even a backbone left in train mode keeps its BN statistics when probed
-    ev.extract_features(backbone, splits.train.images, "conv4", 2)
-    after = _weights(backbone)
-    assert all(torch.equal(before[k], after[k]) for k in before), "probing changed the backbone"
-    assert any("running_mean" in k for k in before)
-    row = ev.finetune_cell(run, 2, seed=0, device="cpu", out=out, config=TINY)
-    assert row["protocol"] == "finetune"
-    # The fine-tuned weights are not stored; retrain one epoch by hand through the same path.
-    model = ev.ImageClassifier(run.load_task("cpu").backbone,
-                               ev.FeatureHead(pooled_dim(backbone, "conv4", 2), 3), "conv4", 2)
-    from sslab.train import TrainConfig, fit
-    idx, _ = label_budget_split(splits.train.labels, 2, 0, 2)
-    fit(model, (splits.train.images[idx], splits.train.labels[idx]),
-        TrainConfig(epochs=1, batch_size=6, optimizer="adam", lr=1e-3), torch.device("cpu"), progress=False)
-    tuned = _weights(model.backbone)
-    changed = [k for k in before if not torch.equal(before[k], tuned[k])]
-    assert any("running_mean" in k for k in changed) and any("weight" in k for k in changed)
+def _fresh_copy(run, folder):
+    """The run copied without its cached features, so a cell computes them from the backbone."""
+    import shutil
+
+    from sslab.pretrain import load_run
+    shutil.copytree(run.path, folder, ignore=shutil.ignore_patterns("features-*"))
+    return load_run(folder)
+
+
+def test_probe_cell_leaves_the_pretrained_backbone_untouched(tiny_runs, tmp_path, monkeypatch):
+    (run, _), _ = tiny_runs
+    run = _fresh_copy(run, tmp_path / "runs" / run.path.name)
+    stored = {k[len("backbone."):]: v for k, v in store.load_torch(run.path / "model.pt")["model"].items()
+              if k.startswith("backbone.")}
+    model_bytes = (run.path / "model.pt").read_bytes()
+    from sslab.pretrain import Run
+    loaded = []
+    real_load = Run.load_backbone
+
+    def recording_load(self, *args, **kwargs):
+        loaded.append(real_load(self, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(Run, "load_backbone", recording_load)
+    ev.probe_cell(run, 2, seed=0, device="cpu", out=str(tmp_path), config=TINY)
+    assert loaded, "the probe never built the backbone: its features came from somewhere else"
+    assert any("running_mean" in k for k in stored)
+    for backbone in loaded:  # weights, BN running statistics and batch counters, byte for byte
+        after = backbone.state_dict()
+        assert after.keys() == stored.keys()
+        for key, value in stored.items():
+            assert torch.equal(after[key], value), key
+    assert (run.path / "model.pt").read_bytes() == model_bytes
+    # even a backbone left in train mode keeps its BN statistics when features are extracted
+    backbone = run.load_backbone("cpu").train()
+    ev.extract_features(backbone, ev.dataset_splits(run.config).train.images, "conv4", 2)
+    changed = [k for k, v in stored.items() if not torch.equal(backbone.state_dict()[k], v)]
+    assert not changed, f"feature extraction changed {changed}"
+
+
+def _record_finetuning(monkeypatch, seen: list):
+    """Wrap the ``fit`` of end_to_end: per call, the learning rate of the backbone's and the
+    head's optimiser groups at every step, and the two parts' parameters before and after."""
+    from sslab.evaluate import end_to_end
+    real_fit = end_to_end.fit
+
+    def recording_fit(model, *args, **kwargs):
+        backbone = {id(p) for p in model.backbone.parameters()}
+        head = {id(p) for p in model.head.parameters()}
+        steps = []
+
+        def before_step(optimizer, args, kwargs):
+            lrs = {}
+            for group in optimizer.param_groups:
+                ids = {id(p) for p in group["params"]}
+                part = "backbone" if ids <= backbone else "head" if ids <= head else "mixed"
+                lrs[part] = group["lr"]
+            steps.append(lrs)
+
+        params = {part: _params(getattr(model, part)) for part in ("backbone", "head")}
+        handle = register_optimizer_step_pre_hook(before_step)
+        try:
+            result = real_fit(model, *args, **kwargs)
+        finally:
+            handle.remove()
+        seen.append({"steps": steps, "lr": args[1].lr, "before": params,
+                     "after": {part: _params(getattr(model, part)) for part in ("backbone", "head")}})
+        return result
+
+    monkeypatch.setattr(end_to_end, "fit", recording_fit)
+
+
+def _params(module) -> dict:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _moved(call: dict, part: str) -> float:
+    """The norm of the change of ``part``'s parameters during one recorded fit."""
+    before, after = call["before"][part], call["after"][part]
+    return float(torch.sqrt(sum(((after[k] - before[k]).float() ** 2).sum() for k in before)))
+
+
+def test_finetune_cell_trains_the_backbone_at_backbone_lr_scale_times_the_head_rate(tiny_runs, tmp_path,
+                                                                                      monkeypatch):
+    (run, _), _ = tiny_runs
+    seen = []
+    _record_finetuning(monkeypatch, seen)
+    config = replace(TINY, finetune_epochs=1, finetune_lr=2e-4)
+    for scale in (0.1, 1.0):
+        ev.finetune_cell(run, 2, seed=0, device="cpu", out=str(tmp_path), config=replace(config,
+                                                                                          backbone_lr_scale=scale))
+    slow, full = seen
+    assert config.backbone_lr_scale == 0.1  # the documented default
+    for call, scale in ((slow, 0.1), (full, 1.0)):
+        assert call["lr"] == 2e-4 and call["steps"], call
+        assert all(set(step) == {"backbone", "head"} for step in call["steps"])
+        # the head at the cosine schedule's rate (its peak on the first step), the backbone at scale × that
+        assert call["steps"][0]["head"] == pytest.approx(2e-4)
+        for step in call["steps"]:
+            assert step["backbone"] == pytest.approx(scale * step["head"], rel=1e-12)
+        # and the backbone really trains: its weights move
+        assert _moved(call, "backbone") > 0
+    # Adam's steps are about as long as the learning rate whatever the gradient, so from the same
+    # weights and batches the backbone moves ~0.1 as far at scale 0.1, and the head as far.
+    assert _moved(slow, "backbone") / _moved(full, "backbone") == pytest.approx(0.1, rel=0.25)
+    assert _moved(slow, "head") / _moved(full, "head") == pytest.approx(1.0, rel=0.1)
 
 
 def test_same_seed_same_split_for_every_method_and_disjoint(tiny_runs):
@@ -208,6 +292,7 @@ def test_shards_then_merge_equal_the_unsharded_table(tiny_runs):
         sorted((key(r), r["top1"], r["top5"]) for r in full.rows)
 
 
+@pytest.mark.slow
 def test_probe_command_prints_top1_and_top5(tiny_runs):
     (run, _), out = tiny_runs
     result = subprocess.run([sys.executable, "-m", "sslab", "probe", "--run", str(run.path), "--labels", "2",
@@ -220,6 +305,7 @@ def test_probe_command_prints_top1_and_top5(tiny_runs):
     assert bad.returncode != 0 and "not a complete run" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_probes", [False, True])
 def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny_runs, tmp_path, monkeypatch,
                                                                              batch_probes):
@@ -248,8 +334,9 @@ def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny
 
 def test_batched_probes_give_the_one_at_a_time_results(tiny_runs, tmp_path):
     runs, _ = tiny_runs
-    # early stopping on; budgets 1 and 4 have 66 and 72 samples per epoch: two groups of heads
-    config = replace(TINY, probe_epochs=8, probe_patience=2)
+    # early stopping on; budgets 1 and 4 have 66 and 72 samples per epoch: two groups of heads.
+    # In fp32: the comparison is of the algorithm, to fp32 rounding (bf16 rounds 2^16 times coarser).
+    config = replace(TINY, probe_epochs=8, probe_patience=2, precision="fp32")
     tables = {batched: ev.label_curve(runs, budgets=[1, 4], seeds=[0, 1], scratch=False, device="cpu",
                                       out=str(tmp_path / str(batched)), config=config, progress=False,
                                       batch_probes=batched)

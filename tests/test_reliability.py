@@ -6,6 +6,7 @@ The command-line tests run a real ``python -m sslab pretrain`` on a tiny image f
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -79,6 +80,7 @@ def tiny_config(images: Path, epochs: int = 1, **overrides) -> PretrainConfig:
 
 # ---------------------------------------------------------------- resume after SIGKILL
 
+@pytest.mark.slow
 def test_killed_pretrain_resumes_from_its_checkpoint(image_folder, tmp_path):
     out = tmp_path / "out"
     command = pretrain_command(image_folder, out, 4)
@@ -271,7 +273,7 @@ def test_writes_are_atomic_and_files_stay_readable_for_others(tmp_path, monkeypa
         store.save_torch(target, {"w": torch.zeros(3)})
     monkeypatch.undo()
     assert torch.equal(store.load_torch(target)["w"], torch.ones(3))  # the old file is untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.sha256"]  # no temporary file left
     # Shared checkpoints: permissions follow the umask like any other file, not 0600.
     umask = os.umask(0)
     os.umask(umask)
@@ -352,6 +354,7 @@ def test_crash_between_the_two_renames_of_force_is_recovered(image_folder, tmp_p
 
 # ---------------------------------------------------------------- two processes, one config
 
+@pytest.mark.slow
 def test_two_processes_with_the_same_config_share_one_run(image_folder, tmp_path):
     out = tmp_path / "out"
     command = pretrain_command(image_folder, out, 1)
@@ -369,6 +372,7 @@ def test_two_processes_with_the_same_config_share_one_run(image_folder, tmp_path
     assert not list(folder.parent.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_lock_makes_the_second_process_wait(tmp_path):
     """While one process holds a run folder's lock, another asking for it without waiting is
     refused, and a waiting one gets it once the first lets go."""
@@ -395,6 +399,7 @@ def test_lock_makes_the_second_process_wait(tmp_path):
 
 # ---------------------------------------------------------------- --deterministic
 
+@pytest.mark.slow
 def test_deterministic_cpu_runs_repeat_bit_for_bit(image_folder, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     # One thread each: the two runs share the CPU cores side by side.
@@ -416,15 +421,6 @@ def test_deterministic_cpu_runs_repeat_bit_for_bit(image_folder, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
-
-
-def test_deterministic_is_a_parameter_of_pretrain_and_the_command_line():
-    import inspect
-
-    from sslab.cli import build_parser
-    assert inspect.signature(pretrain).parameters["deterministic"].default is False
-    args = build_parser().parse_args(["pretrain", "--deterministic"])
-    assert args.deterministic is True
 
 
 def test_json_files_are_complete_json(tmp_path):
@@ -471,3 +467,180 @@ def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_pat
     calls.clear()
     again = sweep()
     assert calls == [] and [r["top1"] for r in again.rows] == [r["top1"] for r in table.rows]
+
+
+# ---------------------------------------------------------------- runs killed part-way, evaluation cells, sweeps
+
+# Put before the code of a child process the tests kill: after each checkpoint a run writes, it
+# pauses (PAUSE_AFTER_CHECKPOINT seconds), so the test finds the checkpoint and kills the run
+# before it finishes, however busy the machine is. The pause changes no result.
+PAUSING = """
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+from sslab import train
+_maybe_save = train.Checkpointer.maybe_save
+def _pausing_save(self, *args, **kwargs):
+    before = self.saved_epoch
+    _maybe_save(self, *args, **kwargs)
+    if self.saved_epoch != before:
+        time.sleep(float(os.environ.get("PAUSE_AFTER_CHECKPOINT", "0")))
+train.Checkpointer.maybe_save = _pausing_save
+"""
+
+# argv: protocol, pretrained run, out, EvalConfig fields as JSON. Prints the cell's row as JSON.
+END_TO_END_CELL = PAUSING + """
+import json
+from sslab import evaluate as ev
+from sslab.evaluate import end_to_end
+from sslab.pretrain import load_run
+end_to_end.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch (by default: once a minute)
+protocol, run, out, config = sys.argv[1], load_run(sys.argv[2]), sys.argv[3], ev.EvalConfig(**json.loads(sys.argv[4]))
+if protocol == "scratch":
+    row = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=out, config=config, deterministic=True)
+else:
+    row = ev.finetune_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
+print(json.dumps(row))
+"""
+
+CELL_CONFIG = dict(probe_epochs=3, scratch_epochs=5, finetune_epochs=5, samples_per_epoch=64, batch_size=32,
+                   val_per_class=2, probe_patience=0, scratch_patience=3, finetune_patience=3)
+
+
+def wait_for(pattern: str, root: Path, process: subprocess.Popen, log: Path, seconds: float = 240) -> Path:
+    """The first file matching ``pattern`` under ``root``, while ``process`` runs."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        assert process.poll() is None, f"the run ended before writing {pattern}: {log.with_suffix('.err').read_text()}"
+        assert time.monotonic() < deadline, f"no {pattern} after {seconds} s"
+        time.sleep(0.02)
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _result_of(row: dict) -> dict:
+    """What a cell computed, without its timings."""
+    history = [{k: v for k, v in epoch.items() if k not in ("seconds", "images_per_s")} for epoch in row["history"]]
+    return {**{k: row[k] for k in ("top1", "top5", "per_class", "confusion", "epochs")}, "history": history}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["scratch", "finetune"])
+def test_killed_evaluation_cell_resumes_from_its_checkpoint_bit_for_bit(image_folder, tmp_path, protocol):
+    run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path / "pretrained"), progress=False,
+                   eval_limit=8)
+
+    def cell(out: Path, log: Path, **env: str) -> subprocess.Popen:
+        return start([sys.executable, "-c", END_TO_END_CELL, protocol, str(run.path), str(out),
+                      json.dumps(CELL_CONFIG)], log, OMP_NUM_THREADS="1", **env)
+
+    from sslab import evaluate as ev
+    config = ev.EvalConfig(**CELL_CONFIG)
+    if protocol == "scratch":  # the same cell, never interrupted
+        expected = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=str(tmp_path / "reference"),
+                                   config=config, deterministic=True)
+    else:
+        expected = ev.finetune_cell(run, 4, device="cpu", out=str(tmp_path / "reference"), config=config,
+                                    deterministic=True)
+
+    out = tmp_path / "out"
+    first = cell(out, tmp_path / "first", PAUSE_AFTER_CHECKPOINT="30")
+    checkpoint = wait_for("runs/eval-*/checkpoint.pt", out, first, tmp_path / "first")
+    kill(first)
+    folder = checkpoint.parent
+    assert not store.is_complete(folder)
+    stopped_after = store.load_torch(checkpoint)["epoch"]
+    assert stopped_after < CELL_CONFIG[f"{protocol}_epochs"] - 1
+
+    rc, stdout, stderr = finish(cell(out, tmp_path / "second"), tmp_path / "second")
+    assert rc == 0, stderr
+    assert f"resuming {protocol}" in stderr and str(checkpoint) in stderr
+    row = json.loads(stdout.strip().splitlines()[-1])
+    assert row["run"] == str(folder) and store.is_complete(folder) and not checkpoint.exists()
+    assert _result_of(row) == _result_of(expected)  # as if it had never stopped
+
+
+@pytest.mark.slow
+def test_force_resumes_an_interrupted_new_folder_and_swaps_it_in(image_folder, tmp_path):
+    """``pretrain --force`` trains into ``<folder>.new``; killed part-way, the next ``--force`` resumes
+    that folder from its checkpoint (not from scratch) and swaps it in once it is complete."""
+    out = tmp_path / "out"
+    command = ["-c", PAUSING + "from sslab.cli import main\nsys.exit(main(sys.argv[1:]))",
+               *pretrain_command(image_folder, out, 4, "--deterministic")[3:]]
+    folder = pretrain(tiny_config(image_folder, epochs=4), device="cpu", out=str(out), progress=False,
+                      deterministic=True).path
+    original = _snapshot(folder)
+
+    first = start([sys.executable, *command, "--force"], tmp_path / "first", OMP_NUM_THREADS="1",
+                  PAUSE_AFTER_CHECKPOINT="30")
+    pending = folder.with_name(folder.name + ".new")
+    checkpoint = wait_for(f"{pending.name}/checkpoint.pt", folder.parent, first, tmp_path / "first")
+    kill(first)
+    assert not store.is_complete(pending) and _snapshot(folder) == original  # the complete run is untouched
+
+    rc, stdout, stderr = finish(start([sys.executable, *command, "--force"], tmp_path / "second",
+                                      OMP_NUM_THREADS="1"), tmp_path / "second")
+    assert rc == 0, stderr
+    assert f"resuming pretrain rotation from {checkpoint}" in stderr, stderr
+    assert stdout.strip().splitlines()[-1] == str(folder)
+    assert run_folders(out) == [folder]  # swapped in: no .new or .old left
+    summary = store.read_json(folder / store.COMPLETE)
+    assert summary["resumed_from_epoch"] >= 1  # (the original run: 0)
+    assert epochs_in(folder) == [0, 1, 2, 3]
+    # deterministic: the resumed retraining ends with the original run's weights, bit for bit
+    new = store.load_torch(folder / "model.pt")["model"]
+    old = torch.load(io.BytesIO(original["model.pt"]), weights_only=True)["model"]
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+
+
+# argv: log, out, EvalConfig fields as JSON, pretrained runs. Every computed cell appends its
+# folder's name and this process's id to the log (one short line, appended: whole).
+COUNTED_SWEEP = """
+import json, os, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from sslab import evaluate as ev
+from sslab.evaluate import cells, end_to_end, probe
+from sslab.pretrain import load_run
+log = sys.argv[1]
+finish_cell = cells.finish_cell
+def counted(folder, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write(json.dumps({"cell": Path(folder).name, "pid": os.getpid()}) + "\\n")
+    return finish_cell(folder, *args, **kwargs)
+probe.finish_cell = end_to_end.finish_cell = counted
+table = ev.label_curve([load_run(p) for p in sys.argv[4:]], budgets=[1, 3], seeds=[0, 1], finetune=True,
+                       device="cpu", out=sys.argv[2], config=ev.EvalConfig(**json.loads(sys.argv[3])),
+                       progress=False, name="sweep")
+print(json.dumps([[r["method"], r["protocol"], r["budget"], r["seed"], r["top1"], r["run"]] for r in table.rows]))
+"""
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_compute_each_cell_exactly_once(image_folder, tmp_path):
+    out = tmp_path / "out"
+    runs = [pretrain(tiny_config(image_folder, method=m), device="cpu", out=str(out), progress=False, eval_limit=8)
+            for m in ("rotation", "vae")]
+    log = tmp_path / "computed.jsonl"
+    config = dict(CELL_CONFIG, scratch_epochs=2, finetune_epochs=2)
+    sweeps = [start([sys.executable, "-c", COUNTED_SWEEP, str(log), str(out), json.dumps(config),
+                     *[str(r.path) for r in runs]], tmp_path / f"sweep{i}", OMP_NUM_THREADS="1") for i in range(2)]
+    results = [finish(p, tmp_path / f"sweep{i}") for i, p in enumerate(sweeps)]
+    for rc, _, stderr in results:
+        assert rc == 0, stderr
+    tables = [json.loads(stdout.strip().splitlines()[-1]) for _, stdout, _ in results]
+    assert tables[0] == tables[1]  # both read the same cells
+    cells = [p.name for p in (out / "runs").iterdir() if p.name.startswith("eval-") and store.is_complete(p)]
+    # 2 budgets × 2 seeds × (2 methods × probe and finetune, + scratch)
+    assert len(cells) == len(tables[0]) == 20
+    computed = [row["cell"] for row in store.read_jsonl(log)]
+    assert sorted(computed) == sorted(cells), "a cell was computed twice, or one was never computed"
+    # the two really ran at the same time: one of them waited for a cell the other held
+    assert any("waiting for another process" in stdout for _, stdout, _ in results)
