@@ -289,10 +289,11 @@ def _print_table(table, out) -> None:
     from . import store
     print(table.format())
     print()
-    print("paired gain over scratch (top-1, percentage points, mean ± std over seeds):")
+    print("paired gain over scratch (top-1, percentage points: mean over seeds [95 % confidence interval], "
+          "✓ where it excludes 0, seeds won):")
+    from .evaluate.table import format_gain
     for g in table.paired_gain("top1"):
-        print(f"  {g['method']:<12} {g['protocol']:<9} labels={g['budget']:<3} {100 * g['gain_top1_mean']:+.1f} ± "
-              f"{100 * g['gain_top1_std']:.1f}  (wins {g['wins']}/{g['n']})")
+        print(f"  {g['method']:<12} {g['protocol']:<9} labels={g['budget']:<3} {format_gain(g)}")
     print(f"table: {table.path}")
     try:
         from .plots import save_label_curves

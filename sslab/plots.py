@@ -72,17 +72,17 @@ def _row_order(table):
     return key
 
 
-def spread_note(counts, what: str = "bands") -> str:
-    """What a figure's bands or error bars summarise, from the number of seeds behind each
-    point: a reader of a saved figure cannot otherwise tell a zero-width band of one seed from
-    a tight spread of five."""
+def spread_note(counts, what: str = "bands", interval: bool = False) -> str:
+    """What a figure's bands or error bars summarise (± 1 std, or with ``interval`` the 95 %
+    confidence interval of the mean), from the number of seeds behind each point: a reader of a
+    saved figure cannot otherwise tell a zero-width band of one seed from a tight spread of five."""
     counts = sorted({int(n) for n in counts})
     if not counts:
         return ""
     if counts == [1]:
         return "1 seed per point: no spread shown"
     seeds = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    return f"{what}: ± 1 std over {seeds} seeds"
+    return f"{what}: {'95 % confidence interval' if interval else '± 1 std'} over {seeds} seeds"
 
 
 def _note(ax, text: str) -> None:
@@ -166,8 +166,9 @@ def save_label_curves(table, stem) -> Path:
 
 
 def gain_bars(gains: list, metric: str = "top1", ax=None):
-    """Paired gain over scratch (percentage points, mean ± std over seeds) per budget, one bar
-    group per budget and one bar per method. ``gains``: ``ResultTable.paired_gain(metric)``."""
+    """Paired gain (percentage points, mean over seeds, error bars its 95 % confidence interval)
+    per budget, one bar group per budget and one bar per series. ``gains``:
+    ``ResultTable.paired_gain(metric, over=...)``; the y label names the baseline."""
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
@@ -178,18 +179,19 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
         values = {g["budget"]: g for g in gains if (g["method"], g["protocol"]) == (method, protocol)}
         x = np.arange(len(budgets)) + (i - (len(series) - 1) / 2) * width
         y = [100 * values[b][f"gain_{metric}_mean"] if b in values else np.nan for b in budgets]
-        s = [100 * values[b][f"gain_{metric}_std"] if b in values else 0 for b in budgets]
+        s = [100 * (values[b].get(f"gain_{metric}_ci95") or 0) if b in values else 0 for b in budgets]
         ax.bar(x, y, width, yerr=s, color=method_color(method, i), alpha=0.85 if protocol == "probe" else 0.5,
                label=series_name(method, protocol), capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(budgets)))
     ax.set_xticklabels([str(b) for b in budgets])
     ax.set_xlabel("labeled images per class")
-    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} gain over scratch (pp)")
+    over = gains[0].get("over", "scratch") if gains else "scratch"
+    ax.set_ylabel(f"{METRIC_NAMES.get(metric, metric)} gain over {over} (pp)")
     ax.grid(alpha=0.3, axis="y")
     if series:
         ax.legend(fontsize=8)
-    _note(ax, spread_note((g["n"] for g in gains), "error bars"))
+    _note(ax, spread_note((g["n"] for g in gains), "error bars", interval=True))
     return ax
 
 

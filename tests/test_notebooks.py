@@ -360,8 +360,25 @@ def _check_gain_frame(nb, source: str, rows: list) -> None:
     for line in body:
         for budget, shown in zip(budgets, line[1:]):
             diffs = gains[(line[0], budget)]
-            _check_mean_std(shown.split(" (")[0], diffs, (source, line[0], budget))
+            _check_gain_interval(shown, diffs, (source, line[0], budget))
             assert shown.endswith(f"({sum(d > 0 for d in diffs)}/{len(diffs)})"), (line[0], budget, shown, diffs)
+
+
+def _check_gain_interval(shown: str, diffs: list, where) -> None:
+    """``+3.1 [+1.2, +5.0] ✓ (3/3)``: the mean paired gain in points, Student's t 95 % interval
+    (scipy's quantile as the reference), ✓ exactly when the interval excludes 0."""
+    stats = pytest.importorskip("scipy.stats")
+    match = re.fullmatch(r"([-+]\d+\.\d)(?: \[([-+]\d+\.\d), ([-+]\d+\.\d)\]( ✓)?)? \(\d+/\d+\)", shown)
+    assert match, (where, shown)
+    mean = 100 * statistics.mean(diffs)
+    assert float(match.group(1)) == pytest.approx(mean, abs=0.051), (where, shown)
+    if len(diffs) < 2:
+        assert match.group(2) is None, (where, shown)
+        return
+    half = 100 * stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    assert float(match.group(2)) == pytest.approx(mean - half, abs=0.051), (where, shown)
+    assert float(match.group(3)) == pytest.approx(mean + half, abs=0.051), (where, shown)
+    assert bool(match.group(4)) == (abs(mean) > half), (where, shown)
 
 
 def _table_rows(run: NbvalRun, name: str) -> list:
@@ -602,7 +619,8 @@ def test_tables_show_mean_and_std_in_percent_in_the_sweep_order():
     assert list(pivot.columns) == ["1", "4"]
     assert pivot.loc["rotation", "1"] == "54.0 ± 1.4" and pivot.loc["scratch", "4"] == "60.0 ± 1.4"
     gains = lab.gain_frame(table, "top1")
-    assert gains.loc["rotation", "1"] == "+4.0 ± 0.0 (2/2)" and gains.loc["vae", "4"] == "-3.0 ± 0.0 (0/2)"
+    assert gains.loc["rotation", "1"] == "+4.0 [+4.0, +4.0] ✓ (2/2)"
+    assert gains.loc["vae", "4"] == "-3.0 [-3.0, -3.0] ✓ (0/2)"
     frame = lab.results_frame(table, budget=4)
     assert frame["labels per class"].tolist() == [4] * 4
     assert frame["method"].tolist() == ["rotation", "rotation", "vae", "scratch"]
@@ -640,7 +658,7 @@ def test_headline_reads_the_table_notebook_04_wrote(isolated_outputs):
     table = _result_rows()
     table.save(isolated_outputs / "tables" / lab.TABLES["04_label_curves"])
     text = lab.headline()
-    assert "54.0 ± 1.4" in text and "+4.0 ± 0.0 (2/2)" in text and "nb04_label_curves.csv" in text
+    assert "54.0 ± 1.4" in text and "+4.0 [+4.0, +4.0] ✓ (2/2)" in text and "nb04_label_curves.csv" in text
 
 
 def test_lab_command_rejects_unknown_notebooks_and_missing_params(capsys):

@@ -184,7 +184,7 @@ def test_spread_figures_say_how_many_seeds_their_bands_summarise():
     def notes(ax):
         return [t.get_text() for t in ax.texts]
     assert notes(plots.plot_label_curves(_table(), "top1")) == ["bands: ± 1 std over 2 seeds"]
-    assert notes(plots.gain_bars(_table().paired_gain("top1"))) == ["error bars: ± 1 std over 2 seeds"]
+    assert notes(plots.gain_bars(_table().paired_gain("top1"))) == ["error bars: 95 % confidence interval over 2 seeds"]
     one_seed = ResultTable([r for r in _table().rows if r["seed"] == 0])
     assert notes(plots.plot_label_curves(one_seed, "top1")) == ["1 seed per point: no spread shown"]
     mixed = ResultTable([r for r in _table().rows if r["seed"] == 0 or r["budget"] == 16])

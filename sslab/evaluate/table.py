@@ -55,21 +55,36 @@ class ResultTable:
             out.append(entry)
         return out
 
-    def paired_gain(self, metric: str = "top1") -> list:
-        """Per method and budget: mean ± std over seeds of (method − scratch) on the same split."""
-        scratch = {(r["budget"], r["seed"]): r[metric] for r in self.rows if r["protocol"] == "scratch"}
+    def paired_gain(self, metric: str = "top1", over: str = "scratch") -> list:
+        """Per series and budget: the paired difference (series − baseline) on the same labeled
+        images (same budget and seed), its mean, standard deviation and 95 % confidence interval
+        over seeds (:func:`t_interval`), and the seeds it won. ``over``: the baseline —
+        ``scratch`` (the scratch cell), ``random-init`` (the same protocol from a randomly
+        initialised backbone: what pretraining adds) or ``probe`` (the same method's probe:
+        what the protocol adds over a head on frozen features)."""
+        if over not in GAIN_BASELINES:
+            raise ValueError(f"over={over!r} is not known; allowed: {', '.join(GAIN_BASELINES)}")
+        values = {(r["method"], r["protocol"], r["budget"], r["seed"]): r[metric] for r in self.rows}
         groups: dict = {}
         for r in self.rows:
-            if r["protocol"] == "scratch" or (r["budget"], r["seed"]) not in scratch or r[metric] is None:
+            method, protocol, budget, seed = r["method"], r["protocol"], r["budget"], r["seed"]
+            base = {"scratch": ("scratch", "scratch"), "random-init": ("random-init", protocol),
+                    "probe": (method, "probe")}[over]
+            if (method, protocol) == base or protocol == "scratch" or r[metric] is None:
                 continue
-            groups.setdefault((r["method"], r["protocol"], r["budget"]), []).append(
-                r[metric] - scratch[(r["budget"], r["seed"])])
+            reference = values.get((*base, budget, seed))
+            if reference is None:
+                continue
+            groups.setdefault((method, protocol, budget), []).append(r[metric] - reference)
         out = []
         for (method, protocol, budget), diffs in sorted(groups.items(), key=_summary_order):
             d = np.array(diffs)
-            out.append({"method": method, "protocol": protocol, "budget": budget, "n": len(d),
+            half = t_interval(d)
+            out.append({"method": method, "protocol": protocol, "budget": budget, "n": len(d), "over": over,
                         f"gain_{metric}_mean": float(d.mean()),
                         f"gain_{metric}_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                        f"gain_{metric}_ci95": half,
+                        "resolved": half is not None and abs(float(d.mean())) > half,
                         "wins": int((d > 0).sum())})
         return out
 
@@ -102,6 +117,38 @@ class ResultTable:
     @classmethod
     def load(cls, path) -> "ResultTable":
         return cls(store.read_json(Path(path).with_suffix(".json"))["rows"])
+
+
+def format_gain(g: dict, metric: str = "top1") -> str:
+    """One paired gain in percentage points: mean, its 95 % interval over seeds, a ✓ when the
+    interval excludes 0 (resolved), and the seeds won: ``+3.1 [+1.2, +5.0] ✓ (3/3)``."""
+    mean, half = 100 * g[f"gain_{metric}_mean"], g.get(f"gain_{metric}_ci95")
+    if half is None:
+        return f"{mean:+.1f} ({g['wins']}/{g['n']})"
+    half *= 100
+    return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]{' ✓' if g['resolved'] else ''} ({g['wins']}/{g['n']})"
+
+
+GAIN_BASELINES = ("scratch", "random-init", "probe")
+# Student's t quantile t(0.975, df) for df = 1 … 30 (the 95 % two-sided interval); past 30 it
+# comes from the normal quantile by the Cornish-Fisher expansion (within 1e-4 there).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(differences) -> "float | None":
+    """Half-width of the 95 % confidence interval of the mean of paired ``differences`` (one per
+    seed): t(0.975, n − 1) · s / √n, Student's t interval; None for fewer than two seeds."""
+    d = np.asarray(differences, dtype=float)
+    if d.size < 2:
+        return None
+    df = d.size - 1
+    if df <= len(_T975):
+        t = _T975[df - 1]
+    else:
+        z = 1.959964
+        t = z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return float(t * d.std(ddof=1) / np.sqrt(d.size))
 
 
 def _summary_order(item):

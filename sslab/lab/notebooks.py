@@ -276,7 +276,8 @@ def headline(out: Optional[str] = None) -> str:
         return f"(no label-curve table at {path}: notebook 04 did not run)"
     table = ResultTable.load(path)
     lines = ["top-1 test accuracy, % (mean ± std over seeds):", pivot_frame(table, "top1").to_string(), "",
-             "paired gain over scratch, top-1 percentage points (seeds won):", gain_frame(table, "top1").to_string(),
+             "paired gain over scratch, top-1 percentage points: mean [95 % confidence interval over seeds], "
+             "✓ where it excludes 0 (seeds won):", gain_frame(table, "top1").to_string(),
              "", curve_sentence(table), f"table: {path.with_suffix('.csv')}"]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..evaluate import series_name, series_order
+from ..evaluate.table import format_gain, series_name, series_order
 from .params import LabSettings
 
 
@@ -60,15 +60,13 @@ def _series_names(table) -> list:
     return [series_name(m, p) for m, p in series_order(table.rows)]
 
 
-def gain_frame(table, metric: str = "top1"):
-    """Paired gain over scratch (percentage points, mean ± std over seeds, and seeds won) per
-    method × budget."""
+def gain_frame(table, metric: str = "top1", over: str = "scratch"):
+    """Paired gain over ``over`` (scratch, random-init or probe; percentage points) per method ×
+    budget: mean, 95 % confidence interval over seeds (✓: it excludes 0) and seeds won."""
     import pandas as pd
     cells: dict = {}
-    for g in table.paired_gain(metric):
-        cells.setdefault(series_name(g["method"], g["protocol"]), {})[g["budget"]] = (
-            f"{100 * g[f'gain_{metric}_mean']:+.1f}"
-            + (f" ± {100 * g[f'gain_{metric}_std']:.1f}" if g["n"] > 1 else "") + f" ({g['wins']}/{g['n']})")
+    for g in table.paired_gain(metric, over=over):
+        cells.setdefault(series_name(g["method"], g["protocol"]), {})[g["budget"]] = format_gain(g, metric)
     frame = pd.DataFrame(cells).T
     if len(frame):
         frame = frame.loc[[n for n in _series_names(table) if n in frame.index]]
