@@ -24,6 +24,9 @@ METHOD_DEFAULTS = {
     "rotation": dict(optimizer="sgd", lr=0.05, batch_size=150, weight_decay=5e-4, schedule="cosine"),
     "vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
     "siamese-vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
+    # SimCLR: SGD momentum 0.9, cosine, the best of Adam 1e-3/3e-3 and SGD 0.06/0.3 (batch 256) and SGD 0.12
+    # (batch 512) by kNN accuracy after 3 epochs on 20k Fashion-MNIST images (CPU, width 0.25).
+    "simclr": dict(optimizer="sgd", lr=0.06, batch_size=256, weight_decay=5e-4, schedule="cosine"),
 }
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
 # laptop pretrains on all of Fashion-MNIST in minutes.

@@ -4,8 +4,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sslab.models import (LAYERS, AlexNetBackbone, BackboneConfig, ClassifierHead, ConvDecoder, GaussianHead,
-                          RotationHead, check_layer, pooled_dim, pooled_features)
+from sslab.models import (
+    LAYERS,
+    AlexNetBackbone,
+    BackboneConfig,
+    ClassifierHead,
+    ConvDecoder,
+    GaussianHead,
+    RotationHead,
+    check_layer,
+    pooled_dim,
+    pooled_features,
+)
 
 WIDTH = 0.125
 # Channels at width 0.125: 64, 192, 384, 256, 256 scaled, never below 8.
@@ -93,7 +103,7 @@ def test_heads_output_shapes(backbones, channels, size):
     classifier = ClassifierHead(backbone.out_dim, classes=10)
     assert classifier(pool5).shape == (4, 10)
     linears = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(backbone.out_dim, 200), (200, 200), (200, 10)]
+    assert [(fc.in_features, fc.out_features) for fc in linears] == [(backbone.out_dim, 200), (200, 200), (200, 10)]
     mu, logvar = GaussianHead(backbone.out_dim, latent=16)(pool5)
     assert mu.shape == (4, 16) and logvar.shape == (4, 16)
 

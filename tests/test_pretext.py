@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from sslab.models import BackboneConfig
-from sslab.pretext import (TASKS, RotationTask, SiameseVAETask, VAETask, build_task, check_method,
-                           kl_to_standard_normal, reconstruction_error, triplet_loss)
+from sslab.pretext import (
+    TASKS,
+    RotationTask,
+    SiameseVAETask,
+    SimCLRTask,
+    VAETask,
+    build_task,
+    check_method,
+    kl_to_standard_normal,
+    reconstruction_error,
+    triplet_loss,
+)
 
 TINY = BackboneConfig(in_channels=1, image_size=28, width=0.125)
 
@@ -74,10 +84,11 @@ def test_reconstruction_error_sums_per_image():
 # ---------------------------------------------------------------- tasks
 
 def test_build_task_makes_each_method():
-    assert set(TASKS) == {"rotation", "vae", "siamese-vae"}
+    assert set(TASKS) == {"rotation", "vae", "siamese-vae", "simclr"}
     assert isinstance(build_task("rotation", TINY), RotationTask)
     assert type(build_task("vae", TINY)) is VAETask
     assert isinstance(build_task("siamese-vae", TINY), SiameseVAETask)
+    assert isinstance(build_task("simclr", TINY), SimCLRTask)
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -97,13 +108,14 @@ def test_study_defaults():
 
 def test_all_tasks_share_the_backbone_geometry():
     shapes = {m: build_task(m, TINY).backbone.shapes for m in TASKS}
-    assert shapes["rotation"] == shapes["vae"] == shapes["siamese-vae"]
+    assert shapes["rotation"] == shapes["vae"] == shapes["siamese-vae"] == shapes["simclr"]
 
 
 @pytest.mark.parametrize("method, keys", [
     ("rotation", {"loss", "rot_acc"}),
     ("vae", {"loss", "recon", "kl"}),
     ("siamese-vae", {"loss", "recon", "kl", "triplet"}),
+    ("simclr", {"loss", "contrastive_acc"}),
 ])
 def test_loss_returns_the_named_scalars(method, keys):
     torch.manual_seed(0)

@@ -5,12 +5,14 @@ from ..models import BackboneConfig
 from .base import PretextTask
 from .rotation import RotationTask
 from .siamese_vae import SiameseVAETask, triplet_loss
+from .simclr import NTXentLoss, SimCLRTask, nt_xent_loss
 from .vae import VAETask, kl_to_standard_normal, reconstruction_error
 
 TASKS = {
     "rotation": RotationTask,
     "vae": VAETask,
     "siamese-vae": SiameseVAETask,
+    "simclr": SimCLRTask,
 }
 
 
@@ -24,5 +26,6 @@ def build_task(method: str, backbone_config: BackboneConfig, **params) -> Pretex
     return TASKS[check_method(method)](backbone_config, **params)
 
 
-__all__ = ["TASKS", "PretextTask", "RotationTask", "VAETask", "SiameseVAETask", "build_task", "check_method",
-           "kl_to_standard_normal", "reconstruction_error", "triplet_loss"]
+__all__ = ["TASKS", "PretextTask", "RotationTask", "VAETask", "SiameseVAETask", "SimCLRTask", "build_task",
+           "check_method", "kl_to_standard_normal", "reconstruction_error", "triplet_loss", "nt_xent_loss",
+           "NTXentLoss"]

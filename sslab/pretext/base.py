@@ -5,11 +5,12 @@ import torch
 import torch.nn as nn
 
 from ..augment import AugmentConfig, default_augment, to_float
-from ..models import AlexNetBackbone, BackboneConfig
+from ..models import BackboneConfig, build_backbone
 
 
 class PretextTask(nn.Module):
-    """A pretext task owns an :class:`AlexNetBackbone` and the heads it trains.
+    """A pretext task owns a backbone (:func:`sslab.models.build_backbone`: the config's ``arch``,
+    AlexNet or ResNet-18) and the heads it trains, each sized from ``backbone.out_dim``.
 
     ``loss(images)`` takes a uint8 batch N×C×H×W on the training device and returns a dict of
     named scalar tensors; ``"loss"`` is what the optimiser minimises, the rest are metrics.
@@ -20,7 +21,7 @@ class PretextTask(nn.Module):
 
     def __init__(self, backbone_config: BackboneConfig, augment: AugmentConfig | None = None):
         super().__init__()
-        self.backbone = AlexNetBackbone(backbone_config)
+        self.backbone = build_backbone(backbone_config)
         self.augment = augment or default_augment(backbone_config.image_size)
         self.channels_last = False
 
