@@ -28,17 +28,18 @@ from sslab.checks import check_choice
 from sslab.models import BackboneConfig
 from sslab.precision import PRECISIONS, autocast, memory_format, resolve_precision
 from sslab.pretext import TASKS, build_task, check_method, kl_to_standard_normal, reconstruction_error, triplet_loss
+from sslab.pretext.simclr import nt_xent_loss
 from sslab.pretrain import DEFAULT_WIDTH, METHOD_DEFAULTS, PretrainConfig
 from sslab.train import lr_factor, make_optimizer, prepare_model, resolve_device, train_step
 
 # Images per source image, as ``pretrain`` counts them for its images/s: the 4 rotated copies
 # for rotation; siamese-vae counts its source images (its encoder also sees each one's positive
 # view, which is why its GFLOP/img is about 1.6× the VAE's).
-VIEWS = {"rotation": 4}
+VIEWS = {"rotation": 4, "simclr": 2}
 # Colour unless the size is the lab's grey 28 px (Fashion-MNIST); 32 px ~ CIFAR-10, 96 px ~ STL-10.
 GREY_SIZES = (28,)
 # --quick on CPU: small batches and a quarter-width net, so nine configurations take ~2 minutes on 2 cores.
-QUICK_BATCH = {"rotation": 16, "vae": 32, "siamese-vae": 32}
+QUICK_BATCH = {"rotation": 16, "vae": 32, "siamese-vae": 32, "simclr": 32}
 QUICK_WIDTH = 0.25
 
 
@@ -162,6 +163,12 @@ def reference_loss(task, method: str, x: torch.Tensor, rotation_labels: Optional
         if x.is_contiguous(memory_format=torch.channels_last):
             rotated = rotated.contiguous(memory_format=torch.channels_last)
         return F.cross_entropy(task.logits(rotated).float(), rotation_labels)
+    if method == "simclr":  # the two views are the objective itself, so they are part of the reference
+        views = torch.cat([task.augment.apply(x), task.augment.apply(x)])
+        if x.is_contiguous(memory_format=torch.channels_last):
+            views = views.contiguous(memory_format=torch.channels_last)
+        z = task.project(views)
+        return nt_xent_loss(*z.float().chunk(2), task.temperature)
     mu, logvar = task.encode(x)
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
     loss = reconstruction_error(task.decode(z).float(), x).mean() + task.beta * kl_to_standard_normal(mu, logvar).mean()

@@ -48,26 +48,38 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128)")
+                   help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128, simclr 256 "
+                        "(×2 views))")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default per method: rotation SGD 0.05, VAEs Adam 1e-3)")
+                   help="peak learning rate (default per method: rotation SGD 0.05, VAEs Adam 1e-3, simclr SGD 0.06)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
+    p.add_argument("--backbone", default="alexnet",
+                   help="alexnet (the study's BatchNorm AlexNet) or resnet18 (CIFAR stem under 64 px)")
     p.add_argument("--width", type=float, default=None,
-                   help="channel multiplier of the AlexNet (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
+                   help="channel multiplier of the backbone (default: 1.0 on CUDA = the study's net, 0.25 on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="run the training loss through torch.compile (no measurement has shown it faster here)")
     p.add_argument("--checkpoint-every", type=float, default=CHECKPOINT_EVERY_S, metavar="SECONDS",
                    help="write the resume checkpoint at the end of an epoch once this many seconds have passed "
                         "since the last one (0: after every epoch); the last epoch's is always written")
+    p.add_argument("--knn-monitor", action="store_true",
+                   help="after every pretraining epoch, write the kNN top-1 of the backbone's features (100 labeled "
+                        "train images per class classifying 20 others) into metrics.jsonl as knn_acc")
     p.add_argument("--data-budget", type=float, default=None, metavar="GB",
                    help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
                         "a larger pool streams from pinned host memory in chunks, with the same result")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .evaluate import HEADS
-    from .models import LAYERS
-    p.add_argument("--layer", default="conv4", help=f"feature layer: {', '.join(LAYERS)}")
+    from .evaluate import HEADS, PROTOCOLS
+    from .models import LAYERS_BY_ARCH
+    layers = "; ".join(f"{arch}: {', '.join(names)}" for arch, names in LAYERS_BY_ARCH.items())
+    p.add_argument("--layer", default="auto",
+                   help=f"backbone layer the classifier reads: auto (conv4 on alexnet, layer4 on resnet18) or "
+                        f"one of {layers}")
+    p.add_argument("--protocols", default=None,
+                   help=f"comma-separated evaluation protocols: {', '.join(PROTOCOLS)} (default: probe,scratch for "
+                        f"curve, probe for evaluate); --finetune and --no-scratch/--scratch add or leave out one")
     p.add_argument("--head", default="mlp", help=f"classifier of the probe on frozen features: {', '.join(HEADS)}")
     p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
 
@@ -102,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, required=True, help="labeled images per class (K)")
     _eval_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the label split and the head")
-    p.add_argument("--finetune", action="store_true", help="also fine-tune backbone + head together")
-    p.add_argument("--scratch", action="store_true", help="also train the same net from scratch on the same labels")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune backbone + head together (adds finetune)")
+    p.add_argument("--scratch", action="store_true", default=None,
+                   help="also train the same net from scratch on the same labels (adds scratch)")
     _device_args(p)
     p.set_defaults(handler=cmd_evaluate)
 
@@ -116,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="1,2,4,8,16,32,64", help="labels per class, comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
     _eval_args(p)
-    p.add_argument("--finetune", action="store_true", help="also fine-tune each pretrained net")
-    p.add_argument("--no-scratch", dest="scratch", action="store_false", help="skip the scratch baseline")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune each pretrained net (adds finetune)")
+    p.add_argument("--no-scratch", dest="scratch", action="store_false", default=None,
+                   help="skip the scratch baseline (leaves out scratch)")
     _pretrain_args(p, prefix="pretrain-")
     p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining runs")
     p.add_argument("--name", default=None, help="table name under outputs/tables/ (default: from the settings)")
@@ -145,10 +159,11 @@ def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, describe, pretrain
     config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                             batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                            seed=args.seed, data_root=args.data_root, precision=args.precision)
+                            seed=args.seed, data_root=args.data_root, precision=args.precision,
+                            backbone=args.backbone)
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
                    deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
-                   compile=args.compile, checkpoint_every=args.checkpoint_every)
+                   compile=args.compile, checkpoint_every=args.checkpoint_every, knn_monitor=args.knn_monitor)
     if is_main_process():  # under torchrun, rank 0 speaks for all
         print(describe(run))
         print(run.path)
@@ -174,23 +189,33 @@ def _print_row(row: dict) -> None:
           f"seed={row['seed']}: top-1 {100 * row['top1']:.2f} %  top-5 {top5}  ({row['epochs']} epochs)")
 
 
+def _protocol_list(args, default: tuple) -> tuple:
+    """--protocols (or ``default``), with --finetune added and scratch added or left out by its flag."""
+    from .evaluate import check_protocols
+    chosen = list(check_protocols(args.protocols, "--protocols") if args.protocols is not None else default)
+    if args.finetune and "finetune" not in chosen:
+        chosen.append("finetune")
+    if args.scratch is True and "scratch" not in chosen:
+        chosen.append("scratch")
+    if args.scratch is False and "scratch" in chosen:
+        chosen.remove("scratch")
+    return check_protocols(chosen, "--protocols")
+
+
 def cmd_evaluate(args) -> int:
     from dataclasses import replace
 
-    from .evaluate import HEADS, EvalConfig, finetune_cell, probe_cell, scratch_cell
+    from .evaluate import HEADS, EvalConfig, compute_cell
     from .pretrain import load_run
     check_choice("--head", args.head, HEADS)
+    protocols = _protocol_list(args, ("probe",))
     run = load_run(args.run)
     if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
         run.config = replace(run.config, data_root=args.data_root)
-    cfg = EvalConfig(val_per_class=args.val_per_class, precision=args.precision)
-    common = dict(device=args.device, out=args.out, config=cfg, progress=args.progress,
-                  deterministic=args.deterministic)
-    _print_row(probe_cell(run, args.labels, args.seed, args.layer, args.head, **common))
-    if args.finetune:
-        _print_row(finetune_cell(run, args.labels, args.seed, args.layer, **common))
-    if args.scratch:
-        _print_row(scratch_cell(run.config.dataset, args.labels, args.seed, like=run, layer=args.layer, **common))
+    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, precision=args.precision)
+    for protocol in protocols:
+        _print_row(compute_cell(run.method if protocol != "scratch" else "scratch", protocol, args.labels, args.seed,
+                                run, run, cfg, args.device, args.out, args.deterministic, args.progress))
     return 0
 
 
@@ -241,11 +266,12 @@ def cmd_curve(args) -> int:
                      precision=args.precision).validate()
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                               batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                              seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision)
+                              seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision,
+                              backbone=args.backbone)
                for method in methods]
     check_curve_budgets(args.dataset, args.data_root, args.image_size, budgets, args.val_per_class)
     started = time.perf_counter()
-    protocols = dict(scratch=args.scratch, finetune=args.finetune)
+    protocols = dict(protocols=_protocol_list(args, ("probe", "scratch")))
     if args.merge:
         # A merge only collects: a pretraining run that is missing is reported, never trained here.
         found = [find_run(config, args.device, args.out) for config in configs]
@@ -264,7 +290,8 @@ def cmd_curve(args) -> int:
         for config in configs:
             runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
                                  deterministic=args.deterministic, data_budget=args.data_budget,
-                                 compile=args.compile, checkpoint_every=args.checkpoint_every))
+                                 compile=args.compile, checkpoint_every=args.checkpoint_every,
+                                 knn_monitor=args.knn_monitor))
             print(f"pretrained {config.method}: {runs[-1].path}", file=sys.stderr)
         table = label_curve(runs, budgets, seeds, args.layer, args.head, device=args.device, out=args.out,
                             config=cfg, name=args.name, progress=args.progress, shard=shard,

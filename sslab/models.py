@@ -78,6 +78,14 @@ def check_arch(arch: str) -> str:
     return arch
 
 
+def resolve_layer(layer: str, arch: str = "alexnet") -> str:
+    """``auto`` → the backbone's default classifier layer (:data:`DEFAULT_LAYER`); a name is checked."""
+    return DEFAULT_LAYER[check_arch(arch)] if layer == "auto" else check_layer(layer, arch)
+
+
+ALL_LAYERS = tuple(dict.fromkeys(name for names in LAYERS_BY_ARCH.values() for name in names))
+
+
 def check_layer(layer: str, arch: str = "alexnet") -> str:
     """``layer`` if ``arch`` has a tap of that name, else an error listing the ones it has."""
     allowed = LAYERS_BY_ARCH[check_arch(arch)]

@@ -13,7 +13,7 @@ import torch
 from . import distributed, store, stream
 from .checks import check_bool, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
-from .models import AlexNetBackbone, BackboneConfig
+from .models import BackboneConfig, build_backbone, check_arch
 from .pretext import PretextTask, build_task, check_method
 from .precision import autocast, resolve_precision
 from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
@@ -29,8 +29,11 @@ METHOD_DEFAULTS = {
     "simclr": dict(optimizer="sgd", lr=0.06, batch_size=256, weight_decay=5e-4, schedule="cosine"),
 }
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
-# laptop pretrains on all of Fashion-MNIST in minutes.
+# laptop pretrains on all of Fashion-MNIST in minutes. The same for ResNet-18: at width 0.25 a
+# SimCLR epoch on 20 000 Fashion-MNIST images costs 42 CPU-seconds in bf16 (docs/BENCHMARKS.md).
 DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
+# Images the network sees per source image, for images/s: the rotated copies, the two views.
+IMAGES_PER_SAMPLE = {"rotation": 4, "simclr": 2}
 
 
 @dataclass
@@ -51,6 +54,7 @@ class PretrainConfig:
     precision: str = "auto"  # bf16, fp32, or auto: bf16 where the hardware runs it natively
     # SyncBatchNorm under torchrun: batch statistics over all processes change the result
     sync_bn: bool = False
+    backbone: str = "alexnet"  # alexnet (the study's) or resnet18
 
     def resolved(self, device: torch.device) -> "PretrainConfig":
         """Fill method and device defaults and check every value, before any work starts."""
@@ -71,6 +75,7 @@ class PretrainConfig:
         if self.width is not None:
             check_number("width", self.width, 0, 4)
         check_bool("sync_bn", self.sync_bn)
+        check_arch(self.backbone)
         defaults = METHOD_DEFAULTS[self.method]
         values = asdict(self)
         values["batch_size"] = self.batch_size or defaults["batch_size"]
@@ -100,18 +105,23 @@ class Run:
     def method(self) -> str:
         return self.config.method
 
+    @property
+    def arch(self) -> str:
+        """The backbone's architecture (alexnet, resnet18)."""
+        return self.summary["backbone"].get("arch", "alexnet")
+
     def load_task(self, device="cpu") -> PretextTask:
         """The pretext task (backbone + heads) with the run's final weights, in eval mode."""
         task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
         task.load_state_dict(store.load_torch(self.path / "model.pt", expect=self.weights_provenance())["model"])
         return task.to(device).eval()
 
-    def load_backbone(self, device="cpu") -> AlexNetBackbone:
+    def load_backbone(self, device="cpu") -> torch.nn.Module:
         """The run's pretrained backbone alone, in eval mode: the same weights as
         ``load_task().backbone`` without building the task's heads (at width 1.0 and 28 px,
         rotation's classifier holds 33.6 of its 36 M weights) and, for the same model.pt, without
         reading it again (the study's fine-tuning loads a backbone for each of its 63 cells)."""
-        backbone = AlexNetBackbone(BackboneConfig(**self.summary["backbone"]))
+        backbone = build_backbone(BackboneConfig(**self.summary["backbone"]))
         backbone.load_state_dict(_backbone_state(self.path / "model.pt", self.weights_provenance()))
         return backbone.to(device).eval()
 
@@ -210,12 +220,13 @@ class _RunOptions:
     device_budget: Optional[int]  # bytes the pool may take on the device; None: the device's default
     compile_loss: bool
     checkpoint_every: float  # seconds between checkpoints (0: every epoch)
+    knn_monitor: bool = False  # kNN top-1 on labeled validation images after every epoch
 
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
              sync_bn: bool = False, data_budget: Optional[float] = None, compile: bool = False,
-             checkpoint_every: float = CHECKPOINT_EVERY_S) -> Run:
+             checkpoint_every: float = CHECKPOINT_EVERY_S, knn_monitor: bool = False) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
     the new run is complete). A run killed part-way resumes from its last checkpoint.
@@ -232,11 +243,17 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     compiled run trains the same model to rounding.
 
     ``checkpoint_every``: seconds between the checkpoints a run resumes from (0: after every
-    epoch); the last epoch's is always written."""
+    epoch); the last epoch's is always written.
+
+    ``knn_monitor``: after every epoch, the top-1 of a kNN classifier (k = 20) on the backbone's
+    default-layer features, a bank of 100 labeled train images per class classifying 20 others
+    per class, goes into metrics.jsonl as ``knn_acc`` (the curve contrastive-learning libraries
+    watch; a second or two per epoch on a CPU). It changes no weight, so it is not in the config."""
     budget = check_data_budget(data_budget)
     check_checkpoint_every(checkpoint_every)
     check_bool("compile", compile)
     check_bool("sync_bn", sync_bn)
+    check_bool("knn_monitor", knn_monitor)
     if sync_bn:  # part of the config: a synchronised run gets a folder of its own
         config = replace(config, sync_bn=True)
     ddp = distributed.from_environment(device, config.sync_bn)
@@ -245,7 +262,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     if compile and ddp is not None:
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     folder = run_folder(config, out)
-    options = _RunOptions(progress, deterministic, eval_limit, budget, compile, checkpoint_every)
+    options = _RunOptions(progress, deterministic, eval_limit, budget, compile, checkpoint_every, knn_monitor)
     if ddp is not None:
         return ddp.pretrain(lambda: _pretrain_in_store(config, dev, folder, force, options, ddp),
                             lambda work: _train_into(config, dev, work, folder, options, ddp))
@@ -318,7 +335,8 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     main = ddp is None or ddp.is_main
     torch.manual_seed(config.seed)
     splits, pool = unlabeled_pool(config)
-    backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width)
+    backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width,
+                              arch=config.backbone)
     task = build_task(config.method, backbone).to(dev)
     identity = store.config_hash(asdict(config))  # what the run's weights and checkpoints record
     if main:
@@ -340,9 +358,11 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
         task.loss = torch.compile(task.loss)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
-                            desc=f"pretrain {config.method}", images_per_sample=4 if config.method == "rotation" else 1,
+                            desc=f"pretrain {config.method}", images_per_sample=IMAGES_PER_SAMPLE.get(config.method, 1),
                             deterministic=options.deterministic, distributed=ddp,
                             checkpoint_every=options.checkpoint_every, precision=config.precision,
+                            validate=knn_monitor_of(splits, config, dev) if options.knn_monitor else None,
+                            monitor="knn_acc",
                             provenance=model_provenance(config.method, asdict(backbone), identity, "checkpoint"))
     if options.compile_loss:
         del task.loss  # the test-set evaluation below runs eagerly (no second compile for eval mode)
@@ -366,6 +386,28 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     if work != final:
         _replace_folder(work, final)
     return load_run(final)
+
+
+def knn_monitor_of(splits, config: PretrainConfig, device):
+    """``validate`` for :func:`fit` that scores a pretext task's backbone by kNN on labeled images
+    the pretraining never sees the labels of (see ``pretrain(knn_monitor=...)``)."""
+    from .data import label_budget_split, max_per_class
+    from .evaluate.features import extract_features
+    from .evaluate.heads import knn_predict
+    from .models import DEFAULT_LAYER
+    labels = splits.train.labels
+    query_per_class = min(20, max(1, max_per_class(labels) // 6))
+    bank_per_class = min(100, max_per_class(labels, query_per_class))
+    bank, query = label_budget_split(labels, bank_per_class, seed=0, val_per_class=query_per_class)
+    images, targets = splits.train.images.to(device), labels.to(device)
+    layer = DEFAULT_LAYER[config.backbone]
+
+    def validate(task) -> dict:
+        feats = [extract_features(task.backbone, images[i.to(device)], layer, 4, device, precision=config.precision)
+                 for i in (bank, query)]
+        scores = knn_predict(feats[0], targets[bank.to(device)], feats[1], splits.train.num_classes)
+        return {"knn_acc": float((scores.argmax(1) == targets[query.to(device)]).float().mean())}
+    return validate
 
 
 def _replace_folder(new: Path, old: Path) -> None:

@@ -321,6 +321,9 @@ def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
     (["--labels", "0"], ["labels=0", "integers ≥ 1"]),
     (["--layer", "conv9"], ["layer='conv9'", "conv1, conv2, conv3, conv4, conv5, pool5"]),
     (["--head", "svm"], ["--head='svm'", "mlp, linear, knn"]),
+    (["--protocols", "probe,jigsaw"],
+     ["--protocols='probe,jigsaw'", "probe, finetune, scratch", "'jigsaw' is not one"]),
+    (["--protocols", "probe,probe"], ["--protocols='probe,probe'", "without repeats"]),
     (["--seed", "-1"], ["seed=-1", "integers ≥ 0"]),
 ])
 def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expected, monkeypatch, tmp_path, capsys):
@@ -381,3 +384,11 @@ def test_reusing_a_run_trained_by_another_number_of_processes_says_so(complete_r
     # a run trained by one process, reused by one process: nothing to say
     pretrain(complete_run.config, device="cpu", out=str(complete_run.path.parent.parent), progress=False)
     assert "reusing" not in capsys.readouterr().err
+
+
+def test_evaluate_runs_each_protocol_it_is_given(complete_run, tmp_path, capsys):
+    code = main(["evaluate", "--run", str(complete_run.path), "--labels", "2", "--out", str(tmp_path),
+                 "--device", "cpu", "--protocols", "probe,scratch", "--val-per-class", "2", "--no-progress"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and [line.split()[1] for line in out] == ["probe", "scratch"]
+    assert all(" conv4 " in line for line in out)  # layer auto on an AlexNet run

@@ -435,6 +435,9 @@ def test_repeated_budgets_or_seeds_are_refused():
 
 def test_table_name_depends_on_every_evaluation_setting(tiny_runs):
     runs, _ = tiny_runs
-    names = {ev.default_table_name(runs, [1], [0], "conv4", "mlp", True, False, c)
+    names = {ev.default_table_name(runs, [1], [0], ("probe", "scratch"), c)
              for c in (TINY, replace(TINY, val_per_class=3), replace(TINY, hidden=50))}
     assert len(names) == 3
+    # and on the protocols the sweep ran, which the name also shows
+    finetune = ev.default_table_name(runs, [1], [0], ("probe", "finetune", "scratch"), TINY)
+    assert finetune not in names and "-finetune-" in finetune

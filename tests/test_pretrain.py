@@ -30,6 +30,7 @@ def _pretrain(config, out, **kwargs):
     ("rotation", {"loss", "rot_acc"}),
     ("vae", {"loss", "recon", "kl"}),
     ("siamese-vae", {"loss", "recon", "kl", "triplet"}),
+    ("simclr", {"loss", "contrastive_acc"}),
 ])
 def test_pretrain_writes_a_complete_run(tmp_path, method, metrics):
     run = _pretrain(_tiny(method), tmp_path)
@@ -216,3 +217,36 @@ def test_a_limit_beyond_the_pool_or_a_missing_dataset_leaves_nothing_in_the_stor
     with pytest.raises(data.DatasetNotFound):
         _pretrain(_tiny(), tmp_path)
     assert not any((tmp_path / "runs").iterdir())
+
+
+def test_a_resnet18_run_is_its_own_run_and_its_backbone_loads_with_the_default_layer(tmp_path):
+    from sslab.evaluate import probe_cell
+    alexnet = _pretrain(_tiny("simclr"), tmp_path)
+    resnet = _pretrain(_tiny("simclr", backbone="resnet18"), tmp_path)
+    assert resnet.path != alexnet.path and resnet.config.backbone == "resnet18"
+    assert resnet.arch == "resnet18" and resnet.summary["backbone"]["arch"] == "resnet18"
+    backbone = resnet.load_backbone()
+    assert type(backbone).__name__ == "ResNet18Backbone" and not backbone.training
+    task_backbone = resnet.load_task().backbone.state_dict()
+    assert all(torch.equal(task_backbone[k], v) for k, v in backbone.state_dict().items())
+    from sslab.evaluate import EvalConfig
+    row = probe_cell(resnet, 1, device="cpu", out=str(tmp_path), config=EvalConfig(val_per_class=2, probe_epochs=1))
+    assert row["layer"] == "layer4"  # layer auto: ResNet-18's default
+    with pytest.raises(ValueError, match=r"layer='conv4' is not known; allowed: layer1, layer2, layer3, layer4, pool"):
+        probe_cell(resnet, 1, device="cpu", out=str(tmp_path), config=EvalConfig(layer="conv4"))
+    with pytest.raises(ValueError, match=r"arch='vgg' is not known; allowed: alexnet, resnet18"):
+        _pretrain(_tiny(backbone="vgg"), tmp_path)
+
+
+def test_the_knn_monitor_scores_every_epoch_and_changes_no_weight(tmp_path):
+    plain = _pretrain(_tiny("rotation", epochs=2), tmp_path / "plain")
+    watched = _pretrain(_tiny("rotation", epochs=2), tmp_path / "watched", knn_monitor=True)
+    assert watched.path.name == plain.path.name  # not part of the config
+    rows = [json.loads(line) for line in (watched.path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["knn_acc"] <= 1.0 for r in rows)
+    # 10 classes of Fashion-MNIST: a kNN on any features does far better than chance
+    assert all(r["knn_acc"] > 0.3 for r in rows)
+    assert not any("knn_acc" in json.loads(line) for line in (plain.path / "metrics.jsonl").read_text().splitlines())
+    weights = [store.load_torch(run.path / "model.pt")["model"] for run in (plain, watched)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -12,7 +12,8 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
 - :mod:`.curve`: label-budget sweeps; :mod:`.table`: their results.
 """
 from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrained_id
-from .curve import BUDGETS, curve_cells, default_table_name, label_curve, merge_curve
+from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cells, default_table_name, label_curve,
+                    merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
 from .features import dataset_splits, extract_features, run_features
 from .heads import HEADS, FeatureHead, ImageClassifier, knn_predict, predict
@@ -20,10 +21,9 @@ from .metrics import classification_metrics, confusion_matrix, topk_accuracy
 from .probe import probe_cell, probe_cells_together
 from .table import ResultTable, series_name, series_order
 
-PROTOCOLS = ("probe", "scratch", "finetune")
 
-__all__ = ["BUDGETS", "EvalConfig", "FeatureHead", "HEADS", "ImageClassifier", "PROTOCOLS", "ResultTable",
-           "budget_split", "check_budgets", "check_seeds", "classification_metrics", "confusion_matrix",
-           "curve_cells", "dataset_splits", "default_table_name", "extract_features", "finetune_cell",
-           "knn_predict", "label_curve", "merge_curve", "predict", "pretrained_id", "probe_cell",
-           "probe_cells_together", "run_features", "scratch_cell", "series_name", "series_order", "topk_accuracy"]
+__all__ = ["budget_split", "BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
+           "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
+           "extract_features", "FeatureHead", "finetune_cell", "HEADS", "ImageClassifier", "knn_predict",
+           "label_curve", "merge_curve", "predict", "pretrained_id", "probe_cell", "probe_cells_together", "PROTOCOLS",
+           "ResultTable", "run_features", "scratch_cell", "series_name", "series_order", "topk_accuracy"]

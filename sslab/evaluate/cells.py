@@ -13,7 +13,7 @@ import torch
 from .. import store
 from ..checks import check_choice, check_int, check_int_list
 from ..data import DatasetSplits, label_budget_split
-from ..models import check_layer
+from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import Run
 from .heads import HEADS
@@ -25,7 +25,7 @@ class EvalConfig:
     budget and the test split) drive early stopping; ``samples_per_epoch`` makes an epoch of a
     tiny budget a fixed number of (augmented) views rather than a handful of images."""
 
-    layer: str = "conv4"
+    layer: str = "auto"  # the backbone's layer the classifier reads; auto: conv4 (AlexNet), layer4 (ResNet-18)
     head: str = "mlp"
     grid: int = 4
     hidden: int = 200
@@ -54,7 +54,7 @@ class EvalConfig:
     precision: str = "auto"
 
     def validate(self) -> "EvalConfig":
-        check_layer(self.layer)
+        check_choice("layer", self.layer, ("auto",) + ALL_LAYERS)
         check_choice("head", self.head, HEADS)
         check_choice("precision", self.precision, PRECISIONS)
         for name in ("grid", "hidden", "probe_epochs", "scratch_epochs", "finetune_epochs", "batch_size", "knn_k",
@@ -62,10 +62,15 @@ class EvalConfig:
             check_int(name, getattr(self, name), 1)
         return self
 
-    def resolved(self, device) -> "EvalConfig":
-        """The same settings with ``precision`` resolved for ``device`` (a cell's key holds the
-        arithmetic it was computed in)."""
-        return replace(self.validate(), precision=resolve_precision(self.precision, device))
+    def resolved(self, device, arch: str = "alexnet") -> "EvalConfig":
+        """The same settings with ``precision`` resolved for ``device`` and ``layer`` for the
+        backbone ``arch`` (a cell's key holds the arithmetic and the layer it was computed with)."""
+        return replace(self.validate(), precision=resolve_precision(self.precision, device),
+                       layer=resolve_layer(self.layer, arch))
+
+    def with_(self, **changes) -> "EvalConfig":
+        """A copy with the given settings changed; None leaves a setting as it is."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:

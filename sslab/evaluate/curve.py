@@ -2,10 +2,11 @@
 cell by cell in the run store, collected into one :class:`~.table.ResultTable`."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 from .. import store
+from ..checks import check_choice_list
 from ..pretrain import Run, load_run
 from ..train import resolve_device
 from .cells import EvalConfig, check_budgets, check_seeds, stored_row
@@ -14,59 +15,98 @@ from .probe import probe_cell, probe_cells_together, probe_key
 from .table import ResultTable
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)
+# Every protocol a sweep can run, in the order its cells are computed and listed; scratch is the
+# baseline and comes last in each (budget, seed).
+PROTOCOLS = ("probe", "finetune", "scratch")
+DEFAULT_PROTOCOLS = ("probe", "scratch")
 
 
-def curve_cells(methods: Sequence[str], budgets, seeds, scratch: bool, finetune: bool) -> list:
+def check_protocols(protocols, name: str = "protocols") -> tuple:
+    """A non-empty list of distinct protocols (text forms as in :func:`sslab.checks.list_items`),
+    returned in :data:`PROTOCOLS` order."""
+    chosen = check_choice_list(name, protocols, PROTOCOLS, "protocols")
+    return tuple(p for p in PROTOCOLS if p in chosen)
+
+
+def _protocols(protocols, scratch: Optional[bool], finetune: Optional[bool]) -> tuple:
+    """``protocols``, or for callers that still say it with flags: probe, + finetune, + scratch."""
+    if protocols is not None:
+        return check_protocols(protocols)
+    chosen = ["probe"] + (["finetune"] if finetune else []) + ([] if scratch is False else ["scratch"])
+    return tuple(chosen)
+
+
+def curve_cells(methods: Sequence[str], budgets, seeds, protocols=DEFAULT_PROTOCOLS) -> list:
     """Every (method, protocol, budget, seed) a sweep computes, in a fixed order."""
     cells = []
     for budget in budgets:
         for seed in seeds:
             for method in methods:
-                cells.append((method, "probe", budget, seed))
-                if finetune:
-                    cells.append((method, "finetune", budget, seed))
-            if scratch:
+                cells += [(method, protocol, budget, seed) for protocol in protocols if protocol != "scratch"]
+            if "scratch" in protocols:
                 cells.append(("scratch", "scratch", budget, seed))
     return cells
+
+
+def _arch(runs) -> str:
+    archs = {r.arch for r in runs}
+    if len(archs) > 1:
+        raise ValueError(f"pretrained_runs mix backbones ({', '.join(sorted(archs))}); allowed: runs of one backbone")
+    return archs.pop() if archs else "alexnet"
 
 
 def cell_key(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
              cfg: EvalConfig) -> dict:
     """The stored config of one cell of a sweep (a scratch cell is shaped ``like`` a pretrained run)."""
     if protocol == "scratch":
-        return scratch_key(like.config.dataset, budget, seed, cfg, like.config.width, like.config.image_size)
+        return scratch_key(like.config.dataset, budget, seed, cfg, like.config.width, like.config.image_size,
+                           like.arch)
     if protocol == "finetune":
         return finetune_key(run, budget, seed, cfg)
     return probe_key(run, budget, seed, cfg)
 
 
-def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", head: str = "mlp",
-                scratch: bool = True, finetune: bool = False, device="auto", out=None,
-                config: Optional[EvalConfig] = None, name: Optional[str] = None, progress: bool = True,
-                shard: Optional[tuple] = None, deterministic: bool = False,
-                batch_probes: bool = True) -> ResultTable:
-    """Accuracy against labels per class for each pretrained run (and the scratch baseline).
+def compute_cell(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
+                 cfg: EvalConfig, device, out, deterministic: bool, progress: bool = False) -> dict:
+    """The result row of one cell of a sweep, computed now or found in the store."""
+    common = dict(device=device, out=out, config=cfg, deterministic=deterministic, progress=progress)
+    if protocol == "scratch":
+        return scratch_cell(like.config.dataset if like else "fashion-mnist", budget, seed, like=like, **common)
+    if protocol == "finetune":
+        return finetune_cell(run, budget, seed, **common)
+    return probe_cell(run, budget, seed, **common)
 
-    ``pretrained_runs``: Runs (or run folders) of one dataset. Every method is evaluated on
-    the same labeled/validation images for a given budget and seed. Features are extracted
-    once per run and layer. Writes ``outputs/tables/<name>.csv`` and ``.json`` and returns
-    the :class:`ResultTable`. ``shard=(i, n)`` computes only every n-th cell starting at i.
-    ``batch_probes``: train the probe heads the sweep needs together, in batched groups
-    (:func:`probe_cells_together`; the same training as one at a time, to rounding), before
-    the cells are read in order; ``False`` trains each one alone in :func:`probe_cell`.
+
+def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Optional[str] = None,
+                head: Optional[str] = None, protocols=None, scratch: Optional[bool] = None,
+                finetune: Optional[bool] = None, device="auto", out=None, config: Optional[EvalConfig] = None,
+                name: Optional[str] = None, progress: bool = True, shard: Optional[tuple] = None,
+                deterministic: bool = False, batch_probes: bool = True) -> ResultTable:
+    """Accuracy against labels per class for each pretrained run, by each protocol.
+
+    ``pretrained_runs``: Runs (or run folders) of one dataset and backbone. ``protocols``: from
+    :data:`PROTOCOLS` (default probe and scratch; ``scratch=False`` / ``finetune=True`` say the
+    same as leaving scratch out / adding finetune). ``layer`` and ``head`` override ``config``'s.
+    Every method is evaluated on the same labeled/validation images for a given budget and
+    seed; features are extracted once per run and layer. Writes ``outputs/tables/<name>.csv``
+    and ``.json`` and returns the :class:`ResultTable`. ``shard=(i, n)`` computes only every
+    n-th cell starting at i. ``batch_probes``: train the probe heads the sweep needs together,
+    in batched groups (:func:`probe_cells_together`; the same training as one at a time, to
+    rounding), before the cells are read in order.
     """
     if name is not None:
         store.check_file_name("name", name)
+    protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    if not runs and not scratch:
-        raise ValueError("label_curve needs at least one pretrained run or scratch=True")
+    if not runs and protocols != ("scratch",):
+        raise ValueError("label_curve needs at least one pretrained run, or protocols=['scratch'] alone")
     datasets = {r.config.dataset for r in runs}
     if len(datasets) > 1:
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(resolve_device(device))
+    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
     by_method = {r.method: r for r in runs}
-    cells = curve_cells(list(by_method), budgets, seeds, scratch, finetune)
+    cells = curve_cells(list(by_method), budgets, seeds, protocols)
     if shard is not None:
         index, count = shard
         cells = cells[index::count]
@@ -74,7 +114,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     if batch_probes:
         # Every probe head this sweep needs (fine-tuning starts from the mlp probe) trains in
         # batched groups first; the loop below then finds those cells stored.
-        needed = [(by_method[m], b, s, head if protocol == "probe" else "mlp")
+        needed = [(by_method[m], b, s, cfg.head if protocol == "probe" else "mlp")
                   for m, protocol, b, s in cells if protocol in ("probe", "finetune")]
         probe_cells_together(needed, cfg, device, out, deterministic)
     rows = []
@@ -85,41 +125,35 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     for method, protocol, budget, seed in cells:
         if bar is not None:
             bar.set_postfix_str(f"{method} {protocol} k={budget} seed={seed}")
-        if protocol == "scratch":
-            rows.append(scratch_cell(like.config.dataset if like else "fashion-mnist", budget, seed, like=like,
-                                     layer=layer, device=device, out=out, config=cfg, deterministic=deterministic))
-        elif protocol == "finetune":
-            rows.append(finetune_cell(by_method[method], budget, seed, layer, device, out, cfg,
-                                      deterministic=deterministic))
-        else:
-            rows.append(probe_cell(by_method[method], budget, seed, layer, head, device, out, cfg,
-                                   deterministic=deterministic))
+        rows.append(compute_cell(method, protocol, budget, seed, by_method.get(method), like, cfg, device, out,
+                                 deterministic))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     table = ResultTable(rows)
     if shard is None:
-        stem = name or default_table_name(runs, budgets, seeds, layer, head, scratch, finetune, cfg)
+        stem = name or default_table_name(runs, budgets, seeds, protocols, cfg)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table
 
 
-def default_table_name(runs, budgets, seeds, layer: str, head: str, scratch: bool, finetune: bool,
-                       config: Optional[EvalConfig] = None) -> str:
-    """``curve-<dataset>-<layer>-<head>[-finetune]-<8 hex>``: the hash of the pretraining runs, the
-    budgets, seeds and protocols and the evaluation settings, so two different sweeps never write
-    over each other's table (and the same sweep, run again, rewrites its own)."""
+def default_table_name(runs, budgets, seeds, protocols=DEFAULT_PROTOCOLS, config: Optional[EvalConfig] = None) -> str:
+    """``curve-<dataset>-<layer>-<head>[-<other protocols>]-<8 hex>``: the hash of the pretraining
+    runs, the budgets, seeds and protocols and the evaluation settings, so two different sweeps
+    never write over each other's table (and the same sweep, run again, rewrites its own)."""
+    config = config or EvalConfig()
     dataset = runs[0].config.dataset if runs else "fashion-mnist"
-    settings = asdict(replace(config or EvalConfig(), layer=layer, head=head))
     digest = store.config_hash({"runs": sorted(r.path.name for r in runs), "budgets": sorted(budgets),
-                                "seeds": sorted(seeds), "scratch": scratch, "finetune": finetune,
-                                "settings": settings})[:8]
-    return f"curve-{store.slug(dataset)}-{layer}-{head}{'-finetune' if finetune else ''}-{digest}"
+                                "seeds": sorted(seeds), "protocols": list(protocols),
+                                "settings": asdict(config)})[:8]
+    extra = "".join(f"-{p}" for p in protocols if p not in DEFAULT_PROTOCOLS)
+    return f"curve-{store.slug(dataset)}-{config.layer}-{config.head}{extra}-{digest}"
 
 
-def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = "conv4", head: str = "mlp",
-                scratch: bool = True, finetune: bool = False, out=None, config: Optional[EvalConfig] = None,
+def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Optional[str] = None,
+                head: Optional[str] = None, protocols=None, scratch: Optional[bool] = None,
+                finetune: Optional[bool] = None, out=None, config: Optional[EvalConfig] = None,
                 name: Optional[str] = None, device="auto"):
     """Collect a sweep computed by shards: ``(table, missing)`` where ``missing`` lists the cells
     not computed yet. The table is written only when nothing is missing. ``device`` resolves a
@@ -127,13 +161,14 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
     merging on another kind of machine)."""
     if name is not None:
         store.check_file_name("name", name)
+    protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(resolve_device(device))
+    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
     by_method = {r.method: r for r in runs}
     like = runs[0] if runs else None
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     rows, missing = [], []
-    for method, protocol, budget, seed in curve_cells(list(by_method), budgets, seeds, scratch, finetune):
+    for method, protocol, budget, seed in curve_cells(list(by_method), budgets, seeds, protocols):
         cached = stored_row(cell_key(method, protocol, budget, seed, by_method.get(method), like, cfg), out)
         if cached is None:
             missing.append(f"{method} {protocol} labels={budget} seed={seed}")
@@ -141,6 +176,6 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: str = 
             rows.append(cached)
     table = ResultTable(rows)
     if not missing:
-        stem = name or default_table_name(runs, budgets, seeds, layer, head, scratch, finetune, cfg)
+        stem = name or default_table_name(runs, budgets, seeds, protocols, cfg)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table, missing

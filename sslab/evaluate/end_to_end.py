@@ -12,7 +12,7 @@ import torch
 
 from .. import store
 from ..data import load_dataset
-from ..models import AlexNetBackbone, BackboneConfig, pooled_dim
+from ..models import BackboneConfig, build_backbone, pooled_dim
 from ..pretrain import DEFAULT_WIDTH, Run, load_run
 from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
 from .cells import (EvalConfig, budget_split, cell_config, cell_folder, cell_provenance, check_budgets, check_seeds,
@@ -24,8 +24,9 @@ from .probe import probe_cell, probe_key, validator
 
 
 def scratch_key(dataset: str, budget: int, seed: int, cfg: EvalConfig, width: float,
-                image_size: Optional[int]) -> dict:
-    return cell_config("scratch", "scratch", dataset, budget, seed, cfg, width=width, image_size=image_size)
+                image_size: Optional[int], arch: str = "alexnet") -> dict:
+    return cell_config("scratch", "scratch", dataset, budget, seed, cfg, width=width, image_size=image_size,
+                       backbone=arch)
 
 
 def finetune_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
@@ -34,27 +35,27 @@ def finetune_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
 
 
 def scratch_cell(dataset: str, labels: int, seed: int = 0, like: Optional[Run] = None, width: Optional[float] = None,
-                 image_size: Optional[int] = None, layer: str = "conv4", device="auto", out=None,
+                 image_size: Optional[int] = None, layer: Optional[str] = None, device="auto", out=None,
                  config: Optional[EvalConfig] = None, data_root: Optional[str] = None, progress: bool = False,
-                 deterministic: bool = False) -> dict:
-    """The supervised baseline: the same backbone (shaped ``like`` a pretrained run), randomly
-    initialised, with the same classifier head, trained end to end on the same labeled images
-    with the same augmentation, schedule and early stopping."""
+                 deterministic: bool = False, arch: str = "alexnet") -> dict:
+    """The supervised baseline: the same backbone (shaped ``like`` a pretrained run, or ``arch``
+    at ``width``), randomly initialised, with the same classifier head, trained end to end on the
+    same labeled images with the same augmentation, schedule and early stopping."""
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     dev = resolve_device(device)
-    cfg = replace(config or EvalConfig(), layer=layer).resolved(dev)
     if like is not None:
         dataset, data_root = like.config.dataset, like.config.data_root
-        width, image_size = like.config.width, like.config.image_size
+        width, image_size, arch = like.config.width, like.config.image_size, like.arch
+    cfg = (config or EvalConfig()).with_(layer=layer).resolved(dev, arch)
     width = float(width or DEFAULT_WIDTH.get(dev.type, 1.0))
-    key = scratch_key(dataset, budget, seed, cfg, width, image_size)
+    key = scratch_key(dataset, budget, seed, cfg, width, image_size, arch)
 
     def compute(folder: Path) -> dict:
         splits = load_dataset(dataset, data_root, image_size)
         torch.manual_seed(seed)
-        backbone = AlexNetBackbone(BackboneConfig(splits.train.channels, splits.train.image_size, width))
-        head = FeatureHead(pooled_dim(backbone, layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden)
-        model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
+        backbone = build_backbone(BackboneConfig(splits.train.channels, splits.train.image_size, width, arch))
+        head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden)
+        model = ImageClassifier(backbone, head, cfg.layer, cfg.grid).to(dev)
         train = TrainConfig(epochs=cfg.scratch_epochs, lr=cfg.scratch_lr, patience=cfg.scratch_patience)
         return train_end_to_end(model, splits, "scratch", "scratch", cfg, budget, seed, train, None, folder, key,
                                 dev, progress, deterministic)
@@ -62,7 +63,7 @@ def scratch_cell(dataset: str, labels: int, seed: int = 0, like: Optional[Run] =
     return computed_once(key, out, compute)
 
 
-def finetune_cell(run, labels: int, seed: int = 0, layer: str = "conv4", device="auto", out=None,
+def finetune_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
                   config: Optional[EvalConfig] = None, progress: bool = False, deterministic: bool = False) -> dict:
     """Fine-tuning: the pretrained backbone plus its trained ``mlp`` probe head (trained first if
     missing), trained together with a small learning rate, the backbone ``backbone_lr_scale``
@@ -70,14 +71,14 @@ def finetune_cell(run, labels: int, seed: int = 0, layer: str = "conv4", device=
     run = run if isinstance(run, Run) else load_run(run)
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     dev = resolve_device(device)
-    cfg = replace(config or EvalConfig(), layer=layer, head="mlp").resolved(dev)
+    cfg = (config or EvalConfig()).with_(layer=layer, head="mlp").resolved(dev, run.arch)
     key = finetune_key(run, budget, seed, cfg)
 
     def compute(folder: Path) -> dict:
-        probe_cell(run, budget, seed, layer, "mlp", dev, out, cfg, deterministic=deterministic)
+        probe_cell(run, budget, seed, device=dev, out=out, config=cfg, deterministic=deterministic)
         splits = dataset_splits(run.config)
         backbone = run.load_backbone(dev)
-        feats = run_features(run, "train", layer, cfg.grid, dev, precision=cfg.precision)
+        feats = run_features(run, "train", cfg.layer, cfg.grid, dev, precision=cfg.precision)
         head = FeatureHead(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
         # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
         # copied or merged store no longer has), and the head that cell recorded making.
@@ -85,7 +86,7 @@ def finetune_cell(run, labels: int, seed: int = 0, layer: str = "conv4", device=
         head_file = cell_folder(probe_cell_key, out) / "head.pt"
         head.load_state_dict(store.load_torch(head_file, map_location=dev,
                                               expect=cell_provenance("head", probe_cell_key))["head"])
-        model = ImageClassifier(backbone, head, layer, cfg.grid).to(dev)
+        model = ImageClassifier(backbone, head, cfg.layer, cfg.grid).to(dev)
         # The augmentation draws from torch's global generator: seed it here, or the result would
         # depend on whether the probe head above was trained just now or found stored.
         torch.manual_seed(seed)

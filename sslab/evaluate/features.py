@@ -51,7 +51,7 @@ def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int 
     run, layer, grid and precision, kept in memory (rows selected with ``index``) and in the run
     folder, so the next process (each notebook is one) reads them instead of recomputing."""
     dev = resolve_device(device)
-    check_layer(layer)
+    check_layer(layer, run.arch)
     weights = store.file_digest(Path(run.path) / "model.pt")  # new weights (--force): new features
     key = (str(run.path), weights, split, layer, grid, str(dev), precision)
     if key not in _FEATURES:

@@ -28,20 +28,21 @@ def probe_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
     return cell_config(kind, run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
 
 
-def probe_cell(run, labels: int, seed: int = 0, layer: str = "conv4", head: str = "mlp", device="auto",
+def probe_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, head: Optional[str] = None, device="auto",
                out=None, config: Optional[EvalConfig] = None, progress: bool = False,
                deterministic: bool = False) -> dict:
-    """Train a ``head`` on frozen ``layer`` features of ``run`` with ``labels`` images per class;
+    """Train a ``head`` (default: ``config``'s, mlp) on frozen ``layer`` features (default:
+    ``config``'s, the backbone's default layer) of ``run`` with ``labels`` images per class;
     return the test-set result row (top-1, top-5, per-class accuracy, confusion)."""
     run = run if isinstance(run, Run) else load_run(run)
     budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
     dev = resolve_device(device)
-    cfg = replace(config or EvalConfig(), layer=layer, head=head).resolved(dev)
+    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(dev, run.arch)
 
     def compute(folder: Path) -> dict:
-        if head == "knn":
+        if cfg.head == "knn":
             return _knn_cell(run, budget, seed, cfg, dev, folder)
-        probe = new_probe(run, budget, seed, head, cfg, dev)
+        probe = new_probe(run, budget, seed, cfg.head, cfg, dev)
         t0 = time.perf_counter()
         result = fit(probe.model, probe.train, head_train_config(cfg, len(probe.train[0]), seed), dev,
                      validate=validator(probe.model, *probe.val, cfg.precision), progress=progress, desc="probe",
@@ -78,14 +79,14 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
     if deterministic:
         make_deterministic()
     dev = resolve_device(device)
-    cfg = cfg.resolved(dev)
     wanted = {}
     for run, budget, seed, kind in items:
         if kind == "knn":
             continue
-        key = probe_key(run, budget, seed, replace(cfg, head=kind).validate())
+        run_cfg = replace(cfg, head=kind).resolved(dev, run.arch)
+        key = probe_key(run, budget, seed, run_cfg)
         if stored_row(key, out) is None:
-            wanted[str(cell_folder(key, out))] = (run, budget, seed, kind, key)
+            wanted[str(cell_folder(key, out))] = (run, budget, seed, run_cfg, key)
     if len(wanted) < 2:
         return 0  # one cell: probe_cell is the same work
     computed = 0
@@ -93,22 +94,26 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
         for folder in sorted(wanted):
             locks.enter_context(store.locked(Path(folder)))
         groups: dict = {}
+        configs: dict = {}
         stats: dict = {}
         for folder in sorted(wanted):
-            run, budget, seed, kind, key = wanted[folder]
+            run, budget, seed, run_cfg, key = wanted[folder]
             if stored_row(key, out) is not None:
                 continue  # another process computed it while we waited for its lock
-            probe = new_probe(run, budget, seed, kind, cfg, dev, stats)
-            shape = (kind, len(probe.train[0]), len(probe.val[0]), probe.train[0].shape[1])
+            probe = new_probe(run, budget, seed, run_cfg.head, run_cfg, dev, stats)
+            # heads train together when their settings and their epochs' shapes are the same
+            shape = (repr(run_cfg), len(probe.train[0]), len(probe.val[0]), probe.train[0].shape[1])
             groups.setdefault(shape, []).append((probe, key, Path(folder)))
-        for (kind, n, _, _), entries in groups.items():
+            configs[shape] = run_cfg
+        for shape, entries in groups.items():
+            run_cfg, n = configs[shape], shape[1]
             started = time.perf_counter()
             results = train_heads([p.model for p, _, _ in entries], [p.train for p, _, _ in entries],
-                                  [p.val for p, _, _ in entries], head_train_config(cfg, n),
-                                  [p.seed for p, _, _ in entries], dev, precision=cfg.precision)
+                                  [p.val for p, _, _ in entries], head_train_config(run_cfg, n),
+                                  [p.seed for p, _, _ in entries], dev, precision=run_cfg.precision)
             share = (time.perf_counter() - started) / len(entries)
             for (probe, key, folder), result in zip(entries, results):
-                row = probe_row(probe, replace(cfg, head=kind), result, share, dev)
+                row = probe_row(probe, run_cfg, result, share, dev)
                 row["trained_with"] = len(entries)  # heads in its batch
                 finish_cell(folder, key, row, probe.split, {"head": probe.model.state_dict()})
                 computed += 1

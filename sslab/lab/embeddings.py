@@ -18,8 +18,8 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
     from ..augment import to_float
     from ..embed import embed, stratified_sample
     from ..evaluate import extract_features
-    from ..models import AlexNetBackbone, BackboneConfig
-    layer = check_layer(layer or settings.layer)
+    from ..models import BackboneConfig, build_backbone
+    layer = check_layer(layer or settings.resolved_layer, settings.backbone)
     test = settings.splits.test
     index = torch.from_numpy(stratified_sample(test.labels, settings.points, seed=0))
     images, labels = test.images[index], test.labels[index]
@@ -39,7 +39,7 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
     if random_init and runs:
         like = next(iter(runs.values()))
         torch.manual_seed(0)
-        backbone = AlexNetBackbone(BackboneConfig(**like.summary["backbone"])).to(settings.device)
+        backbone = build_backbone(BackboneConfig(**like.summary["backbone"])).to(settings.device)
         feats = extract_features(backbone, images, layer, grid, settings.device,
                                  precision=settings.resolved_precision).cpu()
         panels.append(embed("random init", feats, labels, f"{layer} ({grid}×{grid} pooled)", test.classes,

@@ -11,7 +11,7 @@ from ..checks import check_bool, check_choice, check_choice_list, check_int, che
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, EvalConfig
-from ..models import LAYERS
+from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
 from ..pretext import TASKS, check_method
 from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import PretrainConfig
@@ -67,7 +67,8 @@ CHECKS = {
     "labels": lambda v: check_int(_name("labels"), v, 1, " (labeled images per class)"),
     "budgets": lambda v: tuple(sorted(check_int_list(_name("budgets"), v, 1, "labeled images per class"))),
     "seeds": lambda v: tuple(sorted(check_int_list(_name("seeds"), v, 0, "seeds"))),
-    "layer": _choice("layer", LAYERS),
+    "layer": _choice("layer", ("auto",) + ALL_LAYERS),
+    "backbone": _choice("backbone", ARCHS),
     "head": _choice("head", HEADS),
     "points": lambda v: check_int(_name("points"), v, 20, " (test images in each UMAP)"),
     "vae_latent": lambda v: check_bool(_name("vae_latent"), v),
@@ -92,7 +93,8 @@ class LabSettings:
     labels: Optional[int] = None
     budgets: tuple = ()
     seeds: tuple = (0,)
-    layer: str = "conv4"
+    layer: str = "auto"
+    backbone: str = "alexnet"
     head: str = "mlp"
     points: int = 2000
     vae_latent: bool = True
@@ -107,10 +109,20 @@ class LabSettings:
         """The one pretraining config of ``method`` that every notebook (and
         ``python -m sslab curve --pretrain-epochs E --limit L``) derives from the same parameters."""
         return PretrainConfig(method=check_method(method), dataset=self.dataset, epochs=self.epochs, limit=self.limit,
-                              precision=self.precision)
+                              precision=self.precision, backbone=self.backbone)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision)
+
+    @property
+    def resolved_layer(self) -> str:
+        """``layer`` for this backbone (auto → conv4 on AlexNet, layer4 on ResNet-18)."""
+        return resolve_layer(self.layer, self.backbone)
+
+    @property
+    def layers(self) -> tuple:
+        """The layers this backbone offers."""
+        return LAYERS_BY_ARCH[self.backbone]
 
     @property
     def resolved_precision(self) -> str:
@@ -147,6 +159,11 @@ def check_notebook_params(**params) -> LabSettings:
         raise TypeError(f"unknown notebook parameter(s): {', '.join(unknown)}; known: {', '.join(CHECKS)}")
     checked = {name: CHECKS[name](value) for name, value in params.items()}
     settings = LabSettings(**checked, given=tuple(params))
+    try:  # a layer of another backbone (layer4 with alexnet) is refused here, not after pretraining
+        settings.resolved_layer
+    except ValueError:
+        fail(_name("layer"), settings.layer, f"auto or a layer of {settings.backbone}: "
+                                              f"{', '.join(LAYERS_BY_ARCH[settings.backbone])}")
     if "device" not in params:
         settings.device = resolve_device("auto")
     if settings.deterministic:

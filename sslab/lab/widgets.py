@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 from ..evaluate import series_name
-from ..models import LAYERS
 from .embeddings import embeddings
 from .params import LabSettings
 from .tables import confusion_of, results_frame
@@ -119,9 +118,9 @@ def umap_explorer(runs: dict, settings: LabSettings, panels: list):
     import ipywidgets as widgets
 
     from .. import plots
-    cache = {settings.layer: panels}
+    cache = {settings.resolved_layer: panels}
     classes = settings.splits.test.classes
-    layer = widgets.Dropdown(options=list(LAYERS), value=settings.layer, description="layer")
+    layer = widgets.Dropdown(options=list(settings.layers), value=settings.resolved_layer, description="layer")
     names = [e.name for e in panels]
     shown = widgets.SelectMultiple(options=names, value=tuple(names), description="panels")
 
