@@ -198,9 +198,11 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
 # ---------------------------------------------------------------- pretraining
 
 # Per task: the per-epoch metrics worth a panel of their own, and their test counterpart.
-TASK_METRICS = {"rotation": ["rot_acc"], "vae": ["recon", "kl"], "siamese-vae": ["recon", "kl", "triplet"]}
+TASK_METRICS = {"rotation": ["rot_acc"], "vae": ["recon", "kl"], "siamese-vae": ["recon", "kl", "triplet"],
+                "simclr": ["contrastive_acc"]}
 METRIC_LABELS = {"loss": "training loss", "rot_acc": "rotation accuracy", "recon": "reconstruction error (SSE)",
-                 "kl": "KL to N(0, I)", "triplet": "triplet loss"}
+                 "kl": "KL to N(0, I)", "triplet": "triplet loss", "contrastive_acc": "positive found (top-1)",
+                 "knn_acc": "kNN top-1 (monitor)"}
 
 
 def training_curves(runs):
@@ -275,6 +277,23 @@ def rotation_examples(examples: dict):
     accuracy = float((predicted == np.arange(4)[None, :]).mean())
     fig.suptitle(f"rotation predicted by the pretrained net ({100 * accuracy:.0f}% right on these {4 * n})",
                  fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def view_pairs(views: dict):
+    """SimCLR's two augmented views of the same test images, one column per image: the image,
+    then view 1 and view 2. ``views``: the dict :func:`sslab.lab.simclr_views` returns
+    (``images``, ``first``, ``second``: N×C×H×W floats in [0, 1])."""
+    plt = _plt()
+    rows = [("test image", views["images"]), ("view 1", views["first"]), ("view 2", views["second"])]
+    n = np.asarray(views["images"]).shape[0]
+    fig, axes = plt.subplots(3, n, figsize=(1.1 * n + 1.6, 3.6), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for i in range(n):
+            _image(axes[r, i], np.asarray(images)[i])
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("SimCLR's two views of each image:\npulled together, other images' views pushed apart", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -185,10 +185,12 @@ def unlabeled_pool(config: PretrainConfig):
 
 
 EVAL_SEED = 0  # seeds the random draws of a task's test-set evaluation (see evaluate_task)
+EVAL_BATCH = 512  # test images per batch of that evaluation (SimCLR's candidates are the batch's views)
 
 
 @torch.no_grad()
-def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = 512, precision: str = "fp32") -> dict:
+def evaluate_task(task: PretextTask, images: torch.Tensor, batch_size: int = EVAL_BATCH,
+                  precision: str = "fp32") -> dict:
     """The task's metrics on held-out images without augmentation (e.g. test rotation accuracy).
 
     Some tasks still draw random numbers here (siamese-vae's positive views and negatives), so

@@ -189,3 +189,14 @@ def test_spread_figures_say_how_many_seeds_their_bands_summarise():
     assert notes(plots.plot_label_curves(one_seed, "top1")) == ["1 seed per point: no spread shown"]
     mixed = ResultTable([r for r in _table().rows if r["seed"] == 0 or r["budget"] == 16])
     assert notes(plots.plot_label_curves(mixed, "top1")) == ["bands: ± 1 std over 1–2 seeds"]
+
+
+def test_view_pairs_shows_each_image_above_its_two_views():
+    rng = np.random.default_rng(0)
+    views = {k: rng.random((5, 1, 28, 28)) for k in ("images", "first", "second")}
+    fig = plots.view_pairs(views)
+    axes = fig.get_axes()
+    assert len(axes) == 3 * 5
+    shown = [ax.get_images()[0].get_array() for ax in axes]
+    np.testing.assert_allclose(shown[5 + 2], views["first"][2, 0])  # row 2 = view 1, column 3 = image 2
+    assert [axes[i].get_ylabel() for i in (0, 5, 10)] == ["test image", "view 1", "view 2"]

@@ -12,15 +12,15 @@ from .embeddings import embeddings, separation_sentence
 from .notebooks import NOTEBOOKS, TABLES, headline, load_params, main, publish, published_notebook, run_notebooks
 from .params import CHECKS, SCORES, LabSettings, check_notebook_params
 from .runs import (dataset_summary, pretext_sentence, pretrain_runs, rotation_accuracy_by_class, rotation_predictions,
-                   rotation_sentence, vae_gallery, vae_sentence)
+                   rotation_sentence, simclr_views, vae_gallery, vae_sentence)
 from .tables import (best_series, confusion_of, confusion_sentence, curve_sentence, evaluate_budgets, finetune_sentence,
                      gain_frame, pivot_frame, probe_sentence, references, results_frame)
 from .widgets import budget_explorer, confusion_explorer, curve_explorer, show, umap_explorer
 
-__all__ = ["CHECKS", "NOTEBOOKS", "SCORES", "TABLES", "LabSettings", "best_series", "budget_explorer",
-           "check_notebook_params", "confusion_explorer", "confusion_of", "confusion_sentence", "curve_explorer",
-           "curve_sentence", "dataset_summary", "embeddings", "evaluate_budgets", "finetune_sentence", "gain_frame",
-           "headline", "load_params", "main", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence",
-           "publish", "published_notebook", "references", "results_frame", "rotation_accuracy_by_class",
-           "rotation_predictions", "rotation_sentence", "run_notebooks", "separation_sentence", "series_name", "show",
-           "umap_explorer", "vae_gallery", "vae_sentence"]
+__all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", "confusion_explorer", "confusion_of",
+           "confusion_sentence", "curve_explorer", "curve_sentence", "dataset_summary", "embeddings",
+           "evaluate_budgets", "finetune_sentence", "gain_frame", "headline", "LabSettings", "load_params", "main",
+           "NOTEBOOKS", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence", "publish",
+           "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
+           "rotation_sentence", "run_notebooks", "SCORES", "separation_sentence", "series_name", "show",
+           "simclr_views", "TABLES", "umap_explorer", "vae_gallery", "vae_sentence"]

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import store
-from ..pretrain import Run, describe, pretrain
+from ..pretrain import EVAL_BATCH, Run, describe, pretrain
 from .params import LabSettings
 
 
@@ -96,6 +96,22 @@ def vae_gallery(runs: dict, settings: LabSettings, n: Optional[int] = None, seed
     return gallery
 
 
+@torch.no_grad()
+def simclr_views(run: Run, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
+    """Test images (one per class first) and two views of each drawn by the SimCLR run's own
+    augmentation (seeded): ``images``, ``first``, ``second``, each N×C×H×W floats in [0, 1]."""
+    from ..augment import to_float
+    if run.method != "simclr":
+        raise ValueError(f"run={run.path.name!r} is a {run.method} run; the views need a simclr run")
+    n = n or settings.examples
+    test = settings.splits.test
+    x = to_float(test.images[_class_examples(test.labels, n, seed)])
+    augment = run.load_task("cpu").augment
+    generator = torch.Generator().manual_seed(seed)
+    return {"images": x.numpy(), "first": augment.apply(x, generator).numpy(),
+            "second": augment.apply(x, generator).numpy()}
+
+
 def pretext_sentence(runs: dict) -> str:
     """One sentence on what each pretext task reached on held-out test images."""
     parts = []
@@ -108,6 +124,10 @@ def pretext_sentence(runs: dict) -> str:
             if "test_triplet" in s:
                 text += f" (triplet loss {s['test_triplet']:.3f}, margin 0.5)"
             parts.append(text)
+        elif "test_contrastive_acc" in s:
+            candidates = 2 * EVAL_BATCH - 1  # the other views of a test batch
+            parts.append(f"{method} picks out the other view of a test image among {candidates} candidates "
+                         f"{100 * s['test_contrastive_acc']:.1f}% of the time (chance {100 / candidates:.2f}%)")
     epochs = {run.summary.get("epochs_run") for run in runs.values()}
     images = {run.summary.get("images") for run in runs.values()}
     return (f"After {'/'.join(map(str, sorted(epochs)))} epoch(s) on {'/'.join(map(str, sorted(images)))} unlabeled "
