@@ -87,6 +87,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .distributed import HELP as distributed_help
     from .pretext import TASKS
+    from .pretrain import RANDOM_INIT
     parser = Parser(prog="python -m sslab", formatter_class=HelpFormatter,
                     description="sslab: self-supervised pretraining when labels are scarce.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pretrain one pretext task (reuses a complete run with the same config)",
                        description="Pretrain a pretext task on the dataset's unlabeled pool. The last line "
                                    "printed is the run folder.")
-    p.add_argument("--method", default="rotation", help=", ".join(TASKS))
+    p.add_argument("--method", default="rotation",
+                   help=f"{', '.join(TASKS)}, or {RANDOM_INIT} (the backbone as initialised: what evaluation gets "
+                        f"without pretraining)")
     p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASETS)}")
     _pretrain_args(p)
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
@@ -124,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pretrain what is missing, evaluate every method at every budget and seed "
                                    "(plus the scratch baseline), print mean ± std top-1/top-5 and write the "
                                    "table as CSV/JSON (and a figure when matplotlib is installed).")
-    p.add_argument("--methods", default=",".join(TASKS), help="comma-separated pretext tasks")
+    p.add_argument("--methods", default=",".join(TASKS),
+                   help=f"comma-separated pretext tasks, and {RANDOM_INIT} for the same protocols from a randomly "
+                        f"initialised backbone")
     p.add_argument("--dataset", default="fashion-mnist", help="dataset name")
     p.add_argument("--budgets", default="1,2,4,8,16,32,64", help="labels per class, comma-separated")
     p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated")
@@ -250,11 +255,10 @@ def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_cl
 
 def cmd_curve(args) -> int:
     from .evaluate import HEADS, EvalConfig, label_curve, merge_curve
-    from .pretext import TASKS
-    from .pretrain import PretrainConfig, find_run, pretrain
+    from .pretrain import METHODS, PretrainConfig, find_run, pretrain
 
     # Everything the sweep will check, checked before any pretraining starts.
-    methods = check_choice_list("--methods", args.methods, tuple(TASKS), "pretext tasks")
+    methods = check_choice_list("--methods", args.methods, METHODS, "methods")
     budgets = list(check_int_list("--budgets", args.budgets, 1, "labeled images per class"))
     seeds = list(check_int_list("--seeds", args.seeds, 0, "seeds"))
     check_choice("--head", args.head, HEADS)

@@ -15,7 +15,8 @@ import numpy as np
 
 from .evaluate.table import ResultTable, series_name, series_order
 
-METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "scratch": "#555555"}
+METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "simclr": "#d62728",
+                 "random-init": "#8c8c8c", "scratch": "#555555"}
 PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--"}
 PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^"}
 METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from . import distributed, store, stream
-from .checks import check_bool, check_int, check_number
+from .checks import check_bool, check_choice, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig, build_backbone, check_arch
-from .pretext import PretextTask, build_task, check_method
+from .pretext import TASKS, PretextTask, build_task
 from .precision import autocast, resolve_precision
 from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
 
@@ -32,6 +32,10 @@ METHOD_DEFAULTS = {
 # laptop pretrains on all of Fashion-MNIST in minutes. The same for ResNet-18: at width 0.25 a
 # SimCLR epoch on 20 000 Fashion-MNIST images costs 42 CPU-seconds in bf16 (docs/BENCHMARKS.md).
 DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
+# Not a pretext task: the backbone as initialised, with the seed of the run. Evaluated like a
+# pretrained one, it shows what the protocols get without pretraining (what pretraining adds).
+RANDOM_INIT = "random-init"
+METHODS = tuple(TASKS) + (RANDOM_INIT,)
 # Images the network sees per source image, for images/s: the rotated copies, the two views.
 IMAGES_PER_SAMPLE = {"rotation": 4, "simclr": 2}
 
@@ -58,7 +62,7 @@ class PretrainConfig:
 
     def resolved(self, device: torch.device) -> "PretrainConfig":
         """Fill method and device defaults and check every value, before any work starts."""
-        check_method(self.method)
+        check_choice("method", self.method, METHODS)
         check_dataset_name(self.dataset)
         if self.dataset.startswith("folder:"):
             folder_classes(self.dataset[len("folder:"):])  # missing folder, no train/, one class
@@ -76,13 +80,16 @@ class PretrainConfig:
             check_number("width", self.width, 0, 4)
         check_bool("sync_bn", self.sync_bn)
         check_arch(self.backbone)
-        defaults = METHOD_DEFAULTS[self.method]
         values = asdict(self)
+        values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
+        values["precision"] = resolve_precision(self.precision, device)
+        if self.method == RANDOM_INIT:  # nothing is trained: the training settings do not apply
+            values.update(epochs=0, limit=None, batch_size=None, lr=None, schedule=None, sync_bn=False)
+            return PretrainConfig(**values)
+        defaults = METHOD_DEFAULTS[self.method]
         values["batch_size"] = self.batch_size or defaults["batch_size"]
         values["lr"] = float(self.lr or defaults["lr"])
         values["schedule"] = self.schedule or defaults["schedule"]
-        values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
-        values["precision"] = resolve_precision(self.precision, device)
         return PretrainConfig(**values)
 
     def train_config(self) -> TrainConfig:
@@ -112,6 +119,9 @@ class Run:
 
     def load_task(self, device="cpu") -> PretextTask:
         """The pretext task (backbone + heads) with the run's final weights, in eval mode."""
+        if self.method == RANDOM_INIT:
+            raise ValueError(f"run={self.path.name!r} is a random-init run: it has a backbone (load_backbone) but "
+                             f"no pretext task")
         task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
         task.load_state_dict(store.load_torch(self.path / "model.pt", expect=self.weights_provenance())["model"])
         return task.to(device).eval()
@@ -339,6 +349,8 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     splits, pool = unlabeled_pool(config)
     backbone = BackboneConfig(in_channels=pool.channels, image_size=pool.image_size, width=config.width,
                               arch=config.backbone)
+    if config.method == RANDOM_INIT:
+        return _store_random_init(config, dev, work, final, splits, backbone) if main else None
     task = build_task(config.method, backbone).to(dev)
     identity = store.config_hash(asdict(config))  # what the run's weights and checkpoints record
     if main:
@@ -390,6 +402,25 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     return load_run(final)
 
 
+def _store_random_init(config: PretrainConfig, dev: torch.device, work: Path, final: Path, splits,
+                      backbone: BackboneConfig) -> Run:
+    """A random-init "run": the backbone as ``build_backbone`` initialises it under the run's seed,
+    stored like a pretrained one (so every protocol evaluates it the same way)."""
+    net = build_backbone(backbone)  # after torch.manual_seed(config.seed)
+    identity = store.config_hash(asdict(config))
+    work.mkdir(parents=True, exist_ok=True)
+    store.write_json(work / "config.json", asdict(config))
+    state = {f"backbone.{k}": v for k, v in net.state_dict().items()}
+    store.save_torch(work / "model.pt", {"model": state, "backbone": asdict(backbone), "method": config.method},
+                     provenance=model_provenance(config.method, asdict(backbone), identity))
+    store.write_json(work / store.COMPLETE, {"backbone": asdict(backbone), "device": str(dev), "images": 0,
+                                             "precision": config.precision, "epochs_run": 0, "train_seconds": 0.0,
+                                             "resumed_from_epoch": 0, "final": {}})
+    if work != final:
+        _replace_folder(work, final)
+    return load_run(final)
+
+
 def knn_monitor_of(splits, config: PretrainConfig, device):
     """``validate`` for :func:`fit` that scores a pretext task's backbone by kNN on labeled images
     the pretraining never sees the labels of (see ``pretrain(knn_monitor=...)``)."""
@@ -426,6 +457,8 @@ def _replace_folder(new: Path, old: Path) -> None:
 
 def describe(run: Run) -> str:
     s = run.summary
+    if run.method == RANDOM_INIT:
+        return f"{RANDOM_INIT}: the {run.arch} backbone as initialised with seed {run.config.seed}, not trained"
     metrics = ", ".join(f"{k[5:]}={v:.4g}" for k, v in s.items() if k.startswith("test_"))
     precision = f" in {s['precision']}" if "precision" in s else ""
     return (f"{run.method}: {s['images']} images, {s['epochs_run']} epochs, {s['train_seconds']:.0f} s on "

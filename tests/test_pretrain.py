@@ -250,3 +250,18 @@ def test_the_knn_monitor_scores_every_epoch_and_changes_no_weight(tmp_path):
     assert not any("knn_acc" in json.loads(line) for line in (plain.path / "metrics.jsonl").read_text().splitlines())
     weights = [store.load_torch(run.path / "model.pt")["model"] for run in (plain, watched)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_random_init_run_stores_the_seeded_initial_backbone_and_trains_nothing(tmp_path):
+    from sslab.models import BackboneConfig, build_backbone
+    run = _pretrain(_tiny("random-init"), tmp_path)
+    other_settings = _pretrain(_tiny("random-init", epochs=5, limit=128, lr=0.3), tmp_path)
+    assert other_settings.path == run.path  # the training settings do not apply, so they do not split runs
+    assert run.summary["epochs_run"] == 0 and run.metrics == [] and run.config.epochs == 0
+    torch.manual_seed(0)
+    expected = build_backbone(BackboneConfig(1, 28, 0.125)).state_dict()
+    loaded = run.load_backbone().state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert _pretrain(_tiny("random-init", seed=1), tmp_path).path != run.path
+    with pytest.raises(ValueError, match="has a backbone .* but no pretext task"):
+        run.load_task()
