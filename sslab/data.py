@@ -84,6 +84,10 @@ class DatasetSplits:
     test: ImageSet
     unlabeled: ImageSet
     source: str = ""
+    # The unlabeled pool is the train split itself (row i of one is row i of the other), labels
+    # hidden: a protocol that uses the pool must then leave out the images it holds as labeled
+    # or validation images.
+    pool_is_train: bool = False
 
 
 # ---------------------------------------------------------------- fashion-mnist
@@ -120,7 +124,7 @@ def _fashion_mnist_from(folder: Path) -> Optional[DatasetSplits]:
                      list(FASHION_MNIST_CLASSES))
     test = ImageSet(torch.from_numpy(arrays[2].copy()).unsqueeze(1), torch.from_numpy(arrays[3].astype(np.int64)),
                     list(FASHION_MNIST_CLASSES))
-    return DatasetSplits("fashion-mnist", train, test, train.unlabeled(), source=str(folder))
+    return DatasetSplits("fashion-mnist", train, test, train.unlabeled(), source=str(folder), pool_is_train=True)
 
 
 def _download_root(data_root: Optional[str]) -> Path:
@@ -189,7 +193,7 @@ def _load_cifar10(data_root: Optional[str], download: bool) -> DatasetSplits:
         raise _torchvision_error("cifar10", root, exc) from exc
     train_set = ImageSet(_from_hwc(train.data), torch.tensor(train.targets), list(train.classes))
     test_set = ImageSet(_from_hwc(test.data), torch.tensor(test.targets), list(test.classes))
-    return DatasetSplits("cifar10", train_set, test_set, train_set.unlabeled(), source=str(root))
+    return DatasetSplits("cifar10", train_set, test_set, train_set.unlabeled(), source=str(root), pool_is_train=True)
 
 
 def _load_stl10(data_root: Optional[str], download: bool) -> DatasetSplits:
@@ -362,7 +366,7 @@ def _load_folder(path: str, image_size: Optional[int]) -> DatasetSplits:
                       f"so accuracies are optimistic.", stacklevel=2)
         test = train
     return DatasetSplits(f"folder:{path}", train, test, unlabeled if unlabeled is not None else train.unlabeled(),
-                         source=str(root))
+                         source=str(root), pool_is_train=unlabeled is None)
 
 
 # ---------------------------------------------------------------- entry points
@@ -411,7 +415,7 @@ def load_dataset(name: str = "fashion-mnist", data_root: Optional[str] = None, i
         if image_size < 16:
             raise ValueError(f"image_size={image_size} is too small; allowed: 16 or more")
         splits = DatasetSplits(splits.name, _resize(splits.train, image_size), _resize(splits.test, image_size),
-                               _resize(splits.unlabeled, image_size), splits.source)
+                               _resize(splits.unlabeled, image_size), splits.source, splits.pool_is_train)
     _CACHE[key] = splits
     return splits
 

@@ -83,8 +83,9 @@ class PretrainConfig:
         values = asdict(self)
         values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
         values["precision"] = resolve_precision(self.precision, device)
-        if self.method == RANDOM_INIT:  # nothing is trained: the training settings do not apply
-            values.update(epochs=0, limit=None, batch_size=None, lr=None, schedule=None, sync_bn=False)
+        if self.method == RANDOM_INIT:  # nothing is trained: the training settings do not apply (the pool
+            # does: protocols that use the unlabeled images take the run's)
+            values.update(epochs=0, batch_size=None, lr=None, schedule=None, sync_bn=False)
             return PretrainConfig(**values)
         defaults = METHOD_DEFAULTS[self.method]
         values["batch_size"] = self.batch_size or defaults["batch_size"]
@@ -180,18 +181,23 @@ def load_run(path) -> Run:
 
 def unlabeled_pool(config: PretrainConfig):
     """The unlabeled images a run trains on: the dataset's unlabeled pool, or ``limit`` of
-    them drawn with a seeded shuffle."""
+    them drawn with a seeded shuffle. Returns ``(splits, pool)``."""
     splits = load_dataset(config.dataset, config.data_root, config.image_size)
-    pool = splits.unlabeled
-    if config.limit is not None and config.limit > len(pool):
+    index = pool_index(config, len(splits.unlabeled))
+    return splits, splits.unlabeled if index is None else splits.unlabeled.subset(index)
+
+
+def pool_index(config: PretrainConfig, size: int) -> Optional[torch.Tensor]:
+    """Which rows of the dataset's unlabeled split (``size`` rows) make a run's pool: None for
+    all of them, else ``limit`` rows drawn with a shuffle seeded by the run's seed."""
+    if config.limit is not None and config.limit > size:
         # Silently training on all of them would store a second run of the same images under
         # another name (the limit is part of the config).
-        raise ValueError(f"limit={config.limit} is not allowed: {config.dataset} has {len(pool)} unlabeled images; "
-                         f"allowed: 2 ≤ limit ≤ {len(pool)}, or no limit for all of them")
-    if config.limit is not None and config.limit < len(pool):
-        order = torch.from_numpy(np.random.Generator(np.random.PCG64(config.seed)).permutation(len(pool)))
-        pool = pool.subset(order[: config.limit])
-    return splits, pool
+        raise ValueError(f"limit={config.limit} is not allowed: {config.dataset} has {size} unlabeled images; "
+                         f"allowed: 2 ≤ limit ≤ {size}, or no limit for all of them")
+    if config.limit is None or config.limit == size:
+        return None
+    return torch.from_numpy(np.random.Generator(np.random.PCG64(config.seed)).permutation(size))[: config.limit]
 
 
 EVAL_SEED = 0  # seeds the random draws of a task's test-set evaluation (see evaluate_task)

@@ -29,7 +29,7 @@ seconds on one CPU thread). Both tests below then run for it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -128,12 +128,18 @@ def finetune(run: Run, labels: int, out: str, config: ev.EvalConfig) -> dict:
     return ev.finetune_cell(run, labels, device="cpu", out=out, config=config)
 
 
+def labelprop(run: Run, labels: int, out: str, config: ev.EvalConfig) -> dict:
+    # the pool is tiny (96 images): a graph of 5 neighbours keeps its edges within a band
+    return ev.labelprop_cell(run, labels, device="cpu", out=out, config=replace(config, lp_k=5, lp_pca=32))
+
+
 PROTOCOLS = [
     pytest.param(Protocol("probe mlp", probe("mlp"), 0.9), id="probe-mlp"),
     pytest.param(Protocol("probe linear", probe("linear"), 0.9), id="probe-linear"),
     pytest.param(Protocol("probe knn", probe("knn"), 0.9), id="probe-knn"),
     pytest.param(Protocol("scratch", scratch, 0.8), id="scratch"),
     pytest.param(Protocol("finetune", finetune, 0.9), id="finetune"),
+    pytest.param(Protocol("labelprop", labelprop, 0.9), id="labelprop"),
 ]
 
 

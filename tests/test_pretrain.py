@@ -255,7 +255,7 @@ def test_the_knn_monitor_scores_every_epoch_and_changes_no_weight(tmp_path):
 def test_a_random_init_run_stores_the_seeded_initial_backbone_and_trains_nothing(tmp_path):
     from sslab.models import BackboneConfig, build_backbone
     run = _pretrain(_tiny("random-init"), tmp_path)
-    other_settings = _pretrain(_tiny("random-init", epochs=5, limit=128, lr=0.3), tmp_path)
+    other_settings = _pretrain(_tiny("random-init", epochs=5, lr=0.3), tmp_path)
     assert other_settings.path == run.path  # the training settings do not apply, so they do not split runs
     assert run.summary["epochs_run"] == 0 and run.metrics == [] and run.config.epochs == 0
     torch.manual_seed(0)

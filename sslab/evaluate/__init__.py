@@ -9,6 +9,7 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
 - :mod:`.probe`: a head (mlp, linear, knn) on frozen features; :mod:`.batched_heads` trains a
   sweep's heads together.
 - :mod:`.end_to_end`: the scratch baseline and fine-tuning.
+- :mod:`.labelprop`: label propagation over the unlabeled pool on frozen features.
 - :mod:`.curve`: label-budget sweeps; :mod:`.table`: their results.
 """
 from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrained_id
@@ -16,6 +17,7 @@ from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cel
                     merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
 from .features import dataset_splits, extract_features, run_features
+from .labelprop import labelprop_cell
 from .heads import HEADS, FeatureHead, ImageClassifier, knn_predict, predict
 from .metrics import classification_metrics, confusion_matrix, topk_accuracy
 from .probe import probe_cell, probe_cells_together
@@ -25,5 +27,6 @@ from .table import ResultTable, series_name, series_order
 __all__ = ["budget_split", "BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
            "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
            "extract_features", "FeatureHead", "finetune_cell", "HEADS", "ImageClassifier", "knn_predict",
-           "label_curve", "merge_curve", "predict", "pretrained_id", "probe_cell", "probe_cells_together", "PROTOCOLS",
-           "ResultTable", "run_features", "scratch_cell", "series_name", "series_order", "topk_accuracy"]
+           "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
+           "probe_cells_together", "PROTOCOLS", "ResultTable", "run_features", "scratch_cell", "series_name",
+           "series_order", "topk_accuracy"]

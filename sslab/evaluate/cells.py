@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import store
-from ..checks import check_choice, check_int, check_int_list
+from ..checks import check_choice, check_int, check_int_list, check_number
 from ..data import DatasetSplits, label_budget_split
 from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
@@ -50,6 +50,12 @@ class EvalConfig:
     # head = knn
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # labelprop: the k-NN graph (k, PCA dimensions, 0 = none) and the propagation (alpha, gamma, steps)
+    lp_k: int = 20
+    lp_pca: int = 128
+    lp_alpha: float = 0.99
+    lp_gamma: float = 3.0
+    lp_iterations: int = 20
     # bf16 or fp32 (features, heads, end-to-end training); auto: bf16 where the hardware has it
     precision: str = "auto"
 
@@ -58,8 +64,11 @@ class EvalConfig:
         check_choice("head", self.head, HEADS)
         check_choice("precision", self.precision, PRECISIONS)
         for name in ("grid", "hidden", "probe_epochs", "scratch_epochs", "finetune_epochs", "batch_size", "knn_k",
-                     "val_per_class"):
+                     "val_per_class", "lp_k", "lp_iterations"):
             check_int(name, getattr(self, name), 1)
+        check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)")
+        check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
+        check_number("lp_gamma", self.lp_gamma)
         return self
 
     def resolved(self, device, arch: str = "alexnet") -> "EvalConfig":
@@ -91,6 +100,8 @@ CELL_FIELDS = {
     "probe": ("head",) + _SHARED + _PROBE,
     "scratch": _SHARED + ("scratch_epochs", "scratch_lr", "scratch_patience"),
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
+    "labelprop": ("layer", "grid", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha", "lp_gamma",
+                  "lp_iterations"),
 }
 
 

@@ -12,7 +12,7 @@ from .. import store
 
 TABLE_COLUMNS = ("method", "protocol", "head", "layer", "budget", "seed", "top1", "top5", "epochs", "seconds")
 # The order protocols are listed in, within a method (scratch, the baseline, always last).
-PROTOCOL_ORDER = ("probe", "finetune", "scratch")
+PROTOCOL_ORDER = ("probe", "finetune", "labelprop", "selftrain", "fixmatch", "scratch")
 
 
 def series_name(method: str, protocol: str) -> str:

@@ -1,0 +1,115 @@
+"""sslab/evaluate/labelprop.py: the k-NN search and graph against brute force, propagation on
+a set whose answer is known, inductive scoring that never reads a test label."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sslab.evaluate import labelprop as lp
+
+
+def _unit(n, d, seed):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_knn_search_in_blocks_is_brute_force_top_k():
+    queries, bank = _unit(37, 8, 0), _unit(101, 8, 1)
+    sims, idx = lp.knn_search(queries, bank, 5, block=16)  # blocks smaller than both sets
+    full = queries @ bank.T
+    top_s, top_i = full.topk(5, dim=1)
+    torch.testing.assert_close(sims, top_s)
+    assert torch.equal(idx, top_i)
+    self_s, self_i = lp.knn_search(bank, bank, 3, block=16, skip_self=True)
+    full = bank @ bank.T
+    full.fill_diagonal_(-math.inf)
+    assert torch.equal(self_i, full.topk(3, dim=1).indices)
+    assert not (self_i == torch.arange(101)[:, None]).any()
+
+
+def test_normalized_affinity_is_the_formula():
+    rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 3])
+    sims = torch.tensor([0.9, 0.5, -0.2, 0.8])
+    w = lp.normalized_affinity(rows, cols, sims, 4, gamma=3.0).to_dense()
+    a = torch.zeros(4, 4)
+    a[rows, cols] = sims.clamp(min=0) ** 3
+    a = a + a.T
+    d = a.sum(1).clamp(min=1e-12).rsqrt()
+    torch.testing.assert_close(w, d[:, None] * a * d[None, :])
+    torch.testing.assert_close(w, w.T)
+
+
+def test_propagation_recovers_two_clusters_from_one_label_each():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])
+    truth = torch.arange(200) % 2
+    points = centres[truth] + torch.randn(200, 3, generator=generator)
+    graph = lp.build_pool_graph(points, k=8, pca=None)
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[[0, 1]] = False  # the two labeled images join as labeled nodes, not as pool nodes
+    queries = centres[torch.tensor([0, 1, 1])] + 0.5 * torch.randn(3, 3, generator=generator)
+    result = lp.propagate_cell(graph, keep, points[[0, 1]], truth[[0, 1]], [queries], 2, alpha=0.99, gamma=3.0,
+                               iterations=30)
+    assert torch.equal(result.probs[2:].argmax(1), truth[result.pool_rows])  # every pool image
+    assert torch.equal(result.query_scores[0].argmax(1), torch.tensor([0, 1, 1]))
+    torch.testing.assert_close(result.probs.sum(1), torch.ones(len(result.probs)))
+
+
+def test_each_class_gets_the_same_seed_mass_however_many_labels_it_has():
+    affinity = lp.normalized_affinity(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.0]), 5)
+    labels = torch.tensor([0, 0, 0, 1, -1])
+    probs = lp.propagate(affinity, labels, 2, alpha=0.5, iterations=1)  # no edge carries anything
+    torch.testing.assert_close(probs[:4], torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [0, 1.0]]))
+    torch.testing.assert_close(probs[4], torch.tensor([0.5, 0.5]))  # nothing arrived: uniform
+
+
+def test_pool_keep_leaves_out_the_cells_labeled_and_validation_images():
+    rows = torch.tensor([5, 2, 9, 7])
+    keep = lp.pool_keep(rows, 4, (torch.tensor([2]), torch.tensor([7, 11])), "cpu")
+    assert keep.tolist() == [True, False, True, False]
+    assert lp.pool_keep(None, 3, (torch.tensor([0]),), "cpu").tolist() == [True, True, True]
+
+
+def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path):
+    """The same scores whatever the test labels are: only the metrics read them."""
+    from PIL import Image
+
+    from sslab.data import DatasetSplits, ImageSet
+    from sslab.evaluate import features
+    from sslab.evaluate.cells import EvalConfig
+    from sslab.pretrain import PretrainConfig, pretrain
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 20), ("test", 3)):
+        for name in ("a", "b", "c"):
+            (tmp_path / "images" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (16, 16), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy(), "L").save(tmp_path / "images" / split / name / f"{i}.png")
+    run = pretrain(PretrainConfig(method="random-init", dataset=f"folder:{tmp_path / 'images'}", image_size=16,
+                                  width=0.125), device="cpu", out=str(tmp_path / "out"), progress=False)
+    real = features.dataset_splits(run.config)
+    scores = []
+    for test_labels in (real.test.labels, real.test.labels.flip(0)):
+        splits = DatasetSplits(real.name, real.train, ImageSet(real.test.images, test_labels, real.test.classes),
+                               real.unlabeled, pool_is_train=True)
+        monkeypatch.setattr(lp, "dataset_splits", lambda config, s=splits: s)
+        lp._GRAPHS.clear()
+        cfg = replace(EvalConfig(val_per_class=2, lp_k=5, lp_pca=8), layer="conv4", precision="fp32")
+        result, _ = lp.labelprop_of(run, 3, 0, cfg, torch.device("cpu"))
+        scores.append(result.query_scores[1])
+    torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field, value, allowed", [("lp_alpha", 1.0, "a number in (0, 1)"),
+                                                   ("lp_k", 0, "an integer ≥ 1"),
+                                                   ("lp_pca", -1, "an integer ≥ 0"),
+                                                   ("lp_gamma", 0.0, "a number > 0")])
+def test_bad_graph_settings_name_the_setting(field, value, allowed):
+    from sslab.evaluate.cells import EvalConfig
+    with pytest.raises(ValueError, match=rf"{field}={value!r} is not allowed; allowed: {allowed}".replace("(", r"\(")
+                       .replace(")", r"\)")):
+        replace(EvalConfig(), **{field: value}).validate()
