@@ -9,7 +9,8 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
 - :mod:`.probe`: a head (mlp, linear, knn) on frozen features; :mod:`.batched_heads` trains a
   sweep's heads together.
 - :mod:`.end_to_end`: the scratch baseline and fine-tuning.
-- :mod:`.labelprop`: label propagation over the unlabeled pool on frozen features.
+- :mod:`.labelprop`, :mod:`.selftrain`, :mod:`.fixmatch`: the protocols that put the unlabeled
+  pool to work when the classifier trains.
 - :mod:`.curve`: label-budget sweeps; :mod:`.table`: their results.
 """
 from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrained_id
@@ -17,7 +18,9 @@ from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cel
                     merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
 from .features import dataset_splits, extract_features, run_features
+from .fixmatch import fixmatch_cell
 from .labelprop import labelprop_cell
+from .selftrain import selftrain_cell
 from .heads import HEADS, FeatureHead, ImageClassifier, knn_predict, predict
 from .metrics import classification_metrics, confusion_matrix, topk_accuracy
 from .probe import probe_cell, probe_cells_together
@@ -26,7 +29,7 @@ from .table import ResultTable, series_name, series_order
 
 __all__ = ["budget_split", "BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
            "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
-           "extract_features", "FeatureHead", "finetune_cell", "HEADS", "ImageClassifier", "knn_predict",
-           "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
-           "probe_cells_together", "PROTOCOLS", "ResultTable", "run_features", "scratch_cell", "series_name",
-           "series_order", "topk_accuracy"]
+           "extract_features", "FeatureHead", "finetune_cell", "fixmatch_cell", "HEADS", "ImageClassifier",
+           "knn_predict", "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
+           "probe_cells_together", "PROTOCOLS", "ResultTable", "run_features", "scratch_cell", "selftrain_cell",
+           "series_name", "series_order", "topk_accuracy"]

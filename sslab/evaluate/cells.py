@@ -56,6 +56,21 @@ class EvalConfig:
     lp_alpha: float = 0.99
     lp_gamma: float = 3.0
     lp_iterations: int = 20
+    # selftrain: rounds of (teacher labels the pool → a student trains on labeled + pseudo-labeled)
+    st_rounds: int = 1
+    st_per_class: int = 1000  # the teacher's most confident pseudo-labels per class (class-balanced)
+    st_threshold: float = 0.0  # and only those at least this confident (0–1, the propagation's confidence)
+    st_steps: int = 600
+    st_lr: float = 1e-3
+    st_labeled_fraction: float = 0.25  # the labeled images' share of every batch
+    # fixmatch: steps of fm_batch labeled and fm_mu × fm_batch unlabeled images; threshold τ, weight λ_u
+    fm_steps: int = 1000
+    fm_batch: int = 32
+    fm_mu: int = 7
+    fm_threshold: float = 0.95
+    fm_weight: float = 1.0
+    fm_lr: float = 0.03
+    fm_ema: float = 0.99
     # bf16 or fp32 (features, heads, end-to-end training); auto: bf16 where the hardware has it
     precision: str = "auto"
 
@@ -67,6 +82,14 @@ class EvalConfig:
                      "val_per_class", "lp_k", "lp_iterations"):
             check_int(name, getattr(self, name), 1)
         check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)")
+        for name in ("st_rounds", "st_per_class", "st_steps", "fm_steps", "fm_batch", "fm_mu"):
+            check_int(name, getattr(self, name), 1)
+        check_number("st_threshold", self.st_threshold, 0.0, 1.0, low_open=False, high_open=True)
+        check_number("st_labeled_fraction", self.st_labeled_fraction, 0.0, 1.0, high_open=True)
+        check_number("fm_threshold", self.fm_threshold, 0.0, 1.0, low_open=False)
+        check_number("fm_ema", self.fm_ema, 0.0, 1.0, low_open=False, high_open=True)
+        for name in ("st_lr", "fm_lr", "fm_weight"):
+            check_number(name, getattr(self, name))
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
         return self
@@ -103,6 +126,11 @@ CELL_FIELDS = {
     "labelprop": ("layer", "grid", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha", "lp_gamma",
                   "lp_iterations"),
 }
+CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("hidden", "batch_size", "weight_decay", "st_rounds",
+                                                       "st_per_class", "st_threshold", "st_steps", "st_lr",
+                                                       "st_labeled_fraction")
+CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch", "fm_mu", "fm_threshold",
+                                                         "fm_weight", "fm_lr", "fm_ema")
 
 
 def cell_config(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: EvalConfig, **extra) -> dict:

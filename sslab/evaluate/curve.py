@@ -11,15 +11,20 @@ from ..pretrain import Run, load_run
 from ..train import resolve_device
 from .cells import EvalConfig, check_budgets, check_seeds, stored_row
 from .end_to_end import finetune_cell, finetune_key, scratch_cell, scratch_key
+from .fixmatch import fixmatch_cell, fixmatch_key
 from .labelprop import labelprop_cell, labelprop_key
+from .selftrain import selftrain_cell, selftrain_key
 from .probe import probe_cell, probe_cells_together, probe_key
 from .table import ResultTable
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 # Every protocol a sweep can run, in the order its cells are computed and listed; scratch is the
 # baseline and comes last in each (budget, seed).
-PROTOCOLS = ("probe", "finetune", "labelprop", "scratch")
+PROTOCOLS = ("probe", "finetune", "labelprop", "selftrain", "fixmatch", "scratch")
 DEFAULT_PROTOCOLS = ("probe", "scratch")
+# The protocols that put the unlabeled pool to work when the classifier trains: (cell, key).
+SEMI = {"labelprop": (labelprop_cell, labelprop_key), "selftrain": (selftrain_cell, selftrain_key),
+        "fixmatch": (fixmatch_cell, fixmatch_key)}
 
 
 def check_protocols(protocols, name: str = "protocols") -> tuple:
@@ -64,8 +69,8 @@ def cell_key(method: str, protocol: str, budget: int, seed: int, run: Optional[R
                            like.arch)
     if protocol == "finetune":
         return finetune_key(run, budget, seed, cfg)
-    if protocol == "labelprop":
-        return labelprop_key(run, budget, seed, cfg)
+    if protocol in SEMI:
+        return SEMI[protocol][1](run, budget, seed, cfg)
     return probe_key(run, budget, seed, cfg)
 
 
@@ -77,8 +82,8 @@ def compute_cell(method: str, protocol: str, budget: int, seed: int, run: Option
         return scratch_cell(like.config.dataset if like else "fashion-mnist", budget, seed, like=like, **common)
     if protocol == "finetune":
         return finetune_cell(run, budget, seed, **common)
-    if protocol == "labelprop":
-        return labelprop_cell(run, budget, seed, **common)
+    if protocol in SEMI:
+        return SEMI[protocol][0](run, budget, seed, **common)
     return probe_cell(run, budget, seed, **common)
 
 

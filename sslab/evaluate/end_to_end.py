@@ -75,18 +75,8 @@ def finetune_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, 
     key = finetune_key(run, budget, seed, cfg)
 
     def compute(folder: Path) -> dict:
-        probe_cell(run, budget, seed, device=dev, out=out, config=cfg, deterministic=deterministic)
         splits = dataset_splits(run.config)
-        backbone = run.load_backbone(dev)
-        feats = run_features(run, "train", cfg.layer, cfg.grid, dev, precision=cfg.precision)
-        head = FeatureHead(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
-        # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
-        # copied or merged store no longer has), and the head that cell recorded making.
-        probe_cell_key = probe_key(run, budget, seed, cfg)
-        head_file = cell_folder(probe_cell_key, out) / "head.pt"
-        head.load_state_dict(store.load_torch(head_file, map_location=dev,
-                                              expect=cell_provenance("head", probe_cell_key))["head"])
-        model = ImageClassifier(backbone, head, cfg.layer, cfg.grid).to(dev)
+        model = classifier_from_probe(run, budget, seed, cfg, dev, out, deterministic)
         # The augmentation draws from torch's global generator: seed it here, or the result would
         # depend on whether the probe head above was trained just now or found stored.
         torch.manual_seed(seed)
@@ -97,6 +87,23 @@ def finetune_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, 
                                 dev, progress, deterministic)
 
     return computed_once(key, out, compute)
+
+
+def classifier_from_probe(run: Run, budget: int, seed: int, cfg: EvalConfig, dev, out, deterministic: bool = False
+                          ) -> ImageClassifier:
+    """``run``'s backbone with the mlp head of its probe cell at this budget and seed (trained
+    first if missing): how fine-tuning and FixMatch start, the head already reading the
+    backbone's features."""
+    probe_cell(run, budget, seed, device=dev, out=out, config=replace(cfg, head="mlp"), deterministic=deterministic)
+    splits = dataset_splits(run.config)
+    feats = run_features(run, "train", cfg.layer, cfg.grid, dev, precision=cfg.precision)
+    head = FeatureHead(feats.shape[1], splits.train.num_classes, "mlp", cfg.hidden).to(dev)
+    # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
+    # copied or merged store no longer has), and the head that cell recorded making.
+    key = probe_key(run, budget, seed, replace(cfg, head="mlp"))
+    head.load_state_dict(store.load_torch(cell_folder(key, out) / "head.pt", map_location=dev,
+                                          expect=cell_provenance("head", key))["head"])
+    return ImageClassifier(run.load_backbone(dev), head, cfg.layer, cfg.grid).to(dev)
 
 
 def train_end_to_end(model: ImageClassifier, splits, method: str, protocol: str, cfg: EvalConfig, budget: int,

@@ -176,17 +176,29 @@ def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch
 _GRAPHS: dict = {}
 
 
-def pool_of(run: Run, cfg: EvalConfig, dev, features: Optional[torch.Tensor] = None) -> tuple:
-    """``(pool features P×D, pool rows into the train split or None)`` of ``run``'s unlabeled pool
-    (its limit and seed). The rows are set where the pool is the train split itself (labels
-    hidden), so a cell can leave its labeled and validation images out of it."""
+def pool_rows(run: Run) -> tuple:
+    """``(split, rows)``: where ``run``'s unlabeled pool (its limit and seed) is — the rows of the
+    dataset's ``train`` split when the pool is the train split with its labels hidden (a cell then
+    leaves its own labeled and validation images out), else of its ``unlabeled`` split."""
     splits = dataset_splits(run.config)
     index = pool_index(run.config, len(splits.unlabeled))
-    split = "train" if splits.pool_is_train else "unlabeled"
-    feats = features if features is not None else run_features(run, split, cfg.layer, cfg.grid, dev,
-                                                               precision=cfg.precision)
     rows = torch.arange(len(splits.unlabeled)) if index is None else index
-    return feats[rows.to(feats.device)], (rows if splits.pool_is_train else None)
+    return ("train" if splits.pool_is_train else "unlabeled"), rows
+
+
+def pool_of(run: Run, cfg: EvalConfig, dev) -> tuple:
+    """``(pool features P×D, pool rows into the train split or None)`` of ``run``'s pool."""
+    split, rows = pool_rows(run)
+    feats = run_features(run, split, cfg.layer, cfg.grid, dev, precision=cfg.precision)
+    return feats[rows.to(feats.device)], (rows if split == "train" else None)
+
+
+def pool_images(run: Run, leave_out: tuple) -> torch.Tensor:
+    """The uint8 images of ``run``'s pool, without the cell's labeled and validation images
+    (``leave_out``: train indices) where the pool is the train split."""
+    split, rows = pool_rows(run)
+    keep = pool_keep(rows if split == "train" else None, len(rows), leave_out, "cpu")
+    return getattr(dataset_splits(run.config), split).images[rows[keep]]
 
 
 def pool_graph(run: Run, cfg: EvalConfig, dev) -> tuple:
