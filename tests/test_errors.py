@@ -322,7 +322,7 @@ def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
     (["--layer", "conv9"], ["layer='conv9'", "conv1, conv2, conv3, conv4, conv5, pool5"]),
     (["--head", "svm"], ["--head='svm'", "mlp, linear, knn"]),
     (["--protocols", "probe,jigsaw"],
-     ["--protocols='probe,jigsaw'", "probe, finetune, scratch", "'jigsaw' is not one"]),
+     ["--protocols='probe,jigsaw'", "probe, finetune, labelprop, selftrain, fixmatch, scratch", "'jigsaw' is not one"]),
     (["--protocols", "probe,probe"], ["--protocols='probe,probe'", "without repeats"]),
     (["--seed", "-1"], ["seed=-1", "integers ≥ 0"]),
 ])
