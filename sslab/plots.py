@@ -17,8 +17,13 @@ from .evaluate.table import ResultTable, series_name, series_order
 
 METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "simclr": "#d62728",
                  "random-init": "#8c8c8c", "scratch": "#555555"}
-PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--"}
-PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^"}
+PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--", "labelprop": ":", "selftrain": (0, (5, 1)),
+                   "fixmatch": (0, (3, 1, 1, 1, 1, 1))}
+PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^", "labelprop": "D", "selftrain": "v",
+                    "fixmatch": "P"}
+# Colours by protocol, for figures that compare the protocols of one method.
+PROTOCOL_COLORS = {"probe": "#1f77b4", "finetune": "#9467bd", "labelprop": "#2ca02c", "selftrain": "#ff7f0e",
+                   "fixmatch": "#d62728", "scratch": "#555555"}
 METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
 
 
@@ -92,12 +97,12 @@ def _note(ax, text: str) -> None:
 
 
 def plot_label_curves(table, metric: str = "top1", ax=None, references=None, protocols=None, methods=None,
-                      title: Optional[str] = None):
+                      title: Optional[str] = None, color_by: str = "method"):
     """Accuracy against labels per class (log₂ x-axis), one line per method and protocol with
     a ± std band over seeds. ``table``: a ResultTable or a list of result rows.
     ``references``: optional list of dicts (label, budgets, values in %) drawn as labelled grey
     dotted reference points/lines, never mixed with the measurements. ``protocols`` /
-    ``methods`` keep only those series."""
+    ``methods`` keep only those series. ``color_by``: ``method`` or ``protocol``."""
     if metric not in METRIC_NAMES:
         raise ValueError(f"metric={metric!r} is not known; allowed: {', '.join(METRIC_NAMES)}")
     plt = _plt()
@@ -117,9 +122,9 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
         x = np.array([e["budget"] for e in entries])
         y = 100 * np.array([e[f"{metric}_mean"] for e in entries])
         s = 100 * np.array([e[f"{metric}_std"] for e in entries])
-        color = method_color(method, i)
-        ax.plot(x, y, PROTOCOL_STYLES.get(protocol, "-"), marker=PROTOCOL_MARKERS.get(protocol, "o"), color=color,
-                label=series_name(method, protocol))
+        color = PROTOCOL_COLORS.get(protocol, "black") if color_by == "protocol" else method_color(method, i)
+        ax.plot(x, y, linestyle=PROTOCOL_STYLES.get(protocol, "-"), marker=PROTOCOL_MARKERS.get(protocol, "o"),
+                color=color, label=series_name(method, protocol))
         ax.fill_between(x, y - s, y + s, color=color, alpha=0.15, linewidth=0)
     for ref in references or []:
         ax.plot(ref["budgets"], ref["values"], ":", marker="x", color="grey", label=ref["label"])
@@ -147,6 +152,20 @@ def label_curves(table, references=None, protocols=None, methods=None, suptitle:
     plot_label_curves(table, "top5", axes[1], None, protocols, methods)
     if suptitle:
         fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def semi_curves(table, metric: str = "top1"):
+    """One panel per method (random-init included): each protocol's curve, coloured by protocol,
+    with scratch in every panel; a shared y axis, so the panels compare at a glance."""
+    plt = _plt()
+    rows = table.rows if hasattr(table, "rows") else list(table)
+    methods = list(dict.fromkeys(m for m, p in series_order(rows) if p != "scratch"))
+    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(4.6 * max(1, len(methods)), 4), sharey=True,
+                             squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        plot_label_curves(table, metric, ax, methods=[method], title=method, color_by="protocol")
     fig.tight_layout()
     return fig
 

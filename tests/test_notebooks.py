@@ -83,7 +83,8 @@ def test_every_notebook_derives_the_same_pretraining_configs():
         settings = lab.check_notebook_params(**{k: v for k, v in _defaults(path).items() if k in COMMON})
         configs[path.stem] = [settings.pretrain_config(m) for m in settings.methods]
     first = configs["01_pretext"]
-    assert all(c == first for c in configs.values()), configs
+    assert all(c == first for name, c in configs.items() if name != "06_semi_supervised"), configs
+    assert configs["06_semi_supervised"] and all(c in first for c in configs["06_semi_supervised"])
 
 
 def test_smoke_and_full_params_are_valid_for_every_notebook():
@@ -255,7 +256,8 @@ def test_notebooks_run_under_nbval_with_the_smoke_parameters(nbval_run, shared_o
     smoke = lab.load_params(SMOKE)
     figures = shared_outputs / "figures"
     for stem in ("01_training_curves", "01_rotation_examples", "01_vae_gallery", "02_confusion_best",
-                 f"03_umap_{smoke['layer']}", "04_label_curves", "05_finetune"):
+                 f"03_umap_{smoke['layer']}", "04_label_curves", "05_finetune", "06_semi_curves",
+                 "06_gain_over_random_init"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file(), stem
     assert len(store.list_runs("pretrain", str(shared_outputs))) == len(smoke["methods"])
     table = json.loads((nbval_run.tables / "nb04_label_curves.json").read_text())
@@ -309,14 +311,19 @@ def _by_series(rows: list, metric: str) -> dict:
     return values
 
 
-def _gains(rows: list, metric: str = "top1") -> dict:
-    """(series, budget) → the paired differences to scratch on the same budget and seed."""
-    scratch = {(r["budget"], r["seed"]): r[metric] for r in rows if r["protocol"] == "scratch"}
+def _gains(rows: list, metric: str = "top1", over: str = "scratch") -> dict:
+    """(series, budget) → the paired differences to the baseline on the same budget and seed:
+    scratch, the same method's probe, or random-init under the same protocol."""
+    values = {(r["method"], r["protocol"], r["budget"], r["seed"]): r[metric] for r in rows}
     gains: dict = {}
     for row in rows:
-        if row["protocol"] != "scratch":
-            gains.setdefault((_series_of(row), row["budget"]), []).append(
-                row[metric] - scratch[(row["budget"], row["seed"])])
+        base = {"scratch": ("scratch", "scratch"), "probe": (row["method"], "probe"),
+                "random-init": ("random-init", row["protocol"])}[over]
+        if row["protocol"] == "scratch" or (row["method"], row["protocol"]) == base:
+            continue
+        reference = values.get((*base, row["budget"], row["seed"]))
+        if reference is not None:
+            gains.setdefault((_series_of(row), row["budget"]), []).append(row[metric] - reference)
     return gains
 
 
@@ -351,11 +358,11 @@ def _check_pivot(nb, source: str, rows: list, metric: str) -> None:
             _check_mean_std(shown, values[(line[0], budget)], (source, metric, line[0], budget))
 
 
-def _check_gain_frame(nb, source: str, rows: list) -> None:
+def _check_gain_frame(nb, source: str, rows: list, over: str = "scratch") -> None:
     header, body = _shown_table(nb, source)
     budgets = sorted({r["budget"] for r in rows})
     assert header[1:] == [str(b) for b in budgets], header
-    gains = _gains(rows)
+    gains = _gains(rows, over=over)
     assert sorted(line[0] for line in body) == sorted({series for series, _ in gains})
     for line in body:
         for budget, shown in zip(budgets, line[1:]):
@@ -521,6 +528,29 @@ def test_notebook_05_tables_and_sentence_are_the_finetune_table(executed):
         for budget, diff in shown.items():
             expected = means[(f"{method} (finetune)", budget)] - means[(method, budget)]
             assert abs(diff - 100 * expected) <= ROUNDED, (method, budget, sentence)
+
+
+@pytest.mark.slow
+def test_notebook_06_tables_and_sentence_are_the_semi_supervised_table(executed):
+    nb = executed.notebook("06_semi_supervised")
+    rows = _table_rows(executed, lab.TABLES["06_semi_supervised"])
+    smoke = lab.load_params(SMOKE)
+    protocols = _defaults(NOTEBOOKS[-1])["protocols"]
+    assert {(r["method"], r["protocol"]) for r in rows} == {("scratch", "scratch")} | {
+        (m, p) for m in [*smoke["methods"], "random-init"] for p in protocols if p != "scratch"}
+    _check_pivot(nb, "table = lab.evaluate_budgets(runs, settings, protocols=", rows, "top1")
+    for over, source in (("probe", 'lab.gain_frame(table, "top1", over="probe")'),
+                         ("random-init", 'lab.gain_frame(table, "top1", over="random-init")'),
+                         ("scratch", 'lab.gain_frame(table, "top1")')):
+        _check_gain_frame(nb, source, rows, over)
+    # each budget's line names the series with the highest mean top-1, with that mean
+    means = {key: statistics.mean(v) for key, v in _by_series(rows, "top1").items()}
+    sentence = _printed(nb, "lab.show(plots.semi_curves(")
+    for budget in sorted({r["budget"] for r in rows}):
+        series, best = max(((s, m) for (s, b), m in means.items() if b == budget), key=lambda sm: sm[1])
+        said = re.search(rf"^{budget} labels? per class: best (.+?) (\d+\.\d)%", sentence, re.M)
+        assert said and said.group(1) == series, (budget, series, sentence)
+        assert abs(float(said.group(2)) - 100 * best) <= ROUNDED, (budget, sentence)
 
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"

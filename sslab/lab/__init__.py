@@ -14,7 +14,7 @@ from .params import CHECKS, SCORES, LabSettings, check_notebook_params
 from .runs import (dataset_summary, pretext_sentence, pretrain_runs, rotation_accuracy_by_class, rotation_predictions,
                    rotation_sentence, simclr_views, vae_gallery, vae_sentence)
 from .tables import (best_series, confusion_of, confusion_sentence, curve_sentence, evaluate_budgets, finetune_sentence,
-                     gain_frame, pivot_frame, probe_sentence, references, results_frame)
+                     gain_frame, pivot_frame, probe_sentence, references, results_frame, semi_sentence)
 from .widgets import budget_explorer, confusion_explorer, curve_explorer, show, umap_explorer
 
 __all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", "confusion_explorer", "confusion_of",
@@ -22,5 +22,6 @@ __all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", 
            "evaluate_budgets", "finetune_sentence", "gain_frame", "headline", "LabSettings", "load_params", "main",
            "NOTEBOOKS", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence", "publish",
            "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
-           "rotation_sentence", "run_notebooks", "SCORES", "separation_sentence", "series_name", "show",
+           "rotation_sentence", "run_notebooks", "SCORES", "semi_sentence", "separation_sentence", "series_name",
+           "show",
            "simclr_views", "TABLES", "umap_explorer", "vae_gallery", "vae_sentence"]

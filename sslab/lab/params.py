@@ -10,11 +10,11 @@ import torch
 from ..checks import check_bool, check_choice, check_choice_list, check_int, check_int_list, fail
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
-from ..evaluate import HEADS, EvalConfig
+from ..evaluate import HEADS, PROTOCOLS, EvalConfig
 from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
-from ..pretext import TASKS, check_method
+from ..pretext import TASKS
 from ..precision import PRECISIONS, resolve_precision
-from ..pretrain import PretrainConfig
+from ..pretrain import METHODS, RANDOM_INIT, PretrainConfig
 from ..train import make_deterministic, resolve_device
 
 SCORES = tuple(SCORE_FUNCTIONS)
@@ -77,6 +77,10 @@ CHECKS = {
     "out": _check_out,
     "deterministic": lambda v: check_bool(_name("deterministic"), v),
     "precision": _choice("precision", PRECISIONS),
+    "protocols": lambda v: check_choice_list(_name("protocols"), v, PROTOCOLS, "protocols"),
+    "random_init": lambda v: check_bool(_name("random_init"), v),
+    "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)"),
+    "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)"),
 }
 
 
@@ -103,16 +107,27 @@ class LabSettings:
     out: Optional[str] = None
     deterministic: bool = False
     precision: str = "auto"
+    protocols: tuple = ("probe", "scratch")
+    random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
+    st_steps: int = EvalConfig.st_steps
+    fm_steps: int = EvalConfig.fm_steps
     given: tuple = ()  # the parameter names the notebook set (what frame() shows)
 
     def pretrain_config(self, method: str) -> PretrainConfig:
         """The one pretraining config of ``method`` that every notebook (and
         ``python -m sslab curve --pretrain-epochs E --limit L``) derives from the same parameters."""
-        return PretrainConfig(method=check_method(method), dataset=self.dataset, epochs=self.epochs, limit=self.limit,
+        return PretrainConfig(method=check_choice("method", method, METHODS), dataset=self.dataset,
+                              epochs=self.epochs, limit=self.limit,
                               precision=self.precision, backbone=self.backbone)
 
     def eval_config(self) -> EvalConfig:
-        return EvalConfig(layer=self.layer, head=self.head, precision=self.precision)
+        return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
+                          fm_steps=self.fm_steps)
+
+    @property
+    def run_methods(self) -> tuple:
+        """The methods the notebook evaluates: ``methods``, and random-init when ``random_init``."""
+        return self.methods + ((RANDOM_INIT,) if self.random_init else ())
 
     @property
     def resolved_layer(self) -> str:

@@ -26,9 +26,10 @@ def dataset_summary(settings: LabSettings) -> str:
 
 def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print) -> dict:
     """Pretrain every method in ``settings.methods`` unless the run store already holds the same
-    config (then it is reused); returns ``{method: Run}`` and says which happened."""
+    config (then it is reused), and add the random-init backbone when ``settings.random_init``;
+    returns ``{method: Run}`` and says which happened."""
     runs = {}
-    for method in settings.methods:
+    for method in settings.run_methods:
         config = settings.pretrain_config(method)
         resolved = config.resolved(settings.device)
         folder = store.run_dir("pretrain", method, config.dataset, asdict(resolved), settings.out)

@@ -10,13 +10,17 @@ from .params import LabSettings
 
 
 def evaluate_budgets(runs: dict, settings: LabSettings, budgets=None, scratch: bool = True,
-                     finetune: bool = False, name: Optional[str] = None):
+                     finetune: bool = False, name: Optional[str] = None, protocols=None):
     """The label-budget sweep of ``runs`` at ``budgets`` (default ``settings.budgets``) × ``settings.seeds``
-    through the run store (cells already computed are reused); returns the ResultTable."""
+    through the run store (cells already computed are reused); returns the ResultTable.
+    ``protocols`` (e.g. ``settings.protocols``) replaces the probe + ``scratch`` + ``finetune`` choice."""
     from ..evaluate import label_curve
     budgets = budgets if budgets is not None else settings.budgets
+    if protocols is not None:
+        scratch = finetune = None
     return label_curve(list(runs.values()), budgets=list(budgets), seeds=list(settings.seeds),
-                       layer=settings.layer, head=settings.head, scratch=scratch, finetune=finetune,
+                       layer=settings.layer, head=settings.head, protocols=protocols, scratch=scratch,
+                       finetune=finetune,
                        device=settings.device, out=settings.out, config=settings.eval_config(), name=name,
                        progress=False, deterministic=settings.deterministic)
 
@@ -190,3 +194,39 @@ def references(dataset: str, budgets: Sequence[int], protocol: str = "probe") ->
     return [{"label": "RotNet paper, CIFAR-10 (NIN, reference)", "budgets": list(chosen),
              "values": list(chosen.values())}]
 
+
+
+def semi_sentence(table, metric: str = "top1") -> str:
+    """One line per budget: the best method and protocol, what each protocol that uses the
+    unlabeled pool adds over the same method's frozen probe, and what the best method's
+    pretraining adds over random-init under the same protocol (paired, mean over seeds)."""
+    entries = table.summary()
+    over_probe = {(g["method"], g["protocol"], g["budget"]): g for g in table.paired_gain(metric, over="probe")}
+    over_init = {(g["method"], g["protocol"], g["budget"]): g for g in table.paired_gain(metric, over="random-init")}
+    lines = []
+    for budget in sorted({e["budget"] for e in entries}):
+        here = [e for e in entries if e["budget"] == budget and e[f"{metric}_mean"] is not None]
+        best = max(here, key=lambda e: e[f"{metric}_mean"])
+        method, protocol = best["method"], best["protocol"]
+        text = (f"{budget} label{'s' if budget != 1 else ''} per class: best {series_name(method, protocol)} "
+                f"{100 * best[f'{metric}_mean']:.1f}%")
+        # The method whose protocols are compared: the best one, or the best non-scratch one.
+        if protocol == "scratch":
+            others = [e for e in here if e["protocol"] != "scratch"]
+            method = max(others, key=lambda e: e[f"{metric}_mean"])["method"] if others else None
+        gains = [f"{p} {_gain_pp(over_probe[(method, p, budget)], metric)}" for p in dict.fromkeys(
+            e["protocol"] for e in here) if (method, p, budget) in over_probe]
+        if gains:
+            text += f"; over {method}'s probe: " + ", ".join(gains)
+        if (method, protocol, budget) in over_init:
+            text += (f"; {method} over random-init ({protocol}): "
+                     f"{_gain_pp(over_init[(method, protocol, budget)], metric)}")
+        lines.append(text)
+    if not lines:
+        return "The table is empty."
+    return "\n".join(lines) + f"\n({METRIC_WORDS[metric]}, percentage points, mean over seeds; ✓: the 95 % interval " \
+                              "of the paired difference excludes 0.)"
+
+
+def _gain_pp(gain: dict, metric: str) -> str:
+    return f"{100 * gain[f'gain_{metric}_mean']:+.1f}{' ✓' if gain['resolved'] else ''}"
