@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from .checks import check_choice, check_choice_list, check_int_list
+from .checks import check_choice, check_choice_list, check_int, check_int_list
 from .data import DATASETS
 
 
@@ -82,6 +82,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         f"curve, probe for evaluate); --finetune and --no-scratch/--scratch add or leave out one")
     p.add_argument("--head", default="mlp", help=f"classifier of the probe on frozen features: {', '.join(HEADS)}")
     p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
+    p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
+    p.add_argument("--fm-steps", type=int, default=1000,
+                   help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +220,7 @@ def cmd_evaluate(args) -> int:
     run = load_run(args.run)
     if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
         run.config = replace(run.config, data_root=args.data_root)
-    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, precision=args.precision)
+    cfg = _eval_config(args, EvalConfig)
     for protocol in protocols:
         _print_row(compute_cell(run.method if protocol != "scratch" else "scratch", protocol, args.labels, args.seed,
                                 run, run, cfg, args.device, args.out, args.deterministic, args.progress))
@@ -253,6 +256,14 @@ def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_cl
                          f"{val_per_class}; allowed: budgets ≤ {most}")
 
 
+def _eval_config(args, EvalConfig):
+    """The evaluation settings the command line sets, checked under their flags' names."""
+    check_int("--st-steps", args.st_steps, 1)
+    check_int("--fm-steps", args.fm_steps, 1)
+    return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, precision=args.precision,
+                      st_steps=args.st_steps, fm_steps=args.fm_steps).validate()
+
+
 def cmd_curve(args) -> int:
     from .evaluate import HEADS, EvalConfig, label_curve, merge_curve
     from .pretrain import METHODS, PretrainConfig, find_run, pretrain
@@ -266,8 +277,7 @@ def cmd_curve(args) -> int:
     if args.name is not None:
         from .store import check_file_name
         check_file_name("--name", args.name)
-    cfg = EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class,
-                     precision=args.precision).validate()
+    cfg = _eval_config(args, EvalConfig)
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                               batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                               seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision,
