@@ -88,7 +88,7 @@ def test_every_notebook_derives_the_same_pretraining_configs():
 
 
 def test_smoke_and_full_params_are_valid_for_every_notebook():
-    for params_file in (SMOKE, ROOT / "params" / "full.yml"):
+    for params_file in (SMOKE, ROOT / "params" / "full.yml", ROOT / "params" / "simclr-cifar10.yml"):
         params = lab.load_params(params_file)
         for path in NOTEBOOKS:
             declared = set(_parameters(path))

@@ -11,7 +11,7 @@ import torch
 
 from .. import store
 from .params import CHECKS
-from .tables import curve_sentence, gain_frame, pivot_frame
+from .tables import curve_sentence, gain_frame, pivot_frame, semi_sentence
 
 NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune", "06_semi_supervised")
 # Table names under outputs/tables/ written by the notebooks (the last run of each wins).
@@ -270,9 +270,11 @@ def publish(executed_dir: Path, names: Sequence[str] = NOTEBOOKS, machine: Optio
 
 
 def headline(out: Optional[str] = None) -> str:
-    """The label-curve table written by notebook 04 (top-1 mean ± std, paired gains), as text."""
+    """The label-curve table written by notebook 04 (top-1 mean ± std, paired gains), and notebook
+    06's semi-supervised table when it ran, as text."""
     from ..evaluate import ResultTable
-    path = store.outputs_root(out) / "tables" / f"{TABLES['04_label_curves']}.json"
+    tables = store.outputs_root(out) / "tables"
+    path = tables / f"{TABLES['04_label_curves']}.json"
     if not path.is_file():
         return f"(no label-curve table at {path}: notebook 04 did not run)"
     table = ResultTable.load(path)
@@ -280,6 +282,11 @@ def headline(out: Optional[str] = None) -> str:
              "paired gain over scratch, top-1 percentage points: mean [95 % confidence interval over seeds], "
              "✓ where it excludes 0 (seeds won):", gain_frame(table, "top1").to_string(),
              "", curve_sentence(table), f"table: {path.with_suffix('.csv')}"]
+    semi = tables / f"{TABLES['06_semi_supervised']}.json"
+    if semi.is_file():
+        table = ResultTable.load(semi)
+        lines += ["", "with the unlabeled pool (notebook 06), top-1 %:", pivot_frame(table, "top1").to_string(), "",
+                  semi_sentence(table), f"table: {semi.with_suffix('.csv')}"]
     return "\n".join(lines)
 
 
