@@ -392,3 +392,108 @@ def test_evaluate_runs_each_protocol_it_is_given(complete_run, tmp_path, capsys)
     out = capsys.readouterr().out.splitlines()
     assert code == 0 and [line.split()[1] for line in out] == ["probe", "scratch"]
     assert all(" conv4 " in line for line in out)  # layer auto on an AlexNet run
+
+
+# ---------------------------------------------------------------- selftrain and fixmatch settings
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("fm_threshold", 1.5, "a number in [0, 1]"), ("fm_threshold", -0.1, "a number in [0, 1]"),
+    ("fm_mu", 0, "an integer ≥ 1"), ("fm_mu", 2.5, "an integer ≥ 1"), ("fm_batch", 0, "an integer ≥ 1"),
+    ("fm_steps", -1, "an integer ≥ 1"), ("fm_ema", 1.0, "a number in [0, 1)"), ("fm_ema", -0.5, "a number in [0, 1)"),
+    ("fm_weight", 0.0, "a number > 0"), ("fm_lr", float("nan"), "a number > 0"),
+    ("st_rounds", 0, "an integer ≥ 1"), ("st_per_class", 0, "an integer ≥ 1"), ("st_steps", True, "an integer ≥ 1"),
+    ("st_threshold", 1.0, "a number in [0, 1)"), ("st_threshold", -0.2, "a number in [0, 1)"),
+    ("st_labeled_fraction", 1.0, "a number in (0, 1)"), ("st_labeled_fraction", 0.0, "a number in (0, 1)"),
+    ("st_lr", -1e-3, "a number > 0"),
+])
+def test_bad_semi_supervised_settings_name_the_setting_the_value_and_what_is_allowed(field, value, allowed):
+    from dataclasses import replace
+
+    from sslab.evaluate import EvalConfig
+    with pytest.raises(ValueError) as info:
+        replace(EvalConfig(), **{field: value}).validate()
+    assert str(info.value) == f"{field}={value!r} is not allowed; allowed: {allowed}"
+
+
+def test_semi_supervised_settings_at_the_ends_of_their_ranges_are_allowed():
+    from sslab.evaluate import EvalConfig
+    EvalConfig(fm_threshold=0.0, fm_ema=0.0, st_threshold=0.0, st_labeled_fraction=0.999).validate()
+    EvalConfig(fm_threshold=1.0, fm_mu=1, fm_batch=1, st_rounds=1, st_per_class=1).validate()
+
+
+@pytest.mark.parametrize("protocol, field, value", [("selftrain", "st_rounds", 0),
+                                                    ("selftrain", "st_labeled_fraction", 1.0),
+                                                    ("fixmatch", "fm_threshold", 1.5), ("fixmatch", "fm_ema", 1.0),
+                                                    ("fixmatch", "fm_mu", 0)])
+def test_semi_supervised_cells_refuse_bad_settings_before_any_work(complete_run, protocol, field, value, monkeypatch,
+                                                                   tmp_path):
+    from sslab import evaluate as ev
+    from sslab.evaluate import fixmatch, selftrain
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dataset work or training started before the settings were checked")
+
+    for module in (fixmatch, selftrain):
+        monkeypatch.setattr(module, "dataset_splits", forbidden)
+        monkeypatch.setattr(module, "fit", forbidden)
+    monkeypatch.setattr(selftrain, "labelprop_of", forbidden)
+    monkeypatch.setattr(fixmatch, "classifier_from_probe", forbidden)
+    config = ev.EvalConfig(**{field: value})
+    with pytest.raises(ValueError, match=rf"^{field}={value!r} is not allowed; allowed: "):
+        getattr(ev, f"{protocol}_cell")(complete_run, 2, device="cpu", out=str(tmp_path), config=config)
+    with pytest.raises(ValueError, match=rf"^{field}={value!r} is not allowed; allowed: "):
+        ev.label_curve([complete_run], budgets=[2], seeds=[0], protocols=[protocol], device="cpu", out=str(tmp_path),
+                       config=config, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.filterwarnings("ignore:.*has no test/ folder")
+def test_curve_accepts_the_semi_supervised_protocols(monkeypatch, tmp_path, capsys):
+    """``curve --protocols probe,labelprop,selftrain,fixmatch`` passes every check and reaches the
+    sweep with those protocols (pretraining and the sweep are stand-ins here)."""
+    from types import SimpleNamespace
+
+    import sslab.evaluate as evaluate
+
+    class Swept(Exception):
+        pass
+
+    def sweep(runs, budgets, seeds, *args, **kwargs):
+        raise Swept(kwargs["protocols"], budgets, seeds)
+
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda config, **kwargs: SimpleNamespace(path=tmp_path / "run"))
+    monkeypatch.setattr(evaluate, "label_curve", sweep)
+    root = grey_folder(tmp_path / "images", per_class=3)
+    argv = ["curve", "--methods", "rotation", "--dataset", f"folder:{root}", "--budgets", "1", "--seeds", "0",
+            "--val-per-class", "1", "--out", str(tmp_path / "out"), "--no-progress"]
+    with pytest.raises(Swept) as info:
+        main(argv + ["--protocols", "fixmatch,probe,selftrain,labelprop"])
+    assert info.value.args == (("probe", "labelprop", "selftrain", "fixmatch"), [1], [0])  # in the lab's order
+    with pytest.raises(Swept) as info:
+        main(argv + ["--protocols", "selftrain,fixmatch", "--finetune"])
+    assert info.value.args[0] == ("finetune", "selftrain", "fixmatch")
+    capsys.readouterr()
+    err = cli(capsys, *argv, "--protocols", "probe,fixmatch,mixmatch")
+    assert "--protocols='probe,fixmatch,mixmatch'" in err and "'mixmatch' is not one" in err
+    assert "probe, finetune, labelprop, selftrain, fixmatch, scratch" in err
+    err = cli(capsys, *argv, "--protocols", "selftrain,selftrain")
+    assert "--protocols='selftrain,selftrain'" in err and "without repeats" in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monkeypatch, tmp_path, capsys):
+    import sslab.evaluate as evaluate
+    computed = []
+
+    def cell(method, protocol, budget, seed, run, like, cfg, *args):
+        computed.append((protocol, budget, seed, run.path))
+        return {"method": method, "protocol": protocol, "head": "mlp", "layer": cfg.layer, "budget": budget,
+                "seed": seed, "top1": 0.5, "top5": None, "epochs": 1}
+
+    monkeypatch.setattr(evaluate, "compute_cell", cell)
+    code = main(["probe", "--run", str(complete_run.path), "--labels", "2", "--out", str(tmp_path), "--device", "cpu",
+                 "--protocols", "fixmatch,labelprop,selftrain", "--no-progress"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert computed == [(p, 2, 0, complete_run.path) for p in ("labelprop", "selftrain", "fixmatch")]
+    assert [line.split()[1] for line in out] == ["labelprop", "selftrain", "fixmatch"]

@@ -1,5 +1,5 @@
 """The notebooks: documented typed parameters, checked values, the same pretraining config
-in every notebook, a real run of all five under nbval (smoke parameters, CPU) whose tables
+in every notebook, a real run of all six under nbval (smoke parameters, CPU) whose tables
 and sentences are checked against the rows and the run store it wrote, and a papermill batch
 run of 02 at 4 labels per class.
 

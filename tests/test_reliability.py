@@ -469,6 +469,65 @@ def test_interrupted_sweep_computes_only_the_missing_cells(image_folder, tmp_pat
     assert calls == [] and [r["top1"] for r in again.rows] == [r["top1"] for r in table.rows]
 
 
+# ---------------------------------------------------------------- semi-supervised cells are stored and found again
+
+# One round of a 4-step student on a 5-neighbour graph; 6 FixMatch steps of 4 + 8 images.
+SEMI_CONFIG = dict(probe_epochs=2, val_per_class=2, probe_patience=0, batch_size=16, lp_k=5, lp_pca=8, st_steps=4,
+                   fm_steps=6, fm_batch=4, fm_mu=2)
+
+
+@pytest.mark.parametrize("protocol, own, other", [
+    pytest.param("selftrain", {"st_per_class": 5}, {"fm_mu": 3, "finetune_epochs": 1}, id="selftrain"),
+    pytest.param("fixmatch", {"fm_mu": 3}, {"st_per_class": 5, "lp_k": 7}, id="fixmatch"),
+])
+def test_semi_supervised_cell_is_stored_and_found_again_without_training(image_folder, tmp_path, monkeypatch,
+                                                                         protocol, own, other):
+    """A second call reads the stored row (the same row, nothing trained, no data read); a setting
+    the protocol trains with makes another cell, one it does not use finds the same cell."""
+    from dataclasses import replace
+
+    from sslab import evaluate as ev
+    from sslab.evaluate import fixmatch as fixmatch_module
+    from sslab.evaluate import probe as probe_module
+    from sslab.evaluate import selftrain as selftrain_module
+    run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
+    module = selftrain_module if protocol == "selftrain" else fixmatch_module
+    trained = []
+
+    def counted(real, name):
+        def train(*args, **kwargs):
+            trained.append(name)
+            return real(*args, **kwargs)
+        return train
+
+    monkeypatch.setattr(module, "fit", counted(module.fit, protocol))
+    monkeypatch.setattr(probe_module, "fit", counted(probe_module.fit, "probe"))
+    config = ev.EvalConfig(**SEMI_CONFIG)
+
+    def cell(cfg):
+        return getattr(ev, f"{protocol}_cell")(run, 4, device="cpu", out=str(tmp_path), config=cfg)
+
+    first = cell(config)
+    # selftrain: one student (its teacher trains nothing); fixmatch: its probe head, then itself
+    assert trained == ([protocol] if protocol == "selftrain" else ["probe", protocol])
+    folder = Path(first["run"])
+    assert store.is_complete(folder) and first["protocol"] == protocol and first["budget"] == 4
+    assert not list(folder.glob("checkpoint.pt")) and not list(folder.glob("student-*.pt"))
+
+    trained.clear()
+    with monkeypatch.context() as no_data:  # found, not computed: not even the dataset is read
+        def forbidden(*args, **kwargs):
+            raise AssertionError("a stored cell was computed again")
+        no_data.setattr(module, "dataset_splits", forbidden)
+        again = cell(config)
+        assert again == first
+        assert cell(replace(config, **other)) == first  # settings this protocol does not train with
+    assert trained == []
+
+    changed = cell(replace(config, **own))
+    assert protocol in trained and changed["run"] != first["run"]
+
+
 # ---------------------------------------------------------------- runs killed part-way, evaluation cells, sweeps
 
 # Put before the code of a child process the tests kill: after each checkpoint a run writes, it
@@ -492,19 +551,25 @@ train.Checkpointer.maybe_save = _pausing_save
 END_TO_END_CELL = PAUSING + """
 import json
 from sslab import evaluate as ev
-from sslab.evaluate import end_to_end
+from sslab.evaluate import end_to_end, fixmatch
 from sslab.pretrain import load_run
 end_to_end.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch (by default: once a minute)
+fixmatch.CHECKPOINT_EVERY_S = 0
 protocol, run, out, config = sys.argv[1], load_run(sys.argv[2]), sys.argv[3], ev.EvalConfig(**json.loads(sys.argv[4]))
 if protocol == "scratch":
     row = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=out, config=config, deterministic=True)
+elif protocol == "fixmatch":
+    row = ev.fixmatch_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
 else:
     row = ev.finetune_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
 print(json.dumps(row))
 """
 
 CELL_CONFIG = dict(probe_epochs=3, scratch_epochs=5, finetune_epochs=5, samples_per_epoch=64, batch_size=32,
-                   val_per_class=2, probe_patience=0, scratch_patience=3, finetune_patience=3)
+                   val_per_class=2, probe_patience=0, scratch_patience=3, finetune_patience=3,
+                   # fixmatch: a pool of 52 images (64 less the 4 + 2 per class of the split), 8 a
+                   # step → 6 steps an epoch, 5 epochs
+                   fm_steps=30, fm_batch=4, fm_mu=2)
 
 
 def wait_for(pattern: str, root: Path, process: subprocess.Popen, log: Path, seconds: float = 240) -> Path:
@@ -531,7 +596,7 @@ def _result_of(row: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["scratch", "finetune"])
+@pytest.mark.parametrize("protocol", ["scratch", "finetune", "fixmatch"])
 def test_killed_evaluation_cell_resumes_from_its_checkpoint_bit_for_bit(image_folder, tmp_path, protocol):
     run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path / "pretrained"), progress=False,
                    eval_limit=8)
@@ -545,6 +610,9 @@ def test_killed_evaluation_cell_resumes_from_its_checkpoint_bit_for_bit(image_fo
     if protocol == "scratch":  # the same cell, never interrupted
         expected = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=str(tmp_path / "reference"),
                                    config=config, deterministic=True)
+    elif protocol == "fixmatch":
+        expected = ev.fixmatch_cell(run, 4, device="cpu", out=str(tmp_path / "reference"), config=config,
+                                    deterministic=True)
     else:
         expected = ev.finetune_cell(run, 4, device="cpu", out=str(tmp_path / "reference"), config=config,
                                     deterministic=True)
@@ -556,7 +624,9 @@ def test_killed_evaluation_cell_resumes_from_its_checkpoint_bit_for_bit(image_fo
     folder = checkpoint.parent
     assert not store.is_complete(folder)
     stopped_after = store.load_torch(checkpoint)["epoch"]
-    assert stopped_after < CELL_CONFIG[f"{protocol}_epochs"] - 1
+    # (fixmatch's epochs follow from fm_steps and the pool: the checkpoint's training config has them)
+    planned = CELL_CONFIG.get(f"{protocol}_epochs") or store.load_torch(checkpoint)["config"]["epochs"]
+    assert stopped_after < planned - 1
 
     rc, stdout, stderr = finish(cell(out, tmp_path / "second"), tmp_path / "second")
     assert rc == 0, stderr

@@ -18,7 +18,7 @@ from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
 from .cells import (EvalConfig, budget_split, cell_config, cell_folder, cell_provenance, check_budgets, check_seeds,
                     computed_once, finish_cell, pretrained_id, repeat_to, result_row)
 from .features import dataset_splits, run_features
-from .heads import FeatureHead, ImageClassifier, predict
+from .heads import FeatureHead, ImageClassifier, predict, trainable_spread
 from .metrics import classification_metrics
 from .probe import probe_cell, probe_key, validator
 
@@ -103,6 +103,7 @@ def classifier_from_probe(run: Run, budget: int, seed: int, cfg: EvalConfig, dev
     key = probe_key(run, budget, seed, replace(cfg, head="mlp"))
     head.load_state_dict(store.load_torch(cell_folder(key, out) / "head.pt", map_location=dev,
                                           expect=cell_provenance("head", key))["head"])
+    head.std.copy_(trainable_spread(head.std))
     return ImageClassifier(run.load_backbone(dev), head, cfg.layer, cfg.grid).to(dev)
 
 

@@ -36,6 +36,14 @@ class FeatureHead(nn.Module):
                 "acc": (logits.argmax(1) == labels).float().mean().detach()}
 
 
+def trainable_spread(std: torch.Tensor) -> torch.Tensor:
+    """The features' spreads for a head whose backbone trains too (fine-tuning, FixMatch, the
+    self-training student): each at least 1 % of their mean. A feature (nearly) constant on the
+    train images would otherwise be divided by ~0 and, once the backbone moves it, reach the head
+    thousands of spreads away. On frozen features (the probe) such a feature never moves."""
+    return std.clamp(min=0.01 * float(std.float().mean()))
+
+
 class ImageClassifier(nn.Module):
     """Backbone + pooled ``layer`` features + :class:`FeatureHead`, trained end to end on
     augmented images (the scratch baseline, fine-tuning). ``forward(images uint8 N×C×H×W)`` →

@@ -30,7 +30,7 @@ from .cells import (EvalConfig, cell_config, cell_provenance, check_budgets, che
                     pretrained_id, repeat_to, result_row)
 from .features import dataset_splits, extract_features, run_features
 from .fixmatch import weak_view
-from .heads import FeatureHead, ImageClassifier
+from .heads import FeatureHead, ImageClassifier, trainable_spread
 from .labelprop import build_pool_graph, labelprop_of, pool_keep, pool_rows, propagate_cell
 from .metrics import classification_metrics
 from .probe import validator
@@ -39,11 +39,14 @@ from .probe import validator
 def select_balanced(probs: torch.Tensor, confidence: torch.Tensor, per_class: int, threshold: float = 0.0) -> tuple:
     """Class-balanced confident pseudo-labels (Noisy Student §3): for every class, its at most
     ``per_class`` most confident images among those the teacher gives that class with
-    ``confidence`` ≥ ``threshold``. probs N×C, confidence N → (indices M into probs, labels M)."""
+    ``confidence`` ≥ ``threshold``. A row the teacher knows nothing about (uniform: label
+    propagation never reached it) is never chosen, whatever the threshold.
+    probs N×C, confidence N → (indices M into probs, labels M)."""
     predicted = probs.argmax(1)
+    informative = probs.max(1).values - probs.min(1).values > 1e-6
     chosen, labels = [], []
     for c in range(probs.shape[1]):
-        members = ((predicted == c) & (confidence >= threshold)).nonzero().squeeze(1)
+        members = ((predicted == c) & (confidence >= threshold) & informative).nonzero().squeeze(1)
         top = members[confidence[members].argsort(descending=True)[:per_class]]
         chosen.append(top)
         labels.append(torch.full((len(top),), c, dtype=torch.long, device=probs.device))
@@ -130,7 +133,7 @@ def train_student(run: Run, cfg: EvalConfig, seed: int, round_: int, labeled: to
     torch.manual_seed(seed + 1000 * round_)
     backbone = run.load_backbone(dev)
     head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden,
-                       feats.mean(0), feats.std(0).clamp(min=1e-6))
+                       feats.mean(0), trainable_spread(feats.std(0).clamp(min=1e-6)))
     student = ImageClassifier(backbone, head, cfg.layer, cfg.grid, augment=StudentViews()).to(dev)
     made_by = cell_provenance(f"student {round_ + 1}", key)
     if saved.is_file():

@@ -235,7 +235,7 @@ def published_notebook(executed: Path, machine: str, total_seconds: Optional[flo
     day = str(run.get("end_time") or "")[:10]
     took = f"This notebook took {run['duration']:.0f} s" if run.get("duration") is not None else ""
     if took and total_seconds is not None:
-        took += f" (all five: {total_seconds:.0f} s)"
+        took += f" (all {len(NOTEBOOKS)} notebooks: {total_seconds:.0f} s)"
     note = (f"{OUTPUTS_NOTE} a real run of the whole pipeline with `make lab` (`python -m sslab.lab`) at this "
             f"notebook's defaults{given}, on {machine}, on {day}. {took + '. ' if took else ''}"
             f"The parameters are the table under the parameters cell.")

@@ -1,0 +1,348 @@
+"""The pieces of the selftrain and fixmatch protocols against hand computations: FixMatch's
+unlabeled loss (threshold, hard pseudo-label, mean over all images, no gradient to the weak
+view), the moving average of the weights, the FixMatch step, and self-training's
+class-balanced pseudo-label choice and its confidence 1 − H/log C."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sslab.evaluate.fixmatch import FixMatch, ModelEMA, fixmatch_unlabeled_loss
+from sslab.evaluate.heads import FeatureHead, ImageClassifier
+from sslab.evaluate.selftrain import propagation_confidence, select_balanced
+from sslab.models import BackboneConfig, build_backbone, pooled_dim
+
+# ---------------------------------------------------------------- fixmatch_unlabeled_loss
+
+
+def _softmax(row: list) -> list:
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+# Weak-view logits of 6 unlabeled images, 3 classes. Row 0 sets the threshold τ: its own
+# confidence, so it sits exactly at τ. Row 1 has the same logits, one step larger on its top
+# class (just above τ), row 2 one step smaller (just below); row 3 is far below, rows 4 and 5
+# far above, with their top class at different places.
+WEAK = [[2.0, 0.5, 0.0],
+        [0.5, 2.001, 0.0],
+        [0.0, 0.5, 1.999],
+        [1.0, 1.1, 0.9],
+        [-3.0, 0.0, 5.0],
+        [10.0, -10.0, 0.0]]
+ABOVE_TAU = [True, True, False, False, True, True]
+PSEUDO = [0, 1, 2, 1, 2, 0]  # each row's argmax
+
+
+def test_fixmatch_unlabeled_loss_against_a_hand_computation():
+    weak = torch.tensor(WEAK, requires_grad=True)
+    strong = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    tau = weak.detach().softmax(1)[0].max().item()  # row 0's float32 confidence: τ exactly
+    # The rows are where they are meant to be, computed in float64 by hand.
+    confidence = [max(_softmax(row)) for row in WEAK]
+    assert abs(confidence[0] - tau) < 1e-6
+    assert confidence[1] > tau + 1e-4 and confidence[2] < tau - 1e-4
+
+    loss, mask = fixmatch_unlabeled_loss(weak, strong, tau)
+
+    assert mask.tolist() == [float(a) for a in ABOVE_TAU]
+    # The strong view's cross-entropy against the weak view's argmax as a hard label, where the
+    # weak view is confident; summed and divided by all N = 6 images (not by the 4 confident).
+    rows = strong.detach().tolist()
+    by_hand = sum(math.log(sum(math.exp(v) for v in row)) - row[label]
+                  for row, label, above in zip(rows, PSEUDO, ABOVE_TAU) if above) / len(rows)
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5)
+    confident = torch.tensor(ABOVE_TAU)
+    assert loss.item() == pytest.approx(F.cross_entropy(strong.detach()[confident], torch.tensor(PSEUDO)[confident],
+                                                        reduction="sum").item() / 6, rel=1e-5)
+
+    loss.backward()
+    assert weak.grad is None or not weak.grad.any(), "a gradient reached the weak view"
+    # d loss / d strong_i = (softmax(strong_i) − onehot(pseudo_i)) / N where confident, 0 elsewhere.
+    expected = [[(p - (c == label)) / 6 if above else 0.0 for c, p in enumerate(_softmax(row))]
+                for row, label, above in zip(rows, PSEUDO, ABOVE_TAU)]
+    torch.testing.assert_close(strong.grad, torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    assert not strong.grad[~confident].any()
+
+
+def test_fixmatch_unlabeled_loss_is_zero_when_nothing_is_confident_and_full_when_all_is():
+    weak = torch.tensor(WEAK)
+    strong = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    loss, mask = fixmatch_unlabeled_loss(weak, strong, threshold=1.0)  # row 5's 0.99995 is still under
+    assert loss.item() == 0.0 and not mask.any()
+    loss.backward()
+    assert not strong.grad.any()
+    # τ = 0: every row counts, the plain mean cross-entropy against the argmax.
+    loss, mask = fixmatch_unlabeled_loss(weak, strong.detach(), threshold=0.0)
+    assert mask.tolist() == [1.0] * 6
+    assert loss.item() == pytest.approx(F.cross_entropy(strong.detach(), torch.tensor(PSEUDO)).item(), rel=1e-6)
+
+
+def test_the_pseudo_label_is_hard_not_the_weak_views_distribution():
+    # A soft target (the weak view's probabilities) would give another loss; the hard one is the
+    # strong view's −log p at the weak view's top class.
+    weak = torch.tensor([[1.0, 0.0, 0.0]])  # softmax ≈ (0.58, 0.21, 0.21)
+    strong = torch.tensor([[0.0, 2.0, -1.0]])
+    loss, _ = fixmatch_unlabeled_loss(weak, strong, threshold=0.5)
+    hard = -math.log(_softmax([0.0, 2.0, -1.0])[0])
+    soft = -sum(q * math.log(p) for q, p in zip(_softmax([1.0, 0.0, 0.0]), _softmax([0.0, 2.0, -1.0])))
+    assert loss.item() == pytest.approx(hard, rel=1e-6)
+    assert abs(hard - soft) > 0.1
+
+
+# ---------------------------------------------------------------- ModelEMA
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_model_ema_averages_the_weights_and_copies_the_buffers():
+    model = _net(0)
+    ema = ModelEMA(model, decay=0.9)
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(2):
+        old = {k: v.clone() for k, v in ema.module.named_parameters()}
+        with torch.no_grad():  # new weights, and BatchNorm statistics from a batch
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + step)))
+        model.train()
+        model(torch.randn(8, 3, generator=torch.Generator().manual_seed(20 + step)) * 3 + 1)
+        ema.update(model)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(dict(ema.module.named_parameters())[name], 0.9 * old[name] + 0.1 * p.detach())
+        for name, b in model.named_buffers():  # running mean, variance and count: copied as they are
+            assert torch.equal(dict(ema.module.named_buffers())[name], b), name
+    assert not torch.equal(model.state_dict()["1.running_mean"], start["1.running_mean"])
+    # The average is a copy of its own: changing the model changes nothing in it until the next update.
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in ema.module.state_dict().items())
+
+
+def test_model_ema_with_decay_zero_is_the_model():
+    model, other = _net(0), _net(1)
+    ema = ModelEMA(other, decay=0.0)
+    ema.update(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[k], v), k
+
+
+# ---------------------------------------------------------------- the FixMatch step
+
+
+def _classifier(classes: int = 3) -> ImageClassifier:
+    torch.manual_seed(0)
+    backbone = build_backbone(BackboneConfig(1, 28, 0.125))
+    return ImageClassifier(backbone, FeatureHead(pooled_dim(backbone, "conv4", 2), classes, "mlp", 16), "conv4", 2)
+
+
+def test_fixmatch_step_updates_the_average_first_and_adds_the_weighted_unlabeled_loss(make_image_set):
+    labeled = make_image_set(n=6, classes=3, seed=0)
+    unlabeled = make_image_set(n=8, classes=3, seed=1).images
+    classifier = _classifier()
+    model = FixMatch(classifier, labeled.images, labeled.labels, batch=4, threshold=0.0, weight=2.0, ema=0.75)
+    initial = {k: v.clone() for k, v in model.ema.module.named_parameters()}
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.mul_(1.5)
+    model.train()
+    out = model.loss(unlabeled)
+    # The average took the weights the step starts from: 0.75·initial + 0.25·current.
+    for name, p in classifier.named_parameters():
+        torch.testing.assert_close(dict(model.ema.module.named_parameters())[name], 0.75 * initial[name] + 0.25 * p)
+    assert out["loss"].item() == pytest.approx(out["sup"].item() + 2.0 * out["unsup"].item(), rel=1e-6)
+    assert out["mask"].item() == 1.0  # τ = 0: every unlabeled image counts
+    assert out["unsup"].item() > 0
+    out["loss"].backward()
+    assert all(p.grad is not None for p in classifier.head.parameters())
+    assert all(p.grad is None for p in model.ema.module.parameters())
+
+    never = FixMatch(_classifier(), labeled.images, labeled.labels, batch=4, threshold=1.01, weight=2.0, ema=0.75)
+    never.train()
+    out = never.loss(unlabeled)  # no softmax reaches 1.01: the supervised loss alone
+    assert out["mask"].item() == 0.0 and out["unsup"].item() == 0.0
+    assert out["loss"].item() == out["sup"].item()
+
+
+# ---------------------------------------------------------------- selftrain: the pseudo-labels
+
+
+def test_select_balanced_picks_each_classes_most_confident_above_the_threshold():
+    # argmax per row:      0             1             0             1             1
+    probs = torch.tensor([[.8, .1, .1], [.2, .5, .3], [.6, .3, .1], [.2, .5, .3], [.1, .7, .2],
+                          [.0, .1, .9], [.4, .35, .25], [.3, .2, .5], [.3, .4, .3], [.1, .3, .6], [.5, .3, .2]])
+    #                      2             0              2             1             2             0
+    # confidence given separately (any score); the threshold is 0.25
+    confidence = torch.tensor([.9, .1, .7, .6, .55, .95, .2, .3, .25, .26, .5])
+    chosen, labels = select_balanced(probs, confidence, per_class=2, threshold=0.25)
+    assert len(chosen) == len(labels) == 6
+    picked = {c: sorted(chosen[labels == c].tolist()) for c in range(3)}
+    assert picked == {0: [0, 2],  # 0.9 and 0.7 beat row 10's 0.5; row 6 (0.2) is under the threshold
+                      1: [3, 4],  # 0.6 and 0.55 beat row 8 (0.25, at the threshold); row 1 (0.1) is under
+                      2: [5, 7]}  # 0.95 and 0.3 beat row 9's 0.26
+    # Within a class, most confident first.
+    assert chosen.tolist() == [0, 2, 3, 4, 5, 7] and labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_select_balanced_takes_fewer_where_a_class_has_fewer_and_never_borrows_from_another():
+    probs = torch.tensor([[.8, .1, .1, 0.], [.6, .2, .1, .1], [.7, .1, .1, .1], [.1, .8, .05, .05],
+                          [.2, .2, .5, .1]])
+    confidence = torch.tensor([.9, .8, .85, .4, .25])
+    chosen, labels = select_balanced(probs, confidence, per_class=3, threshold=0.25)
+    # class 0: all three of its rows; class 1: its only row; class 2: row 4, at the threshold;
+    # class 3: nothing (no row's argmax), and no row of class 0 is lent to it
+    assert chosen.tolist() == [0, 2, 1, 3, 4] and labels.tolist() == [0, 0, 0, 1, 2]
+    chosen, labels = select_balanced(probs, confidence, per_class=3, threshold=0.95)
+    assert chosen.tolist() == [] and labels.tolist() == []
+    chosen, labels = select_balanced(probs, confidence, per_class=1)  # threshold 0 by default
+    assert chosen.tolist() == [0, 3, 4] and labels.tolist() == [0, 1, 2]
+
+
+def test_propagation_confidence_is_one_minus_the_normalised_entropy():
+    probs = torch.tensor([[1.0, 0.0, 0.0],  # certain: 1
+                          [1 / 3, 1 / 3, 1 / 3],  # uniform: 0
+                          [0.5, 0.25, 0.25],
+                          [0.5, 0.5, 0.0],
+                          [0.0, 0.1, 0.9]])
+    by_hand = []
+    for row in probs.tolist():
+        entropy = -sum(p * math.log(p) for p in row if p > 0)
+        by_hand.append(1 - entropy / math.log(3))
+    assert by_hand[0] == 1.0 and abs(by_hand[1]) < 1e-8
+    assert by_hand[2] == pytest.approx(1 - 1.5 * math.log(2) / math.log(3))
+    confidence = propagation_confidence(probs)
+    assert confidence[0].item() == 1.0
+    assert abs(confidence[1].item()) < 1e-6
+    torch.testing.assert_close(confidence, torch.tensor(by_hand), rtol=1e-5, atol=1e-6)
+    # The same through torch's own entropy, for 10 classes.
+    probs = torch.softmax(torch.randn(50, 10, generator=torch.Generator().manual_seed(0)) * 3, 1)
+    entropy = torch.distributions.Categorical(probs=probs).entropy()
+    torch.testing.assert_close(propagation_confidence(probs), 1 - entropy / math.log(10))
+    assert (propagation_confidence(probs) >= -1e-6).all() and (propagation_confidence(probs) <= 1 + 1e-6).all()
+
+
+# ---------------------------------------------------------------- what each protocol trains on
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory):
+    """A random-init run on a ``folder:`` set of 3 classes of distinct noise images (12 train and 3
+    test images per class, 16 px): each image is told apart by its pixels."""
+    from PIL import Image
+
+    from sslab.pretrain import PretrainConfig, pretrain
+    root = tmp_path_factory.mktemp("noise")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("test", 3)):
+        for name in ("a", "b", "c"):
+            (root / "images" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (16, 16), dtype=torch.uint8, generator=generator)
+                Image.fromarray(pixels.numpy(), "L").save(root / "images" / split / name / f"{i}.png")
+    return pretrain(PretrainConfig(method="random-init", dataset=f"folder:{root / 'images'}", image_size=16,
+                                   width=0.125), device="cpu", out=str(root / "out"), progress=False)
+
+
+def _rows_of(images: torch.Tensor, reference: torch.Tensor) -> list:
+    """For each image, the row of ``reference`` holding the same pixels (None where none does)."""
+    where = {bytes(r.numpy()): i for i, r in enumerate(reference)}
+    return [where.get(bytes(image.numpy())) for image in images]
+
+
+def _split(run, cfg):
+    from sslab.evaluate.cells import budget_split
+    from sslab.evaluate.features import dataset_splits
+    splits = dataset_splits(run.config)
+    return splits, budget_split(splits, 2, 0, cfg.val_per_class)
+
+
+def test_selftrain_student_trains_on_the_labeled_images_and_the_teachers_choice_from_the_pool(noise_run, monkeypatch,
+                                                                                              tmp_path):
+    from sslab import evaluate as ev
+    from sslab.evaluate import selftrain
+    seen = {}
+    real_select, real_train = selftrain.select_balanced, selftrain.train_student
+
+    def select(probs, confidence, per_class, threshold=0.0):
+        seen["select"] = real_select(probs, confidence, per_class, threshold)
+        seen["per_class"], seen["threshold"] = per_class, threshold
+        return seen["select"]
+
+    def train(run, cfg, seed, round_, labeled, labels, pseudo_images, pseudo_labels, *args):
+        seen["student"] = labeled.cpu(), labels.cpu(), pseudo_images.cpu(), pseudo_labels.cpu()
+        return real_train(run, cfg, seed, round_, labeled, labels, pseudo_images, pseudo_labels, *args)
+
+    monkeypatch.setattr(selftrain, "select_balanced", select)
+    monkeypatch.setattr(selftrain, "train_student", train)
+    cfg = ev.EvalConfig(val_per_class=2, lp_k=4, lp_pca=8, st_per_class=3, st_threshold=0.01, st_steps=2,
+                        batch_size=8, precision="fp32")
+    row = ev.selftrain_cell(noise_run, 2, device="cpu", out=str(tmp_path), config=cfg)
+
+    splits, (train_idx, val_idx) = _split(noise_run, cfg)
+    labeled, labels, pseudo_images, pseudo_labels = seen["student"]
+    assert torch.equal(labeled, splits.train.images[train_idx]) and torch.equal(labels, splits.train.labels[train_idx])
+    assert seen["per_class"] == 3 and seen["threshold"] == 0.01
+    assert torch.equal(pseudo_labels, seen["select"][1].cpu())
+    assert all((pseudo_labels == c).sum() <= 3 for c in range(3))
+    rows = _rows_of(pseudo_images, splits.train.images)
+    # Pool images only: train images outside the cell's labeled and validation images, no test image.
+    assert None not in rows and not set(rows) & set(train_idx.tolist() + val_idx.tolist())
+    assert _rows_of(pseudo_images, splits.test.images) == [None] * len(rows)
+    history = row["history"][0]
+    assert history["pseudo_labels"] == len(rows) > 0
+    truth = splits.train.labels[torch.tensor(rows)]
+    assert history["pseudo_acc"] == pytest.approx(float((pseudo_labels == truth).float().mean()))
+
+
+def test_fixmatch_trains_on_the_labeled_images_and_the_pool_without_them(noise_run, monkeypatch, tmp_path):
+    from sslab import evaluate as ev
+    from sslab.evaluate import fixmatch
+    seen = {}
+    real_fit = fixmatch.fit
+
+    def fit(model, data, schedule, *args, **kwargs):
+        seen["model"], seen["pool"], seen["schedule"] = model, data[0].cpu(), schedule
+        return real_fit(model, data, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(fixmatch, "fit", fit)
+    cfg = ev.EvalConfig(val_per_class=2, probe_epochs=1, fm_steps=4, fm_batch=2, fm_mu=3, fm_threshold=0.5,
+                        fm_weight=0.5, fm_ema=0.8, precision="fp32")
+    row = ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path), config=cfg)
+
+    splits, (train_idx, val_idx) = _split(noise_run, cfg)
+    model = seen["model"]
+    assert torch.equal(model.labeled_images.cpu(), splits.train.images[train_idx])
+    assert torch.equal(model.labeled_labels.cpu(), splits.train.labels[train_idx])
+    assert (model.batch, model.threshold, model.weight, model.ema.decay) == (2, 0.5, 0.5, 0.8)
+    rows = _rows_of(seen["pool"], splits.train.images)
+    left_out = set(train_idx.tolist() + val_idx.tolist())
+    assert None not in rows and sorted(rows) == [i for i in range(len(splits.train.images)) if i not in left_out]
+    # μB = 6 unlabeled images a step: 30 pool images are 5 steps an epoch, so 4 steps take 1 epoch
+    assert seen["schedule"].batch_size == 6 and seen["schedule"].epochs == 1
+    assert row["epochs"] == 1 and set(row["history"][0]) >= {"loss", "sup", "unsup", "mask", "val_acc"}
+
+
+def test_a_row_the_teacher_knows_nothing_about_is_never_pseudo_labeled():
+    # label propagation gives a node it never reached a uniform row: its argmax (class 0) is no label
+    probs = torch.tensor([[0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3], [0.6, 0.2, 0.2]])
+    confidence = propagation_confidence(probs)  # 1 − H/log 3: about 0.42, 0 and 0.14
+    assert confidence[0] > 0.3 > confidence[2] and abs(float(confidence[1])) < 1e-6
+    for threshold, expected in ((0.0, [(2, 0), (0, 1)]), (0.3, [(0, 1)])):
+        chosen, labels = select_balanced(probs, confidence, per_class=5, threshold=threshold)
+        assert list(zip(chosen.tolist(), labels.tolist())) == expected
+
+
+def test_trainable_spread_floors_each_spread_at_a_hundredth_of_their_mean():
+    from sslab.evaluate.heads import trainable_spread
+    std = torch.tensor([1e-6, 0.5, 2.0, 1.5e-2, 0.015])
+    mean = float(std.mean())
+    assert trainable_spread(std).tolist() == pytest.approx([0.01 * mean, 0.5, 2.0, 0.015, 0.015])
+    assert trainable_spread(std)[1:].tolist() == std[1:].tolist()
