@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sslab and reference alternate in this many rounds (default: every step on CPU, so a "
                         "change of machine load hits both alike; 6 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step (default: the pretrain defaults, rotation 150, VAEs 128; quick 16/32)")
+                   help="images per step (default: pretrain's, rotation 150, VAEs 128, simclr 256; quick 64)")
     p.add_argument("--width", type=float, default=None, help="AlexNet width (default: 1.0 CUDA, 0.25 CPU/quick)")
     p.add_argument("--compile", action="store_true", help="torch.compile the sslab loss and the reference loss")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and synthetic images")

@@ -24,6 +24,7 @@ PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^", "labelprop": 
 # Colours by protocol, for figures that compare the protocols of one method.
 PROTOCOL_COLORS = {"probe": "#1f77b4", "finetune": "#9467bd", "labelprop": "#2ca02c", "selftrain": "#ff7f0e",
                    "fixmatch": "#d62728", "scratch": "#555555"}
+PROTOCOL_HATCHES = {"finetune": "//", "labelprop": "..", "selftrain": "xx", "fixmatch": "\\\\"}
 METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
 
 
@@ -192,7 +193,10 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
-    series = sorted({(g["method"], g["protocol"]) for g in gains}, key=lambda s: (s[1] != "probe", s[0]))
+    protocol_rank = {p: i for i, p in enumerate(PROTOCOL_COLORS)}
+    series = sorted({(g["method"], g["protocol"]) for g in gains},
+                    key=lambda s: (protocol_rank.get(s[1], len(protocol_rank)), s[0]))
+    methods = {m for m, _ in series}
     budgets = sorted({g["budget"] for g in gains})
     width = 0.8 / max(1, len(series))
     for i, (method, protocol) in enumerate(series):
@@ -200,8 +204,10 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
         x = np.arange(len(budgets)) + (i - (len(series) - 1) / 2) * width
         y = [100 * values[b][f"gain_{metric}_mean"] if b in values else np.nan for b in budgets]
         s = [100 * (values[b].get(f"gain_{metric}_ci95") or 0) if b in values else 0 for b in budgets]
-        ax.bar(x, y, width, yerr=s, color=method_color(method, i), alpha=0.85 if protocol == "probe" else 0.5,
-               label=series_name(method, protocol), capsize=2)
+        # One method's protocols: a colour each; several methods: a colour per method, a hatch per protocol.
+        color = PROTOCOL_COLORS.get(protocol, "black") if len(methods) == 1 else method_color(method, i)
+        ax.bar(x, y, width, yerr=s, color=color, alpha=0.85, hatch=PROTOCOL_HATCHES.get(protocol, ""),
+               edgecolor="white", label=series_name(method, protocol), capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(budgets)))
     ax.set_xticklabels([str(b) for b in budgets])
@@ -213,129 +219,6 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
         ax.legend(fontsize=8)
     _note(ax, spread_note((g["n"] for g in gains), "error bars", interval=True))
     return ax
-
-
-# ---------------------------------------------------------------- pretraining
-
-# Per task: the per-epoch metrics worth a panel of their own, and their test counterpart.
-TASK_METRICS = {"rotation": ["rot_acc"], "vae": ["recon", "kl"], "siamese-vae": ["recon", "kl", "triplet"],
-                "simclr": ["contrastive_acc"]}
-METRIC_LABELS = {"loss": "training loss", "rot_acc": "rotation accuracy", "recon": "reconstruction error (SSE)",
-                 "kl": "KL to N(0, I)", "triplet": "triplet loss", "contrastive_acc": "positive found (top-1)",
-                 "knn_acc": "kNN top-1 (monitor)"}
-
-
-def training_curves(runs):
-    """Per-epoch training curves of pretraining runs: one column per run, its loss on top and
-    each task metric in a panel of its own below (the KL, ~100, and the triplet loss, ~0.1, on
-    one axis would flatten the triplet term); the held-out test value at the end as a star.
-    ``runs``: a dict name → Run or a list of Runs."""
-    plt = _plt()
-    items = list(runs.items()) if isinstance(runs, dict) else [(r.method, r) for r in runs]
-    if not items:
-        raise ValueError("runs is empty; allowed: at least one pretraining run")
-    rows = 1 + max(len(TASK_METRICS.get(run.method, [])) for _, run in items)
-    fig, axes = plt.subplots(rows, len(items), figsize=(4.2 * len(items), 2.4 * rows + 0.6), squeeze=False)
-    for col, (name, run) in enumerate(items):
-        history = run.metrics
-        epochs = np.array([row["epoch"] + 1 for row in history])
-        color = method_color(run.method, col)
-        metrics = ["loss"] + TASK_METRICS.get(run.method, [])
-        for row, metric in enumerate(metrics):
-            ax = axes[row, col]
-            ax.plot(epochs, [r.get(metric, np.nan) for r in history], marker="o", color=color, label="train")
-            test = run.summary.get(f"test_{metric}")
-            if test is not None and len(epochs):
-                ax.plot([epochs[-1]], [test], marker="*", markersize=12, linestyle="none", color="black",
-                        label="test (end)")
-            ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
-        axes[len(metrics) - 1, col].set_xlabel("epoch")
-        for ax in axes[len(metrics):, col]:
-            ax.axis("off")
-        axes[0, col].set_title(f"{name}: {run.summary.get('images', '?')} images, "
-                               f"{run.summary.get('epochs_run', len(history))} epochs")
-    fig.tight_layout()
-    return fig
-
-
-def _image(ax, img, title: str = "", color: str = "black"):
-    """Show one C×H×W float image in [0, 1] (grey or RGB) without axes."""
-    img = np.asarray(img)
-    if img.ndim == 3 and img.shape[0] == 1:
-        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
-    elif img.ndim == 3:
-        ax.imshow(np.clip(img.transpose(1, 2, 0), 0, 1))
-    else:
-        ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8, color=color)
-
-
-def rotation_examples(examples: dict):
-    """A grid of test images at 0/90/180/270° with the rotation the net predicts (green when
-    right, red when wrong). ``examples``: the dict :func:`sslab.lab.rotation_predictions`
-    returns (``images`` N×4×C×H×W, ``predicted`` N×4, ``confidence`` N×4)."""
-    plt = _plt()
-    images = np.asarray(examples["images"])
-    predicted = np.asarray(examples["predicted"])
-    confidence = np.asarray(examples["confidence"])
-    n = images.shape[0]
-    fig, axes = plt.subplots(4, n, figsize=(1.3 * n, 1.5 * 4), squeeze=False)
-    for i in range(n):
-        for r in range(4):
-            ok = predicted[i, r] == r
-            _image(axes[r, i], images[i, r], f"→ {90 * predicted[i, r]}° ({100 * confidence[i, r]:.0f}%)",
-                   "green" if ok else "red")
-        axes[0, i].set_xlabel("")
-    for r in range(4):
-        axes[r, 0].set_ylabel(f"shown {90 * r}°", fontsize=9)
-    accuracy = float((predicted == np.arange(4)[None, :]).mean())
-    fig.suptitle(f"rotation predicted by the pretrained net ({100 * accuracy:.0f}% right on these {4 * n})",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def view_pairs(views: dict):
-    """SimCLR's two augmented views of the same test images, one column per image: the image,
-    then view 1 and view 2. ``views``: the dict :func:`sslab.lab.simclr_views` returns
-    (``images``, ``first``, ``second``: N×C×H×W floats in [0, 1])."""
-    plt = _plt()
-    rows = [("test image", views["images"]), ("view 1", views["first"]), ("view 2", views["second"])]
-    n = np.asarray(views["images"]).shape[0]
-    fig, axes = plt.subplots(3, n, figsize=(1.1 * n + 1.6, 3.6), squeeze=False)
-    for r, (label, images) in enumerate(rows):
-        for i in range(n):
-            _image(axes[r, i], np.asarray(images)[i])
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("SimCLR's two views of each image:\npulled together, other images' views pushed apart", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def vae_gallery(gallery: dict):
-    """VAE reconstructions and samples from the prior N(0, I). ``gallery``: the dict
-    :func:`sslab.lab.vae_gallery` returns (``inputs`` N×C×H×W, ``reconstructions`` and
-    ``samples``: name → N×C×H×W, all floats in [0, 1])."""
-    plt = _plt()
-    inputs = np.asarray(gallery["inputs"])
-    recon = {k: np.asarray(v) for k, v in gallery["reconstructions"].items()}
-    samples = {k: np.asarray(v) for k, v in gallery["samples"].items()}
-    rows = [("test input", inputs)] + [(f"{k} reconstruction", v) for k, v in recon.items()] + \
-           [(f"{k} prior sample", v) for k, v in samples.items()]
-    n = inputs.shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 2.2, 1.15 * len(rows)), squeeze=False)
-    for r, (label, images) in enumerate(rows):
-        for i in range(n):
-            _image(axes[r, i], images[i])
-        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 # ---------------------------------------------------------------- classification
@@ -502,3 +385,8 @@ class entries_table:  # noqa: N801 - a tiny adapter, used like a function
 
     def summary(self) -> list:
         return self.entries
+
+
+# The pretraining figures live in their own module (imported last: it uses the helpers above).
+from .plots_pretext import (METRIC_LABELS, TASK_METRICS, rotation_examples, training_curves,  # noqa: E402,F401
+                            vae_gallery, view_pairs)
