@@ -259,7 +259,9 @@ def test_notebooks_run_under_nbval_with_the_smoke_parameters(nbval_run, shared_o
                  f"03_umap_{smoke['layer']}", "04_label_curves", "05_finetune", "06_semi_curves",
                  "06_gain_over_random_init"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file(), stem
-    assert len(store.list_runs("pretrain", str(shared_outputs))) == len(smoke["methods"])
+    # every pretext task, and the random-init backbone notebook 06 evaluates next to them
+    methods = {load_run(p).method for p in store.list_runs("pretrain", str(shared_outputs))}
+    assert methods == {*smoke["methods"], "random-init"}
     table = json.loads((nbval_run.tables / "nb04_label_curves.json").read_text())
     assert {(r["method"], r["budget"], r["seed"]) for r in table["rows"]} == {
         (m, b, s) for m in [*smoke["methods"], "scratch"] for b in smoke["budgets"] for s in smoke["seeds"]}
@@ -383,8 +385,10 @@ def _check_gain_interval(shown: str, diffs: list, where) -> None:
         assert match.group(2) is None, (where, shown)
         return
     half = 100 * stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    assert float(match.group(2)) == pytest.approx(mean - half, abs=0.051), (where, shown)
-    assert float(match.group(3)) == pytest.approx(mean + half, abs=0.051), (where, shown)
+    # shown to one decimal, from a quantile table of six significant digits (wide intervals of two
+    # seeds reach hundreds of points, where the table's last digit can move the rounding)
+    assert float(match.group(2)) == pytest.approx(mean - half, abs=0.051 + 1e-5 * abs(half)), (where, shown)
+    assert float(match.group(3)) == pytest.approx(mean + half, abs=0.051 + 1e-5 * abs(half)), (where, shown)
     assert bool(match.group(4)) == (abs(mean) > half), (where, shown)
 
 
@@ -420,6 +424,7 @@ def test_notebook_01_reports_what_the_run_store_holds(executed, shared_outputs):
     smoke = lab.load_params(SMOKE)
     reported = _printed(nb, "runs = lab.pretrain_runs(")
     runs = {load_run(p).method: load_run(p) for p in store.list_runs("pretrain", str(shared_outputs))}
+    runs.pop("random-init")  # notebook 06's untrained backbone: 01 pretrains only the pretext tasks
     assert set(runs) == set(smoke["methods"])
     for method, run in runs.items():
         assert f": {run.path.name} — {method}: {smoke['limit']} images, {smoke['epochs']} epochs" in reported, method
