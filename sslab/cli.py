@@ -213,14 +213,14 @@ def _protocol_list(args, default: tuple) -> tuple:
 def cmd_evaluate(args) -> int:
     from dataclasses import replace
 
-    from .evaluate import HEADS, EvalConfig, compute_cell
+    from .evaluate import HEADS, compute_cell
     from .pretrain import load_run
     check_choice("--head", args.head, HEADS)
     protocols = _protocol_list(args, ("probe",))
     run = load_run(args.run)
     if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
         run.config = replace(run.config, data_root=args.data_root)
-    cfg = _eval_config(args, EvalConfig)
+    cfg = _eval_config(args)
     for protocol in protocols:
         _print_row(compute_cell(run.method if protocol != "scratch" else "scratch", protocol, args.labels, args.seed,
                                 run, run, cfg, args.device, args.out, args.deterministic, args.progress))
@@ -256,8 +256,9 @@ def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_cl
                          f"{val_per_class}; allowed: budgets ≤ {most}")
 
 
-def _eval_config(args, EvalConfig):
+def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
+    from .evaluate import EvalConfig
     check_int("--st-steps", args.st_steps, 1)
     check_int("--fm-steps", args.fm_steps, 1)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, precision=args.precision,
@@ -265,7 +266,7 @@ def _eval_config(args, EvalConfig):
 
 
 def cmd_curve(args) -> int:
-    from .evaluate import HEADS, EvalConfig, label_curve, merge_curve
+    from .evaluate import HEADS, label_curve, merge_curve
     from .pretrain import METHODS, PretrainConfig, find_run, pretrain
 
     # Everything the sweep will check, checked before any pretraining starts.
@@ -277,7 +278,7 @@ def cmd_curve(args) -> int:
     if args.name is not None:
         from .store import check_file_name
         check_file_name("--name", args.name)
-    cfg = _eval_config(args, EvalConfig)
+    cfg = _eval_config(args)
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                               batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
                               seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision,

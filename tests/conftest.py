@@ -49,3 +49,26 @@ def make_image_set():
         return ImageSet(images, labels, [f"class{i}" for i in range(classes)])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_noise_run():
+    """``make_noise_run(root, train_per_class)`` → a random-init run on a ``folder:`` set written
+    under ``root``: 3 classes of distinct 16 px noise images (``train_per_class`` train and 3 test
+    images each), so every image is told apart by its pixels."""
+
+    def make(root, train_per_class: int):
+        from PIL import Image
+
+        from sslab.pretrain import PretrainConfig, pretrain
+        generator = torch.Generator().manual_seed(0)
+        for split, count in (("train", train_per_class), ("test", 3)):
+            for name in ("a", "b", "c"):
+                (root / "images" / split / name).mkdir(parents=True)
+                for i in range(count):
+                    pixels = torch.randint(0, 256, (16, 16), dtype=torch.uint8, generator=generator)
+                    Image.fromarray(pixels.numpy(), "L").save(root / "images" / split / name / f"{i}.png")
+        return pretrain(PretrainConfig(method="random-init", dataset=f"folder:{root / 'images'}", image_size=16,
+                                       width=0.125), device="cpu", out=str(root / "out"), progress=False)
+
+    return make

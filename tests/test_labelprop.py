@@ -73,24 +73,13 @@ def test_pool_keep_leaves_out_the_cells_labeled_and_validation_images():
     assert lp.pool_keep(None, 3, (torch.tensor([0]),), "cpu").tolist() == [True, True, True]
 
 
-def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path):
+def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path, make_noise_run):
     """The same scores whatever the test labels are: only the metrics read them."""
-    from PIL import Image
-
     from sslab.data import DatasetSplits, ImageSet
     from sslab.evaluate import features
     from sslab.evaluate.cells import EvalConfig
-    from sslab.pretrain import PretrainConfig, pretrain
 
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 20), ("test", 3)):
-        for name in ("a", "b", "c"):
-            (tmp_path / "images" / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (16, 16), dtype=torch.uint8, generator=generator)
-                Image.fromarray(pixels.numpy(), "L").save(tmp_path / "images" / split / name / f"{i}.png")
-    run = pretrain(PretrainConfig(method="random-init", dataset=f"folder:{tmp_path / 'images'}", image_size=16,
-                                  width=0.125), device="cpu", out=str(tmp_path / "out"), progress=False)
+    run = make_noise_run(tmp_path, 20)
     real = features.dataset_splits(run.config)
     scores = []
     for test_labels in (real.test.labels, real.test.labels.flip(0)):

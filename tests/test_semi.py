@@ -233,22 +233,10 @@ def test_propagation_confidence_is_one_minus_the_normalised_entropy():
 
 
 @pytest.fixture(scope="module")
-def noise_run(tmp_path_factory):
-    """A random-init run on a ``folder:`` set of 3 classes of distinct noise images (12 train and 3
-    test images per class, 16 px): each image is told apart by its pixels."""
-    from PIL import Image
-
-    from sslab.pretrain import PretrainConfig, pretrain
-    root = tmp_path_factory.mktemp("noise")
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", 12), ("test", 3)):
-        for name in ("a", "b", "c"):
-            (root / "images" / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = torch.randint(0, 256, (16, 16), dtype=torch.uint8, generator=generator)
-                Image.fromarray(pixels.numpy(), "L").save(root / "images" / split / name / f"{i}.png")
-    return pretrain(PretrainConfig(method="random-init", dataset=f"folder:{root / 'images'}", image_size=16,
-                                   width=0.125), device="cpu", out=str(root / "out"), progress=False)
+def noise_run(tmp_path_factory, make_noise_run):
+    """A random-init run on 3 classes of distinct noise images (12 train and 3 test images per
+    class, 16 px): each image is told apart by its pixels."""
+    return make_noise_run(tmp_path_factory.mktemp("noise"), 12)
 
 
 def _rows_of(images: torch.Tensor, reference: torch.Tensor) -> list:

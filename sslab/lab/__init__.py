@@ -23,5 +23,4 @@ __all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", 
            "NOTEBOOKS", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence", "publish",
            "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
            "rotation_sentence", "run_notebooks", "SCORES", "semi_sentence", "separation_sentence", "series_name",
-           "show",
-           "simclr_views", "TABLES", "umap_explorer", "vae_gallery", "vae_sentence"]
+           "show", "simclr_views", "TABLES", "umap_explorer", "vae_gallery", "vae_sentence"]

@@ -195,7 +195,6 @@ def references(dataset: str, budgets: Sequence[int], protocol: str = "probe") ->
              "values": list(chosen.values())}]
 
 
-
 def semi_sentence(table, metric: str = "top1") -> str:
     """One line per budget: the best method and protocol, what each protocol that uses the
     unlabeled pool adds over the same method's frozen probe, and what the best method's
