@@ -12,6 +12,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+# Upper bounds of the counts a person types (epochs, steps, images, rounds, seeds): a value past
+# them is a typo, not a plan (--fm-steps 99999999999999999999 would train for 10^16 hours), and
+# the check that refuses it says which bound it is.
+MAX_EPOCHS = 10_000
+MAX_STEPS = 10_000_000
+MAX_COUNT = 100_000_000
+
 
 def fail(name: str, value, allowed: str):
     """Raise the lab's one error for a bad value: ``NAME=VALUE is not allowed; allowed: …``."""
