@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from .checks import check_choice, check_choice_list, check_int, check_int_list
+from .checks import MAX_COUNT, check_choice, check_choice_list, check_int, check_int_list
 from .data import DATASETS
 
 
@@ -217,13 +217,15 @@ def cmd_evaluate(args) -> int:
     from .pretrain import load_run
     check_choice("--head", args.head, HEADS)
     protocols = _protocol_list(args, ("probe",))
+    check_int("--labels", args.labels, 1, " (labeled images per class)", maximum=MAX_COUNT)
+    check_int("--seed", args.seed, 0, " (a seed)", maximum=MAX_COUNT)
     run = load_run(args.run)
     if args.data_root is not None:  # where the run's dataset is on this machine (not part of any key)
         run.config = replace(run.config, data_root=args.data_root)
     cfg = _eval_config(args)
     for protocol in protocols:
-        _print_row(compute_cell(run.method if protocol != "scratch" else "scratch", protocol, args.labels, args.seed,
-                                run, run, cfg, args.device, args.out, args.deterministic, args.progress))
+        _print_row(compute_cell(protocol, args.labels, args.seed, run, cfg, args.device, args.out, args.deterministic,
+                                args.progress))
     return 0
 
 

@@ -27,6 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import to_float
+from .precision import autocast
+
 # The taps each architecture offers, in forward order.
 LAYERS_BY_ARCH = {
     "alexnet": ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5"),
@@ -340,3 +343,44 @@ def pooled_dim(backbone: nn.Module, layer: str, grid: int) -> int:
     """The width of :func:`pooled_features`: C·grid², or C for a global tap."""
     channels = backbone.shapes[check_layer(layer, backbone.config.arch)][0]
     return channels if layer in GLOBAL_TAPS else channels * grid * grid
+
+
+# ---------------------------------------------------------------- frozen features and the kNN vote
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, images: torch.Tensor, layer: str = "conv4", grid: int = 4,
+                     device=None, batch_size: int = 1024, precision: str = "fp32") -> torch.Tensor:
+    """Frozen ``layer`` features of uint8 ``images``, average-pooled to grid×grid and flattened
+    (N×D float32, on ``device``), computed in ``precision``. The backbone runs in eval mode, so
+    BN statistics are used, not updated."""
+    device = device or images.device
+    was_training = backbone.training
+    backbone.eval()
+    parts = []
+    for chunk in images.split(batch_size):
+        x = to_float(chunk.to(device, non_blocking=True))
+        if precision == "bf16":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            parts.append(pooled_features(backbone, x, layer, grid).float())
+    backbone.train(was_training)
+    return torch.cat(parts)
+
+
+def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int,
+                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
+    """Class scores (N×classes) from a cosine-similarity kNN with exp(sim / T) weighted votes
+    (Wu et al. 2018). No training."""
+    bank = F.normalize(train_features.float(), dim=1)
+    k = min(k, bank.shape[0])
+    scores = []
+    # fp32 even inside a bf16 autocast (the kNN monitor runs in one): bf16 similarities would tie
+    with torch.autocast(query.device.type, enabled=False):
+        for chunk in query.split(2048):
+            sims = F.normalize(chunk.float(), dim=1) @ bank.T
+            top_sim, top_idx = sims.topk(k, dim=1)
+            weights = (top_sim / temperature).exp()
+            votes = torch.zeros(chunk.shape[0], classes, device=chunk.device)
+            votes.scatter_add_(1, train_labels[top_idx], weights)
+            scores.append(votes)
+    return torch.cat(scores)

@@ -431,9 +431,7 @@ def knn_monitor_of(splits, config: PretrainConfig, device):
     """``validate`` for :func:`fit` that scores a pretext task's backbone by kNN on labeled images
     the pretraining never sees the labels of (see ``pretrain(knn_monitor=...)``)."""
     from .data import label_budget_split, max_per_class
-    from .evaluate.features import extract_features
-    from .evaluate.heads import knn_predict
-    from .models import DEFAULT_LAYER
+    from .models import DEFAULT_LAYER, extract_features, knn_predict
     labels = splits.train.labels
     query_per_class = min(20, max(1, max_per_class(labels) // 6))
     bank_per_class = min(100, max_per_class(labels, query_per_class))

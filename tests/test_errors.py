@@ -13,6 +13,7 @@ import torch
 
 import sslab.pretrain as pretrain_module
 from sslab import store
+from sslab.checks import MAX_COUNT, MAX_STEPS
 from sslab.cli import main
 from sslab.data import DatasetNotFound, label_budget_split, load_dataset
 from sslab.models import AlexNetBackbone, BackboneConfig, check_layer
@@ -318,23 +319,23 @@ def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--labels", "0"], ["labels=0", "integers ≥ 1"]),
+    (["--labels", "0"], ["--labels=0", "an integer from 1 to"]),
     (["--layer", "conv9"], ["layer='conv9'", "conv1, conv2, conv3, conv4, conv5, pool5"]),
     (["--head", "svm"], ["--head='svm'", "mlp, linear, knn"]),
     (["--protocols", "probe,jigsaw"],
      ["--protocols='probe,jigsaw'", "probe, finetune, labelprop, selftrain, fixmatch, scratch", "'jigsaw' is not one"]),
     (["--protocols", "probe,probe"], ["--protocols='probe,probe'", "without repeats"]),
-    (["--seed", "-1"], ["seed=-1", "integers ≥ 0"]),
+    (["--seed", "-1"], ["--seed=-1", "an integer from 0 to"]),
 ])
 def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expected, monkeypatch, tmp_path, capsys):
-    from sslab.evaluate import features, probe
+    from sslab.evaluate import cells, features
 
     def forbidden(*args, **kwargs):
         raise AssertionError("dataset work started before the input was checked")
 
     monkeypatch.setattr(features, "load_dataset", forbidden)
-    monkeypatch.setattr(probe, "dataset_splits", forbidden)
-    monkeypatch.setattr(probe, "run_features", forbidden)
+    monkeypatch.setattr(cells, "dataset_splits", forbidden)
+    monkeypatch.setattr(cells, "run_features", forbidden)
     argv = ["--labels", "2", *argv] if "--labels" not in argv else argv
     err = cli(capsys, "probe", "--run", str(complete_run.path), "--out", str(tmp_path), *argv)
     for text in expected:
@@ -396,12 +397,15 @@ def test_evaluate_runs_each_protocol_it_is_given(complete_run, tmp_path, capsys)
 
 # ---------------------------------------------------------------- selftrain and fixmatch settings
 
+STEPS, COUNT = f"an integer from 1 to {MAX_STEPS}", f"an integer from 1 to {MAX_COUNT}"
+
+
 @pytest.mark.parametrize("field, value, allowed", [
     ("fm_threshold", 1.5, "a number in [0, 1]"), ("fm_threshold", -0.1, "a number in [0, 1]"),
-    ("fm_mu", 0, "an integer ≥ 1"), ("fm_mu", 2.5, "an integer ≥ 1"), ("fm_batch", 0, "an integer ≥ 1"),
-    ("fm_steps", -1, "an integer ≥ 1"), ("fm_ema", 1.0, "a number in [0, 1)"), ("fm_ema", -0.5, "a number in [0, 1)"),
+    ("fm_mu", 0, COUNT), ("fm_mu", 2.5, COUNT), ("fm_batch", 0, COUNT), ("fm_steps", -1, STEPS),
+    ("fm_steps", MAX_STEPS + 1, STEPS), ("fm_ema", 1.0, "a number in [0, 1)"), ("fm_ema", -0.5, "a number in [0, 1)"),
     ("fm_weight", 0.0, "a number > 0"), ("fm_lr", float("nan"), "a number > 0"),
-    ("st_rounds", 0, "an integer ≥ 1"), ("st_per_class", 0, "an integer ≥ 1"), ("st_steps", True, "an integer ≥ 1"),
+    ("st_rounds", 0, STEPS), ("st_per_class", 0, COUNT), ("st_steps", True, STEPS),
     ("st_threshold", 1.0, "a number in [0, 1)"), ("st_threshold", -0.2, "a number in [0, 1)"),
     ("st_labeled_fraction", 1.0, "a number in (0, 1)"), ("st_labeled_fraction", 0.0, "a number in (0, 1)"),
     ("st_lr", -1e-3, "a number > 0"),
@@ -428,14 +432,13 @@ def test_semi_supervised_settings_at_the_ends_of_their_ranges_are_allowed():
 def test_semi_supervised_cells_refuse_bad_settings_before_any_work(complete_run, protocol, field, value, monkeypatch,
                                                                    tmp_path):
     from sslab import evaluate as ev
-    from sslab.evaluate import fixmatch, selftrain
+    from sslab.evaluate import cells, fixmatch, selftrain
 
     def forbidden(*args, **kwargs):
         raise AssertionError("dataset work or training started before the settings were checked")
 
-    for module in (fixmatch, selftrain):
-        monkeypatch.setattr(module, "dataset_splits", forbidden)
-        monkeypatch.setattr(module, "fit", forbidden)
+    monkeypatch.setattr(cells, "dataset_splits", forbidden)
+    monkeypatch.setattr(cells, "fit", forbidden)
     monkeypatch.setattr(selftrain, "labelprop_of", forbidden)
     monkeypatch.setattr(fixmatch, "classifier_from_probe", forbidden)
     config = ev.EvalConfig(**{field: value})
@@ -485,9 +488,9 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
     import sslab.evaluate as evaluate
     computed = []
 
-    def cell(method, protocol, budget, seed, run, like, cfg, *args):
+    def cell(protocol, budget, seed, run, cfg, *args):
         computed.append((protocol, budget, seed, run.path))
-        return {"method": method, "protocol": protocol, "head": "mlp", "layer": cfg.layer, "budget": budget,
+        return {"method": run.method, "protocol": protocol, "head": "mlp", "layer": cfg.layer, "budget": budget,
                 "seed": seed, "top1": 0.5, "top5": None, "epochs": 1}
 
     monkeypatch.setattr(evaluate, "compute_cell", cell)

@@ -15,6 +15,7 @@ from sslab import evaluate as ev
 from sslab import store
 from sslab.evaluate.curve import cell_key
 from sslab.pretrain import PretrainConfig, pretrain
+from sslab.models import extract_features, knn_predict
 
 TINY = ev.EvalConfig(probe_epochs=3, scratch_epochs=2, finetune_epochs=2, samples_per_epoch=64, batch_size=32,
                      val_per_class=2, probe_patience=0, scratch_patience=0, finetune_patience=0)
@@ -53,11 +54,11 @@ def test_knn_near_perfect_on_separated_and_near_chance_on_random_labels():
     feats = centres[labels] + torch.randn(200, 32, generator=gen)
     test_labels = torch.arange(5).repeat_interleave(20)
     test = centres[test_labels] + torch.randn(100, 32, generator=gen)
-    scores = ev.knn_predict(feats, labels, test, 5, k=10)
+    scores = knn_predict(feats, labels, test, 5, k=10)
     assert ev.topk_accuracy(scores, test_labels, 1) > 0.97
     noise = torch.randn(2000, 32, generator=gen)
     random_labels = torch.randint(0, 5, (2000,), generator=gen)
-    scores = ev.knn_predict(noise[:1000], random_labels[:1000], noise[1000:], 5, k=10)
+    scores = knn_predict(noise[:1000], random_labels[:1000], noise[1000:], 5, k=10)
     assert abs(ev.topk_accuracy(scores, random_labels[1000:], 1) - 0.2) < 0.06
 
 
@@ -136,16 +137,16 @@ def test_probe_cell_leaves_the_pretrained_backbone_untouched(tiny_runs, tmp_path
     assert (run.path / "model.pt").read_bytes() == model_bytes
     # even a backbone left in train mode keeps its BN statistics when features are extracted
     backbone = run.load_backbone("cpu").train()
-    ev.extract_features(backbone, ev.dataset_splits(run.config).train.images, "conv4", 2)
+    extract_features(backbone, ev.dataset_splits(run.config).train.images, "conv4", 2)
     changed = [k for k, v in stored.items() if not torch.equal(backbone.state_dict()[k], v)]
     assert not changed, f"feature extraction changed {changed}"
 
 
 def _record_finetuning(monkeypatch, seen: list):
-    """Wrap the ``fit`` of end_to_end: per call, the learning rate of the backbone's and the
+    """Wrap the ``fit`` the cells train with: per call, the learning rate of the backbone's and the
     head's optimiser groups at every step, and the two parts' parameters before and after."""
-    from sslab.evaluate import end_to_end
-    real_fit = end_to_end.fit
+    from sslab.evaluate import cells
+    real_fit = cells.fit
 
     def recording_fit(model, *args, **kwargs):
         backbone = {id(p) for p in model.backbone.parameters()}
@@ -170,7 +171,7 @@ def _record_finetuning(monkeypatch, seen: list):
                      "after": {part: _params(getattr(model, part)) for part in ("backbone", "head")}})
         return result
 
-    monkeypatch.setattr(end_to_end, "fit", recording_fit)
+    monkeypatch.setattr(cells, "fit", recording_fit)
 
 
 def _params(module) -> dict:
@@ -213,7 +214,7 @@ def test_same_seed_same_split_for_every_method_and_disjoint(tiny_runs):
     (rot, vae), out = tiny_runs
     a = ev.probe_cell(rot, 3, seed=1, device="cpu", out=out, config=TINY)
     b = ev.probe_cell(vae, 3, seed=1, device="cpu", out=out, config=TINY)
-    c = ev.scratch_cell("", 3, seed=1, like=rot, device="cpu", out=out, config=TINY)
+    c = ev.scratch_cell(rot, 3, seed=1, device="cpu", out=out, config=TINY)
     splits = [store.load_torch(Path(r["run"]) / "split.pt") for r in (a, b, c)]
     for s in splits[1:]:
         assert torch.equal(s["train"], splits[0]["train"]) and torch.equal(s["val"], splits[0]["val"])
@@ -228,7 +229,7 @@ def test_budget_larger_than_a_class_is_a_clear_error(tiny_runs):
     (run, _), out = tiny_runs
     with pytest.raises(ValueError, match=r"class 0 has: it has 24 labeled images"):
         ev.probe_cell(run, 30, device="cpu", out=out, config=TINY)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match="^budget=0 is not allowed; allowed: an integer from 1 to"):
         ev.probe_cell(run, 0, device="cpu", out=out, config=TINY)
     with pytest.raises(ValueError, match="head=.svm'.*mlp, linear, knn"):
         ev.probe_cell(run, 2, head="svm", device="cpu", out=out, config=TINY)
@@ -311,7 +312,7 @@ def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny
                                                                              batch_probes):
     runs, _ = tiny_runs
     seen = []
-    from sslab.evaluate import end_to_end, probe
+    from sslab.evaluate import cells, probe
     real_fit = probe.fit
 
     def recording_fit(*args, **kwargs):
@@ -319,7 +320,7 @@ def test_deterministic_reaches_every_evaluation_fit_and_repeats_bit_for_bit(tiny
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(probe, "fit", recording_fit)
-    monkeypatch.setattr(end_to_end, "fit", recording_fit)
+    monkeypatch.setattr(cells, "fit", recording_fit)
     tables = [ev.label_curve(runs, budgets=[2], seeds=[0], scratch=True, finetune=True, device="cpu",
                              out=str(tmp_path / name), config=TINY, progress=False, deterministic=True,
                              batch_probes=batch_probes)
@@ -392,15 +393,15 @@ def test_finetune_result_does_not_depend_on_whether_its_probe_was_stored(tiny_ru
 def test_a_scratch_cell_is_the_same_cell_whichever_probe_the_sweep_uses(tiny_runs, tmp_path):
     (run, _), _ = tiny_runs
     out = str(tmp_path)
-    rows = [ev.scratch_cell("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, head=p))
+    rows = [ev.scratch_cell(run, 1, seed=0, device="cpu", out=out, config=replace(TINY, head=p))
             for p in ("mlp", "linear", "knn")]
     assert len({r["run"] for r in rows}) == 1
     assert len([p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eval-scratch")]) == 1
     # ...while a setting the scratch baseline trains with makes another cell
-    other = ev.scratch_cell("", 1, seed=0, like=run, device="cpu", out=out, config=replace(TINY, scratch_lr=2e-3))
+    other = ev.scratch_cell(run, 1, seed=0, device="cpu", out=out, config=replace(TINY, scratch_lr=2e-3))
     assert other["run"] != rows[0]["run"]
     # and a setting only probes use does not change a fine-tuning cell's key, one they use does
-    cells = [cell_key(run.method, "finetune", 1, 0, run, None, c)
+    cells = [cell_key("finetune", 1, 0, run, c)
              for c in (TINY, replace(TINY, knn_k=5), replace(TINY, probe_lr=5e-3))]
     assert cells[0] == cells[1] and cells[0] != cells[2]
 

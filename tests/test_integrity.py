@@ -23,9 +23,8 @@ import sslab.pretrain as pretrain_module
 from sslab import data, store
 from sslab.cli import main
 from sslab.evaluate import EvalConfig, features, finetune_cell, label_curve, probe_cell, scratch_cell
-from sslab.evaluate import end_to_end as end_to_end_module
-from sslab.evaluate.cells import ROW_KEYS, cell_folder
-from sslab.evaluate.end_to_end import scratch_key
+from sslab.evaluate import cells as cells_module
+from sslab.evaluate.cells import ROW_KEYS, cell_folder, protocol_key
 from sslab.pretrain import PretrainConfig, load_run, pretrain, run_folder
 from sslab.train import TrainConfig, TrainingDiverged, check_divergence, fit
 
@@ -229,20 +228,20 @@ def test_damaged_stored_files_are_named_and_left_alone(outputs, images, name, ma
 def test_damaged_checkpoint_of_an_evaluation_cell_stops_its_resume(images, outputs, monkeypatch):
     """A scratch cell killed after its epochs keeps checkpoint.pt; damaged, it is refused."""
     run = the_run(outputs, images)
-    monkeypatch.setattr(end_to_end_module, "CHECKPOINT_EVERY_S", 0.0)
+    monkeypatch.setattr(cells_module, "CHECKPOINT_EVERY_S", 0.0)
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(end_to_end_module, "classification_metrics", killed)
+        patch.setattr(cells_module, "classification_metrics", killed)
         with pytest.raises(KeyboardInterrupt):
-            scratch_cell(run.config.dataset, 2, 0, like=run, device="cpu", out=str(outputs), config=TINY_EVAL)
+            scratch_cell(run, 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     (checkpoint,) = (outputs / "runs").glob("eval-scratch*/checkpoint.pt")
     damage(checkpoint)
     before = digests(outputs)
     with pytest.raises(store.DamagedFile, match=f"^{checkpoint} is damaged"):
-        scratch_cell(run.config.dataset, 2, 0, like=run, device="cpu", out=str(outputs), config=TINY_EVAL)
+        scratch_cell(run, 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert digests(outputs) == before
 
 
@@ -438,15 +437,15 @@ def test_a_changed_image_folder_gets_new_runs_and_new_cells(tmp_path):
     out = tmp_path / "out"
     config = tiny(root)
     first = pretrain(config, device="cpu", out=str(out), progress=False, eval_limit=8)
-    scratch_cells = [cell_folder(scratch_key(config.dataset, 2, 0, TINY_EVAL, 0.125, None), str(out))]
+    scratch_cells = [cell_folder(protocol_key("scratch", first, 2, 0, TINY_EVAL), str(out))]
     before = digests(out)
     from PIL import Image
     Image.fromarray(np.zeros((32, 32), np.uint8), "L").save(root / "train" / "class0" / "new.png")
     added = pretrain(config, device="cpu", out=str(out), progress=False, eval_limit=8)
-    scratch_cells.append(cell_folder(scratch_key(config.dataset, 2, 0, TINY_EVAL, 0.125, None), str(out)))
+    scratch_cells.append(cell_folder(protocol_key("scratch", added, 2, 0, TINY_EVAL), str(out)))
     (root / "train" / "class0" / "new.png").rename(root / "train" / "class1" / "new.png")
     moved = pretrain(config, device="cpu", out=str(out), progress=False, eval_limit=8)
-    scratch_cells.append(cell_folder(scratch_key(config.dataset, 2, 0, TINY_EVAL, 0.125, None), str(out)))
+    scratch_cells.append(cell_folder(protocol_key("scratch", moved, 2, 0, TINY_EVAL), str(out)))
     assert len({first.path, added.path, moved.path}) == 3
     assert len(set(scratch_cells)) == 3
     assert {k: v for k, v in digests(out).items() if k in before} == before  # the old run is untouched

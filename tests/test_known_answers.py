@@ -124,7 +124,7 @@ def probe(head: str):
 
 
 def scratch(run: Run, labels: int, out: str, config: ev.EvalConfig) -> dict:
-    return ev.scratch_cell(run.config.dataset, labels, like=run, device="cpu", out=out, config=config)
+    return ev.scratch_cell(run, labels, device="cpu", out=out, config=config)
 
 
 def finetune(run: Run, labels: int, out: str, config: ev.EvalConfig) -> dict:

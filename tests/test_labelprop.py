@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sslab.checks import MAX_COUNT
 from sslab.evaluate import labelprop as lp
 
 
@@ -77,6 +78,7 @@ def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path, make_noise_run
     """The same scores whatever the test labels are: only the metrics read them."""
     from sslab.data import DatasetSplits, ImageSet
     from sslab.evaluate import features
+    from sslab.evaluate import cells
     from sslab.evaluate.cells import EvalConfig
 
     run = make_noise_run(tmp_path, 20)
@@ -86,16 +88,17 @@ def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path, make_noise_run
         splits = DatasetSplits(real.name, real.train, ImageSet(real.test.images, test_labels, real.test.classes),
                                real.unlabeled, pool_is_train=True)
         monkeypatch.setattr(lp, "dataset_splits", lambda config, s=splits: s)
+        monkeypatch.setattr(cells, "dataset_splits", lambda config, s=splits: s)
         lp._GRAPHS.clear()
         cfg = replace(EvalConfig(val_per_class=2, lp_k=5, lp_pca=8), layer="conv4", precision="fp32")
-        result, _ = lp.labelprop_of(run, 3, 0, cfg, torch.device("cpu"))
+        result, _ = lp.labelprop_of(cells.open_cell("labelprop", run, 3, 0, device="cpu", config=cfg))
         scores.append(result.query_scores[1])
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("field, value, allowed", [("lp_alpha", 1.0, "a number in (0, 1)"),
-                                                   ("lp_k", 0, "an integer ≥ 1"),
-                                                   ("lp_pca", -1, "an integer ≥ 0"),
+                                                   ("lp_k", 0, f"an integer from 1 to {MAX_COUNT}"),
+                                                   ("lp_pca", -1, f"an integer from 0 to {MAX_COUNT}"),
                                                    ("lp_gamma", 0.0, "a number > 0")])
 def test_bad_graph_settings_name_the_setting(field, value, allowed):
     from sslab.evaluate.cells import EvalConfig

@@ -487,11 +487,9 @@ def test_semi_supervised_cell_is_stored_and_found_again_without_training(image_f
     from dataclasses import replace
 
     from sslab import evaluate as ev
-    from sslab.evaluate import fixmatch as fixmatch_module
+    from sslab.evaluate import cells as module
     from sslab.evaluate import probe as probe_module
-    from sslab.evaluate import selftrain as selftrain_module
     run = pretrain(tiny_config(image_folder), device="cpu", out=str(tmp_path), progress=False, eval_limit=8)
-    module = selftrain_module if protocol == "selftrain" else fixmatch_module
     trained = []
 
     def counted(real, name):
@@ -557,7 +555,7 @@ end_to_end.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch (by default:
 fixmatch.CHECKPOINT_EVERY_S = 0
 protocol, run, out, config = sys.argv[1], load_run(sys.argv[2]), sys.argv[3], ev.EvalConfig(**json.loads(sys.argv[4]))
 if protocol == "scratch":
-    row = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=out, config=config, deterministic=True)
+    row = ev.scratch_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
 elif protocol == "fixmatch":
     row = ev.fixmatch_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
 else:
@@ -608,7 +606,7 @@ def test_killed_evaluation_cell_resumes_from_its_checkpoint_bit_for_bit(image_fo
     from sslab import evaluate as ev
     config = ev.EvalConfig(**CELL_CONFIG)
     if protocol == "scratch":  # the same cell, never interrupted
-        expected = ev.scratch_cell(run.config.dataset, 4, like=run, device="cpu", out=str(tmp_path / "reference"),
+        expected = ev.scratch_cell(run, 4, device="cpu", out=str(tmp_path / "reference"),
                                    config=config, deterministic=True)
     elif protocol == "fixmatch":
         expected = ev.fixmatch_cell(run, 4, device="cpu", out=str(tmp_path / "reference"), config=config,

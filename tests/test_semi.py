@@ -264,9 +264,9 @@ def test_selftrain_student_trains_on_the_labeled_images_and_the_teachers_choice_
         seen["per_class"], seen["threshold"] = per_class, threshold
         return seen["select"]
 
-    def train(run, cfg, seed, round_, labeled, labels, pseudo_images, pseudo_labels, *args):
+    def train(cell, round_, labeled, labels, pseudo_images, pseudo_labels, *args):
         seen["student"] = labeled.cpu(), labels.cpu(), pseudo_images.cpu(), pseudo_labels.cpu()
-        return real_train(run, cfg, seed, round_, labeled, labels, pseudo_images, pseudo_labels, *args)
+        return real_train(cell, round_, labeled, labels, pseudo_images, pseudo_labels, *args)
 
     monkeypatch.setattr(selftrain, "select_balanced", select)
     monkeypatch.setattr(selftrain, "train_student", train)
@@ -292,15 +292,15 @@ def test_selftrain_student_trains_on_the_labeled_images_and_the_teachers_choice_
 
 def test_fixmatch_trains_on_the_labeled_images_and_the_pool_without_them(noise_run, monkeypatch, tmp_path):
     from sslab import evaluate as ev
-    from sslab.evaluate import fixmatch
+    from sslab.evaluate import cells
     seen = {}
-    real_fit = fixmatch.fit
+    real_fit = cells.fit
 
     def fit(model, data, schedule, *args, **kwargs):
         seen["model"], seen["pool"], seen["schedule"] = model, data[0].cpu(), schedule
         return real_fit(model, data, schedule, *args, **kwargs)
 
-    monkeypatch.setattr(fixmatch, "fit", fit)
+    monkeypatch.setattr(cells, "fit", fit)
     cfg = ev.EvalConfig(val_per_class=2, probe_epochs=1, fm_steps=4, fm_batch=2, fm_mu=3, fm_threshold=0.5,
                         fm_weight=0.5, fm_ema=0.8, precision="fp32")
     row = ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path), config=cfg)

@@ -17,11 +17,11 @@ from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrai
 from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cells, default_table_name, label_curve,
                     merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
-from .features import dataset_splits, extract_features, run_features
+from .features import dataset_splits, run_features
 from .fixmatch import fixmatch_cell
 from .labelprop import labelprop_cell
 from .selftrain import selftrain_cell
-from .heads import HEADS, FeatureHead, ImageClassifier, knn_predict, predict
+from .heads import HEADS, FeatureHead, ImageClassifier, predict
 from .metrics import classification_metrics, confusion_matrix, topk_accuracy
 from .probe import probe_cell, probe_cells_together
 from .table import ResultTable, series_name, series_order
@@ -29,7 +29,7 @@ from .table import ResultTable, series_name, series_order
 
 __all__ = ["budget_split", "BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
            "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
-           "extract_features", "FeatureHead", "finetune_cell", "fixmatch_cell", "HEADS", "ImageClassifier",
-           "knn_predict", "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
+           "FeatureHead", "finetune_cell", "fixmatch_cell", "HEADS", "ImageClassifier",
+           "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
            "probe_cells_together", "PROTOCOLS", "ResultTable", "run_features", "scratch_cell", "selftrain_cell",
            "series_name", "series_order", "topk_accuracy"]

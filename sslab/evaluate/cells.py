@@ -1,6 +1,13 @@
 """Evaluation cells in the run store: one folder per (method, protocol, budget, seed) holding
 its config, the labeled/validation split, the trained head and the result row. A cell is found
-again by the hash of what it trains with, locked while computed, and never computed twice."""
+again by the hash of what it trains with, locked while computed, and never computed twice.
+
+Every protocol enters through :func:`open_cell` and :meth:`Cell.computed`, which do what every
+cell does (load the run, check the budget and the seed, resolve the device and the settings,
+build the key, find the stored row or take the lock), and hands its ``compute(cell)`` a
+:class:`Cell`: the labeled split, the dataset, the features, and the ending every trained
+protocol shares (:meth:`Cell.train` in the cell's folder, :meth:`Cell.finish`). A protocol's
+file holds its algorithm, not the store's plumbing."""
 from __future__ import annotations
 
 import math
@@ -11,12 +18,16 @@ from typing import Optional
 import torch
 
 from .. import store
-from ..checks import check_choice, check_int, check_int_list, check_number
+from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number
 from ..data import DatasetSplits, label_budget_split
+from ..integrity import check_provenance
 from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
-from ..pretrain import Run
+from ..pretrain import Run, load_run
+from ..train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
+from .features import dataset_splits, run_features
 from .heads import HEADS
+from .metrics import classification_metrics
 
 
 @dataclass
@@ -78,12 +89,16 @@ class EvalConfig:
         check_choice("layer", self.layer, ("auto",) + ALL_LAYERS)
         check_choice("head", self.head, HEADS)
         check_choice("precision", self.precision, PRECISIONS)
-        for name in ("grid", "hidden", "probe_epochs", "scratch_epochs", "finetune_epochs", "batch_size", "knn_k",
-                     "val_per_class", "lp_k", "lp_iterations"):
-            check_int(name, getattr(self, name), 1)
-        check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)")
-        for name in ("st_rounds", "st_per_class", "st_steps", "fm_steps", "fm_batch", "fm_mu"):
-            check_int(name, getattr(self, name), 1)
+        for name in ("probe_epochs", "scratch_epochs", "finetune_epochs"):
+            check_int(name, getattr(self, name), 1, maximum=MAX_EPOCHS)
+        for name in ("probe_patience", "scratch_patience", "finetune_patience"):
+            check_int(name, getattr(self, name), 0, maximum=MAX_EPOCHS)
+        for name in ("st_steps", "fm_steps", "lp_iterations", "st_rounds"):
+            check_int(name, getattr(self, name), 1, maximum=MAX_STEPS)
+        for name in ("grid", "hidden", "batch_size", "samples_per_epoch", "knn_k", "val_per_class", "lp_k",
+                     "st_per_class", "fm_batch", "fm_mu"):
+            check_int(name, getattr(self, name), 1, maximum=MAX_COUNT)
+        check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)", maximum=MAX_COUNT)
         check_number("st_threshold", self.st_threshold, 0.0, 1.0, low_open=False, high_open=True)
         check_number("st_labeled_fraction", self.st_labeled_fraction, 0.0, 1.0, high_open=True)
         check_number("fm_threshold", self.fm_threshold, 0.0, 1.0, low_open=False)
@@ -106,11 +121,16 @@ class EvalConfig:
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:
-    return list(check_int_list(name, budgets, 1, "labeled images per class"))
+    """A non-empty list of distinct budgets: labeled images per class, each from 1 to MAX_COUNT."""
+    items = list(check_int_list(name, budgets, 1, "labeled images per class"))
+    check_int(name, max(items), 1, " (labeled images per class)", maximum=MAX_COUNT)
+    return items
 
 
 def check_seeds(seeds, name: str = "seeds") -> list:
-    return list(check_int_list(name, seeds, 0, "seeds"))
+    items = list(check_int_list(name, seeds, 0, "seeds"))
+    check_int(name, max(items), 0, " (a seed)", maximum=MAX_COUNT)
+    return items
 
 
 _SHARED = ("layer", "grid", "hidden", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay", "precision")
@@ -133,12 +153,28 @@ CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch"
                                                          "fm_weight", "fm_lr", "fm_ema")
 
 
-def cell_config(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: EvalConfig, **extra) -> dict:
+def cell_key(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: EvalConfig, **extra) -> dict:
     """The stored config of one cell: its protocol, method, dataset, budget, seed, the settings
     of ``cfg`` that ``kind`` trains with (:data:`CELL_FIELDS`) and ``extra`` (what it starts from)."""
     fields = asdict(cfg)
     return {"stage": "eval", "protocol": kind, "method": method, "dataset": dataset, "budget": budget,
             "seed": seed, **{k: fields[k] for k in CELL_FIELDS[kind]}, **extra}
+
+
+# The protocols whose classifier is the mlp head, whatever head a sweep's probe uses.
+MLP_PROTOCOLS = ("finetune", "selftrain", "fixmatch")
+
+
+def protocol_key(protocol: str, run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
+    """The stored config of the ``protocol`` cell of ``run`` at ``budget`` and ``seed`` (for
+    ``scratch``: the same backbone shape on the same dataset, from random weights)."""
+    if protocol == "scratch":
+        return cell_key("scratch", "scratch", run.config.dataset, budget, seed, cfg, width=run.config.width,
+                        image_size=run.config.image_size, backbone=run.arch)
+    if protocol in MLP_PROTOCOLS:
+        cfg = replace(cfg, head="mlp")
+    kind = "knn" if protocol == "probe" and cfg.head == "knn" else protocol
+    return cell_key(kind, run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
 
 
 def pretrained_id(run: Run) -> str:
@@ -153,15 +189,23 @@ def cell_folder(config: dict, out) -> Path:
     return store.run_dir("eval", f"{config['method']}-{config['protocol']}", config["dataset"], config, out)
 
 
-# What every stored row holds (:func:`result_row`); a metrics.json without one of them is damaged.
+# What every stored row holds (:func:`result_row`, and what made it); a metrics.json without one
+# of them is damaged.
 ROW_KEYS = ("method", "protocol", "head", "layer", "budget", "seed", "top1", "top5", "epochs", "per_class",
-            "confusion", "classes")
+            "confusion", "classes", "provenance")
 
 
 def stored_row(config: dict, out) -> Optional[dict]:
-    """The result row of a complete cell (its metrics.json verified), or None."""
+    """The result row of a complete cell, or None. The row is read only once its metrics.json and
+    split.pt verify — their bytes, and that they record this cell as the one that made them — so a
+    result or a split copied from another cell is refused, never used."""
     folder = cell_folder(config, out)
-    return store.read_json(folder / "metrics.json", required=ROW_KEYS) if store.is_complete(folder) else None
+    if not store.is_complete(folder):
+        return None
+    row = store.read_json(folder / "metrics.json", required=ROW_KEYS)
+    check_provenance(row, folder / "metrics.json", cell_provenance("metrics", config))
+    store.load_torch(folder / "split.pt", expect=cell_provenance("split", config))
+    return {k: v for k, v in row.items() if k != "provenance"}
 
 
 def computed_once(cell: dict, out, compute) -> dict:
@@ -178,7 +222,8 @@ def computed_once(cell: dict, out, compute) -> dict:
 
 
 def finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state: Optional[dict] = None) -> dict:
-    """Write a computed cell (config, split, head weights, row; complete.json last) and return its row."""
+    """Write a computed cell (config, split, head weights, row; complete.json last) and return its
+    row. Every file records the cell that made it (:func:`cell_provenance`)."""
     folder.mkdir(parents=True, exist_ok=True)
     store.write_json(folder / "config.json", config)
     store.save_torch(folder / "split.pt", {"train": split[0], "val": split[1]},
@@ -186,13 +231,13 @@ def finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state:
     if head_state is not None:
         store.save_torch(folder / "head.pt", head_state, provenance=cell_provenance("head", config))
     row = {**row, "run": str(folder)}
-    store.write_json(folder / "metrics.json", row)
+    store.write_json(folder / "metrics.json", {**row, "provenance": cell_provenance("metrics", config)})
     store.write_json(folder / store.COMPLETE, {"top1": row["top1"], "top5": row["top5"]})
     return row
 
 
 def cell_provenance(kind: str, config: dict) -> dict:
-    """What a cell's ``kind`` of torch file (head, checkpoint) records: the cell it belongs to."""
+    """What a cell's ``kind`` of file (metrics, split, head, checkpoint) records: the cell it belongs to."""
     return store.provenance(kind, method=config["method"], protocol=config["protocol"],
                             config=store.config_hash(config))
 
@@ -215,3 +260,84 @@ def budget_split(splits: DatasetSplits, budget: int, seed: int, val_per_class: i
 def repeat_to(n: int, samples: int, device) -> torch.Tensor:
     """Indices 0..n-1 repeated so one epoch holds about ``samples`` (at least n)."""
     return torch.arange(n, device=device).repeat(max(1, math.ceil(samples / n)))
+
+
+# ---------------------------------------------------------------- what every protocol's cell shares
+
+@dataclass
+class Cell:
+    """One evaluation cell as its protocol computes it: the run (for scratch, the run whose dataset
+    and backbone shape it copies), the budget (labeled images per class), the seed, the resolved
+    settings, the device, the stored key and, while it is computed, its locked folder."""
+
+    protocol: str
+    run: Run
+    budget: int
+    seed: int
+    cfg: EvalConfig
+    device: torch.device
+    out: Optional[str]
+    key: dict
+    progress: bool = False
+    deterministic: bool = False
+    folder: Optional[Path] = None
+
+    @property
+    def method(self) -> str:
+        return self.key["method"]
+
+    @property
+    def splits(self) -> DatasetSplits:
+        return dataset_splits(self.run.config)
+
+    def labeled_split(self) -> tuple:
+        """``(train indices, validation indices)`` into the train split: the budget's labeled
+        images and the validation images, the same for every method of a seed."""
+        return budget_split(self.splits, self.budget, self.seed, self.cfg.val_per_class)
+
+    def features(self, split: str = "train") -> torch.Tensor:
+        """The run's frozen features of a whole split at the cell's layer, grid and precision."""
+        return run_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, precision=self.cfg.precision)
+
+    def computed(self, compute) -> dict:
+        """The cell's stored row, or ``compute(cell)``'s (computed once, under the cell's lock)."""
+        return computed_once(self.key, self.out, lambda folder: compute(replace(self, folder=folder)))
+
+    def train(self, model, data: tuple, train_config: TrainConfig, validate=None, param_groups=None,
+              desc: Optional[str] = None) -> FitResult:
+        """:func:`sslab.train.fit` as every trained cell runs it: resumable from ``checkpoint.pt`` in
+        the cell's folder (written on the lab's clock, recording the cell), in the cell's precision."""
+        return fit(model, data, train_config, self.device, param_groups=param_groups, validate=validate,
+                   progress=self.progress, desc=desc or self.protocol, checkpoint=self.folder / "checkpoint.pt",
+                   deterministic=self.deterministic, checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False,
+                   precision=self.cfg.precision, provenance=cell_provenance("checkpoint", self.key))
+
+    def row(self, scores: torch.Tensor, head: str, epochs: int, seconds: float, history=None) -> dict:
+        """The result row of the test images' class scores (N×classes, in test-split order)."""
+        metrics = classification_metrics(scores, self.splits.test.labels.to(scores.device))
+        return result_row(self.method, self.protocol, head, self.cfg, self.budget, self.seed, metrics,
+                          self.splits.train.classes, epochs, seconds, history)
+
+    def finish(self, row: dict, split: tuple, head_state: Optional[dict] = None) -> dict:
+        """Store the computed cell (:func:`finish_cell`) and drop its resume checkpoint."""
+        row = finish_cell(self.folder, self.key, row, split, head_state)
+        store.remove(self.folder / "checkpoint.pt")
+        return row
+
+
+def open_cell(protocol: str, run, budget: int, seed: int = 0, layer: Optional[str] = None,
+              head: Optional[str] = None, device="auto", out=None, config: Optional[EvalConfig] = None,
+              progress: bool = False, deterministic: bool = False) -> Cell:
+    """The :class:`Cell` of ``protocol`` for ``run`` (a Run or its folder) at ``budget`` labeled
+    images per class and ``seed``, every value checked; ``layer`` and ``head`` override
+    ``config``'s. Nothing is computed or written until :meth:`Cell.computed`."""
+    run = run if isinstance(run, Run) else load_run(run)
+    budget = check_int("budget", budget, 1, " (labeled images per class)", maximum=MAX_COUNT)
+    seed = check_int("seed", seed, 0, " (a seed)", maximum=MAX_COUNT)
+    dev = resolve_device(device)
+    cfg = (config or EvalConfig()).with_(layer=layer, head=head)
+    if protocol in MLP_PROTOCOLS:
+        cfg = replace(cfg, head="mlp")
+    cfg = cfg.resolved(dev, run.arch)
+    return Cell(protocol, run, budget, seed, cfg, dev, out, protocol_key(protocol, run, budget, seed, cfg),
+                progress, deterministic)

@@ -9,12 +9,12 @@ from .. import store
 from ..checks import check_choice_list
 from ..pretrain import Run, load_run
 from ..train import resolve_device
-from .cells import EvalConfig, check_budgets, check_seeds, stored_row
-from .end_to_end import finetune_cell, finetune_key, scratch_cell, scratch_key
-from .fixmatch import fixmatch_cell, fixmatch_key
-from .labelprop import labelprop_cell, labelprop_key
-from .selftrain import selftrain_cell, selftrain_key
-from .probe import probe_cell, probe_cells_together, probe_key
+from .cells import EvalConfig, check_budgets, check_seeds, open_cell, protocol_key, stored_row
+from .end_to_end import compute_finetune, compute_scratch
+from .fixmatch import compute_fixmatch
+from .labelprop import compute_labelprop
+from .probe import compute_probe, probe_cells_together
+from .selftrain import compute_selftrain
 from .table import ResultTable
 
 BUDGETS = (1, 2, 4, 8, 16, 32, 64)
@@ -22,9 +22,9 @@ BUDGETS = (1, 2, 4, 8, 16, 32, 64)
 # baseline and comes last in each (budget, seed).
 PROTOCOLS = ("probe", "finetune", "labelprop", "selftrain", "fixmatch", "scratch")
 DEFAULT_PROTOCOLS = ("probe", "scratch")
-# The protocols that put the unlabeled pool to work when the classifier trains: (cell, key).
-SEMI = {"labelprop": (labelprop_cell, labelprop_key), "selftrain": (selftrain_cell, selftrain_key),
-        "fixmatch": (fixmatch_cell, fixmatch_key)}
+# What computes a cell of each protocol (see :mod:`.cells`: every protocol enters the same way).
+COMPUTE = {"probe": compute_probe, "finetune": compute_finetune, "labelprop": compute_labelprop,
+           "selftrain": compute_selftrain, "fixmatch": compute_fixmatch, "scratch": compute_scratch}
 
 
 def check_protocols(protocols, name: str = "protocols") -> tuple:
@@ -61,30 +61,17 @@ def _arch(runs) -> str:
     return archs.pop() if archs else "alexnet"
 
 
-def cell_key(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
-             cfg: EvalConfig) -> dict:
-    """The stored config of one cell of a sweep (a scratch cell is shaped ``like`` a pretrained run)."""
-    if protocol == "scratch":
-        return scratch_key(like.config.dataset, budget, seed, cfg, like.config.width, like.config.image_size,
-                           like.arch)
-    if protocol == "finetune":
-        return finetune_key(run, budget, seed, cfg)
-    if protocol in SEMI:
-        return SEMI[protocol][1](run, budget, seed, cfg)
-    return probe_key(run, budget, seed, cfg)
+def cell_key(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig) -> dict:
+    """The stored config of one cell of a sweep (a scratch cell is shaped like ``run``)."""
+    return protocol_key(protocol, run, budget, seed, cfg)
 
 
-def compute_cell(method: str, protocol: str, budget: int, seed: int, run: Optional[Run], like: Optional[Run],
-                 cfg: EvalConfig, device, out, deterministic: bool, progress: bool = False) -> dict:
-    """The result row of one cell of a sweep, computed now or found in the store."""
-    common = dict(device=device, out=out, config=cfg, deterministic=deterministic, progress=progress)
-    if protocol == "scratch":
-        return scratch_cell(like.config.dataset if like else "fashion-mnist", budget, seed, like=like, **common)
-    if protocol == "finetune":
-        return finetune_cell(run, budget, seed, **common)
-    if protocol in SEMI:
-        return SEMI[protocol][0](run, budget, seed, **common)
-    return probe_cell(run, budget, seed, **common)
+def compute_cell(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig, device, out,
+                 deterministic: bool = False, progress: bool = False) -> dict:
+    """The result row of one cell of a sweep, computed now or found in the store (a scratch cell
+    is shaped like ``run``)."""
+    return open_cell(protocol, run, budget, seed, device=device, out=out, config=cfg, progress=progress,
+                     deterministic=deterministic).computed(COMPUTE[protocol])
 
 
 def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Optional[str] = None,
@@ -108,8 +95,8 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         store.check_file_name("name", name)
     protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    if not runs and protocols != ("scratch",):
-        raise ValueError("label_curve needs at least one pretrained run, or protocols=['scratch'] alone")
+    if not runs:
+        raise ValueError("label_curve needs at least one pretrained run (scratch is shaped like the first one)")
     datasets = {r.config.dataset for r in runs}
     if len(datasets) > 1:
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
@@ -135,7 +122,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     for method, protocol, budget, seed in cells:
         if bar is not None:
             bar.set_postfix_str(f"{method} {protocol} k={budget} seed={seed}")
-        rows.append(compute_cell(method, protocol, budget, seed, by_method.get(method), like, cfg, device, out,
+        rows.append(compute_cell(protocol, budget, seed, by_method.get(method, like), cfg, device, out,
                                  deterministic))
         if bar is not None:
             bar.update(1)
@@ -179,7 +166,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     rows, missing = [], []
     for method, protocol, budget, seed in curve_cells(list(by_method), budgets, seeds, protocols):
-        cached = stored_row(cell_key(method, protocol, budget, seed, by_method.get(method), like, cfg), out)
+        cached = stored_row(cell_key(protocol, budget, seed, by_method.get(method, like), cfg), out)
         if cached is None:
             missing.append(f"{method} {protocol} labels={budget} seed={seed}")
         else:

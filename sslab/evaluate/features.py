@@ -9,37 +9,15 @@ from typing import Optional
 import torch
 
 from .. import store
-from ..augment import to_float
 from ..data import DatasetSplits, load_dataset
-from ..models import check_layer, pooled_features
+from ..models import check_layer, extract_features
 from ..pretrain import Run
-from ..precision import autocast
 from ..train import resolve_device
 
 
 def dataset_splits(config) -> DatasetSplits:
     """The dataset a pretraining (or evaluation) config names, loaded once per process."""
     return load_dataset(config.dataset, config.data_root, config.image_size)
-
-
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, images: torch.Tensor, layer: str = "conv4", grid: int = 4,
-                     device=None, batch_size: int = 1024, precision: str = "fp32") -> torch.Tensor:
-    """Frozen ``layer`` features of uint8 ``images``, average-pooled to grid×grid and flattened
-    (N×D float32, on ``device``), computed in ``precision``. The backbone runs in eval mode, so
-    BN statistics are used, not updated."""
-    device = device or images.device
-    was_training = backbone.training
-    backbone.eval()
-    parts = []
-    for chunk in images.split(batch_size):
-        x = to_float(chunk.to(device, non_blocking=True))
-        if precision == "bf16":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            parts.append(pooled_features(backbone, x, layer, grid).float())
-    backbone.train(was_training)
-    return torch.cat(parts)
 
 
 _FEATURES: dict = {}

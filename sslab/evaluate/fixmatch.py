@@ -15,24 +15,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import store
 from ..augment import rand_augment, random_affine, to_float
-from ..pretrain import Run, load_run
-from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
-from .cells import (EvalConfig, budget_split, cell_config, cell_provenance, check_budgets, check_seeds, computed_once,
-                    finish_cell, pretrained_id, result_row)
+from ..train import TrainConfig
+from .cells import Cell, EvalConfig, open_cell
 from .end_to_end import classifier_from_probe
-from .features import dataset_splits
 from .heads import ImageClassifier, predict
 from .labelprop import pool_images
-from .metrics import classification_metrics
 from .probe import validator
 
 
@@ -106,50 +100,35 @@ class FixMatch(nn.Module):
                 "mask": mask.mean()}
 
 
-def fixmatch_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
-    return cell_config("fixmatch", run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
-
-
-def fixmatch_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
+def fixmatch_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
                   config: Optional[EvalConfig] = None, progress: bool = False, deterministic: bool = False) -> dict:
-    """FixMatch from ``run``'s backbone (and its probe head) with ``labels`` images per class and
-    the run's unlabeled pool; ``fm_steps`` steps of ``fm_batch`` labeled and ``fm_mu`` ×
+    """FixMatch from ``run``'s backbone (and its probe head) with ``budget`` labeled images per
+    class and the run's unlabeled pool; ``fm_steps`` steps of ``fm_batch`` labeled and ``fm_mu`` ×
     ``fm_batch`` unlabeled images; SGD with Nesterov momentum, cosine decay. Returns the test row
     of the weights' moving average at its best validation epoch."""
-    run = run if isinstance(run, Run) else load_run(run)
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    dev = resolve_device(device)
-    cfg = (config or EvalConfig()).with_(layer=layer, head="mlp").resolved(dev, run.arch)
-    key = fixmatch_key(run, budget, seed, cfg)
+    return open_cell("fixmatch", run, budget, seed, layer, None, device, out, config, progress,
+                     deterministic).computed(compute_fixmatch)
 
-    def compute(folder: Path) -> dict:
-        t0 = time.perf_counter()
-        splits = dataset_splits(run.config)
-        train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-        classifier = classifier_from_probe(run, budget, seed, cfg, dev, out, deterministic)
-        pool = pool_images(run, (train_idx, val_idx)).to(dev)
-        images, y = splits.train.images.to(dev), splits.train.labels.to(dev)
-        tr, va = train_idx.to(dev), val_idx.to(dev)
-        torch.manual_seed(seed)  # the labeled draws and augmentations, whether the probe was just trained or found
-        model = FixMatch(classifier, images[tr], y[tr], cfg.fm_batch, cfg.fm_threshold, cfg.fm_weight, cfg.fm_ema)
-        unlabeled_per_step = cfg.fm_batch * cfg.fm_mu
-        epochs = max(1, math.ceil(cfg.fm_steps * unlabeled_per_step / len(pool)))
-        schedule = TrainConfig(epochs=epochs, batch_size=unlabeled_per_step, optimizer="sgd", lr=cfg.fm_lr,
+
+def compute_fixmatch(cell: Cell) -> dict:
+    cfg, dev, splits = cell.cfg, cell.device, cell.splits
+    t0 = time.perf_counter()
+    train_idx, val_idx = cell.labeled_split()
+    classifier = classifier_from_probe(cell)
+    pool = pool_images(cell.run, (train_idx, val_idx)).to(dev)
+    images, y = splits.train.images.to(dev), splits.train.labels.to(dev)
+    tr, va = train_idx.to(dev), val_idx.to(dev)
+    torch.manual_seed(cell.seed)  # the labeled draws and augmentations, whether the probe was just trained or found
+    model = FixMatch(classifier, images[tr], y[tr], cfg.fm_batch, cfg.fm_threshold, cfg.fm_weight, cfg.fm_ema)
+    unlabeled_per_step = cfg.fm_batch * cfg.fm_mu
+    epochs = max(1, math.ceil(cfg.fm_steps * unlabeled_per_step / len(pool)))
+    train_config = TrainConfig(epochs=epochs, batch_size=unlabeled_per_step, optimizer="sgd", lr=cfg.fm_lr,
                                momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay, schedule="cosine",
-                               patience=epochs, seed=seed)
-        groups = [{"params": list(classifier.backbone.parameters()), "lr_scale": 1.0},
-                  {"params": list(classifier.head.parameters()), "lr_scale": 1.0}]
-        result = fit(model, (pool,), schedule, dev, param_groups=groups,
-                     validate=validator(model.ema.module, images[va], y[va], cfg.precision), progress=progress,
-                     desc="fixmatch", checkpoint=folder / "checkpoint.pt", deterministic=deterministic,
-                     checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False, precision=cfg.precision,
-                     provenance=cell_provenance("checkpoint", key))
-        test = predict(model.ema.module, splits.test.images.to(dev), precision=cfg.precision)
-        row = result_row(run.method, "fixmatch", "mlp", cfg, budget, seed,
-                         classification_metrics(test, splits.test.labels.to(dev)), splits.train.classes,
-                         result.epochs_run, time.perf_counter() - t0, result.history)
-        row = finish_cell(folder, key, row, (train_idx, val_idx))
-        store.remove(folder / "checkpoint.pt")
-        return row
-
-    return computed_once(key, out, compute)
+                               patience=epochs, seed=cell.seed)
+    groups = [{"params": list(classifier.backbone.parameters()), "lr_scale": 1.0},
+              {"params": list(classifier.head.parameters()), "lr_scale": 1.0}]
+    result = cell.train(model, (pool,), train_config, param_groups=groups,
+                        validate=validator(model.ema.module, images[va], y[va], cfg.precision))
+    scores = predict(model.ema.module, splits.test.images.to(dev), precision=cfg.precision)
+    row = cell.row(scores, "mlp", result.epochs_run, time.perf_counter() - t0, result.history)
+    return cell.finish(row, (train_idx, val_idx))

@@ -81,22 +81,3 @@ def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024, prec
         with autocast(inputs.device, precision):
             outs.append(model(chunk).float())
     return torch.cat(outs)
-
-
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor, classes: int,
-                k: int = 20, temperature: float = 0.07) -> torch.Tensor:
-    """Class scores (N×classes) from a cosine-similarity kNN with exp(sim / T) weighted votes
-    (Wu et al. 2018). No training."""
-    bank = F.normalize(train_features.float(), dim=1)
-    k = min(k, bank.shape[0])
-    scores = []
-    # fp32 even inside a bf16 autocast (the kNN monitor runs in one): bf16 similarities would tie
-    with torch.autocast(query.device.type, enabled=False):
-        for chunk in query.split(2048):
-            sims = F.normalize(chunk.float(), dim=1) @ bank.T
-            top_sim, top_idx = sims.topk(k, dim=1)
-            weights = (top_sim / temperature).exp()
-            votes = torch.zeros(chunk.shape[0], classes, device=chunk.device)
-            votes.scatter_add_(1, train_labels[top_idx], weights)
-            scores.append(votes)
-    return torch.cat(scores)

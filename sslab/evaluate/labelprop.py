@@ -15,18 +15,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..pretrain import Run, load_run, pool_index
-from ..train import resolve_device
-from .cells import (EvalConfig, budget_split, cell_config, check_budgets, check_seeds, computed_once, finish_cell,
-                    pretrained_id, result_row)
+from ..pretrain import Run, pool_index
+from .cells import Cell, EvalConfig, open_cell
 from .features import dataset_splits, run_features
-from .metrics import classification_metrics
 
 # ---------------------------------------------------------------- the graph
 
@@ -227,46 +223,33 @@ def pool_keep(rows: Optional[torch.Tensor], size: int, leave_out: tuple, device)
 
 # ---------------------------------------------------------------- the cell
 
-def labelprop_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
-    return cell_config("labelprop", run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
-
-
-def labelprop_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
+def labelprop_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
                    config: Optional[EvalConfig] = None, progress: bool = False, deterministic: bool = False) -> dict:
-    """Label propagation from ``labels`` images per class over ``run``'s unlabeled pool, on frozen
-    ``layer`` features; the test images classified inductively. Returns the test-set result row
-    (with the validation accuracy as ``val_acc``)."""
-    run = run if isinstance(run, Run) else load_run(run)
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    dev = resolve_device(device)
-    cfg = (config or EvalConfig()).with_(layer=layer).resolved(dev, run.arch)
-    key = labelprop_key(run, budget, seed, cfg)
-
-    def compute(folder: Path) -> dict:
-        t0 = time.perf_counter()
-        result, split = labelprop_of(run, budget, seed, cfg, dev)
-        splits = dataset_splits(run.config)
-        val_y, test_y = splits.train.labels[split[1]].to(dev), splits.test.labels.to(dev)
-        row = result_row(run.method, "labelprop", "graph", cfg, budget, seed,
-                         classification_metrics(result.query_scores[1], test_y), splits.train.classes, 0,
-                         time.perf_counter() - t0)
-        row["val_acc"] = float((result.query_scores[0].argmax(1) == val_y).float().mean())
-        return finish_cell(folder, key, row, split)
-
-    return computed_once(key, out, compute)
+    """Label propagation from ``budget`` labeled images per class over ``run``'s unlabeled pool, on
+    frozen ``layer`` features; the test images classified inductively. Returns the test-set result
+    row (with the validation accuracy as ``val_acc``)."""
+    return open_cell("labelprop", run, budget, seed, layer, None, device, out, config, progress,
+                     deterministic).computed(compute_labelprop)
 
 
-def labelprop_of(run: Run, budget: int, seed: int, cfg: EvalConfig, dev) -> tuple:
+def compute_labelprop(cell: Cell) -> dict:
+    t0 = time.perf_counter()
+    result, split = labelprop_of(cell)
+    val_y = cell.splits.train.labels[split[1]].to(cell.device)
+    row = cell.row(result.query_scores[1], "graph", 0, time.perf_counter() - t0)
+    row["val_acc"] = float((result.query_scores[0].argmax(1) == val_y).float().mean())
+    return cell.finish(row, split)
+
+
+def labelprop_of(cell: Cell) -> tuple:
     """``(Propagated, (train indices, validation indices))`` of one cell, queries = (validation,
     test) features; self-training uses it as its teacher."""
-    splits = dataset_splits(run.config)
-    train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-    graph, rows = pool_graph(run, cfg, dev)
-    feats = run_features(run, "train", cfg.layer, cfg.grid, dev, precision=cfg.precision)
-    test = run_features(run, "test", cfg.layer, cfg.grid, dev, precision=cfg.precision)
+    train_idx, val_idx = cell.labeled_split()
+    graph, rows = pool_graph(cell.run, cell.cfg, cell.device)
+    feats, dev, cfg = cell.features("train"), cell.device, cell.cfg
     keep = pool_keep(rows, len(graph.nodes), (train_idx, val_idx), dev)
-    y = splits.train.labels.to(dev)
+    y = cell.splits.train.labels.to(dev)
     result = propagate_cell(graph, keep, feats[train_idx.to(dev)], y[train_idx.to(dev)],
-                            [feats[val_idx.to(dev)], test], splits.train.num_classes, cfg.lp_alpha, cfg.lp_gamma,
-                            cfg.lp_iterations)
+                            [feats[val_idx.to(dev)], cell.features("test")], cell.splits.train.num_classes,
+                            cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations)
     return result, (train_idx, val_idx)

@@ -5,67 +5,59 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from .. import store
-from ..pretrain import Run, load_run
-from ..train import FitResult, TrainConfig, fit, make_deterministic, resolve_device
+from ..pretrain import Run
+from ..train import FitResult, TrainConfig, fit, make_deterministic
 from .batched_heads import train_heads
-from .cells import (EvalConfig, budget_split, cell_config, cell_folder, check_budgets, check_seeds, computed_once,
-                    finish_cell, pretrained_id, repeat_to, result_row, stored_row)
-from .features import dataset_splits, run_features
-from .heads import FeatureHead, knn_predict, predict
-from .metrics import classification_metrics, topk_accuracy
+from .cells import (Cell, EvalConfig, cell_folder, open_cell, protocol_key, repeat_to, stored_row)
+from ..models import knn_predict
+from .heads import FeatureHead, predict
+from .metrics import topk_accuracy
 
 
 def probe_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
     """The stored config of a probe cell (a kNN cell keeps only the kNN settings)."""
-    kind = "knn" if cfg.head == "knn" else "probe"
-    return cell_config(kind, run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
+    return protocol_key("probe", run, budget, seed, cfg)
 
 
-def probe_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, head: Optional[str] = None, device="auto",
-               out=None, config: Optional[EvalConfig] = None, progress: bool = False,
+def probe_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, head: Optional[str] = None,
+               device="auto", out=None, config: Optional[EvalConfig] = None, progress: bool = False,
                deterministic: bool = False) -> dict:
     """Train a ``head`` (default: ``config``'s, mlp) on frozen ``layer`` features (default:
-    ``config``'s, the backbone's default layer) of ``run`` with ``labels`` images per class;
+    ``config``'s, the backbone's default layer) of ``run`` with ``budget`` labeled images per class;
     return the test-set result row (top-1, top-5, per-class accuracy, confusion)."""
-    run = run if isinstance(run, Run) else load_run(run)
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    dev = resolve_device(device)
-    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(dev, run.arch)
-
-    def compute(folder: Path) -> dict:
-        if cfg.head == "knn":
-            return _knn_cell(run, budget, seed, cfg, dev, folder)
-        probe = new_probe(run, budget, seed, cfg.head, cfg, dev)
-        t0 = time.perf_counter()
-        result = fit(probe.model, probe.train, head_train_config(cfg, len(probe.train[0]), seed), dev,
-                     validate=validator(probe.model, *probe.val, cfg.precision), progress=progress, desc="probe",
-                     deterministic=deterministic, precision=cfg.precision)
-        row = probe_row(probe, cfg, result, time.perf_counter() - t0, dev)
-        return finish_cell(folder, probe_key(run, budget, seed, cfg), row, probe.split,
-                           {"head": probe.model.state_dict()})
-
-    return computed_once(probe_key(run, budget, seed, cfg), out, compute)
+    return open_cell("probe", run, budget, seed, layer, head, device, out, config, progress,
+                     deterministic).computed(compute_probe)
 
 
-def _knn_cell(run: Run, budget: int, seed: int, cfg: EvalConfig, dev, folder: Path) -> dict:
-    splits = dataset_splits(run.config)
-    train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-    y = splits.train.labels.to(dev)
-    feats, test_feats = _features(run, "train", cfg, dev), _features(run, "test", cfg, dev)
+def compute_probe(cell: Cell) -> dict:
+    """The probe's algorithm: a kNN vote, or a head trained on the labeled images' features with
+    early stopping on the validation images."""
+    if cell.cfg.head == "knn":
+        return _knn(cell)
+    probe = new_probe(cell)
     t0 = time.perf_counter()
-    scores = knn_predict(feats[train_idx.to(dev)], y[train_idx.to(dev)], test_feats, splits.train.num_classes,
-                         cfg.knn_k, cfg.knn_temperature)
-    row = result_row(run.method, "probe", "knn", cfg, budget, seed,
-                     classification_metrics(scores, splits.test.labels.to(dev)), splits.train.classes, 0,
-                     time.perf_counter() - t0)
-    return finish_cell(folder, probe_key(run, budget, seed, cfg), row, (train_idx, val_idx))
+    result = fit(probe.model, probe.train, head_train_config(cell.cfg, len(probe.train[0]), cell.seed), cell.device,
+                 validate=validator(probe.model, *probe.val, cell.cfg.precision), progress=cell.progress,
+                 desc="probe", deterministic=cell.deterministic, precision=cell.cfg.precision)
+    row = probe_row(probe, result, time.perf_counter() - t0)
+    return cell.finish(row, probe.split, {"head": probe.model.state_dict()})
+
+
+def _knn(cell: Cell) -> dict:
+    train_idx, val_idx = cell.labeled_split()
+    y = cell.splits.train.labels.to(cell.device)
+    t0 = time.perf_counter()
+    scores = knn_predict(cell.features("train")[train_idx.to(cell.device)], y[train_idx.to(cell.device)],
+                         cell.features("test"), cell.splits.train.num_classes, cell.cfg.knn_k,
+                         cell.cfg.knn_temperature)
+    return cell.finish(cell.row(scores, "knn", 0, time.perf_counter() - t0), (train_idx, val_idx))
 
 
 def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto", out=None,
@@ -78,15 +70,15 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
     deadlock and never compute the same cell twice. Returns how many cells were computed."""
     if deterministic:
         make_deterministic()
-    dev = resolve_device(device)
     wanted = {}
     for run, budget, seed, kind in items:
         if kind == "knn":
             continue
-        run_cfg = replace(cfg, head=kind).resolved(dev, run.arch)
-        key = probe_key(run, budget, seed, run_cfg)
-        if stored_row(key, out) is None:
-            wanted[str(cell_folder(key, out))] = (run, budget, seed, run_cfg, key)
+        cell = open_cell("probe", run, budget, seed, head=kind, device=device, out=out, config=cfg,
+                         deterministic=deterministic)
+        if stored_row(cell.key, out) is None:
+            cell.folder = cell_folder(cell.key, out)
+            wanted[str(cell.folder)] = cell
     if len(wanted) < 2:
         return 0  # one cell: probe_cell is the same work
     computed = 0
@@ -94,28 +86,26 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
         for folder in sorted(wanted):
             locks.enter_context(store.locked(Path(folder)))
         groups: dict = {}
-        configs: dict = {}
         stats: dict = {}
         for folder in sorted(wanted):
-            run, budget, seed, run_cfg, key = wanted[folder]
-            if stored_row(key, out) is not None:
+            cell = wanted[folder]
+            if stored_row(cell.key, out) is not None:
                 continue  # another process computed it while we waited for its lock
-            probe = new_probe(run, budget, seed, run_cfg.head, run_cfg, dev, stats)
+            probe = new_probe(cell, stats)
             # heads train together when their settings and their epochs' shapes are the same
-            shape = (repr(run_cfg), len(probe.train[0]), len(probe.val[0]), probe.train[0].shape[1])
-            groups.setdefault(shape, []).append((probe, key, Path(folder)))
-            configs[shape] = run_cfg
+            shape = (repr(cell.cfg), len(probe.train[0]), len(probe.val[0]), probe.train[0].shape[1])
+            groups.setdefault(shape, []).append((probe, cell))
         for shape, entries in groups.items():
-            run_cfg, n = configs[shape], shape[1]
+            first = entries[0][1]
             started = time.perf_counter()
-            results = train_heads([p.model for p, _, _ in entries], [p.train for p, _, _ in entries],
-                                  [p.val for p, _, _ in entries], head_train_config(run_cfg, n),
-                                  [p.seed for p, _, _ in entries], dev, precision=run_cfg.precision)
+            results = train_heads([p.model for p, _ in entries], [p.train for p, _ in entries],
+                                  [p.val for p, _ in entries], head_train_config(first.cfg, shape[1]),
+                                  [p.seed for p, _ in entries], first.device, precision=first.cfg.precision)
             share = (time.perf_counter() - started) / len(entries)
-            for (probe, key, folder), result in zip(entries, results):
-                row = probe_row(probe, run_cfg, result, share, dev)
+            for (probe, cell), result in zip(entries, results):
+                row = probe_row(probe, result, share)
                 row["trained_with"] = len(entries)  # heads in its batch
-                finish_cell(folder, key, row, probe.split, {"head": probe.model.state_dict()})
+                cell.finish(row, probe.split, {"head": probe.model.state_dict()})
                 computed += 1
     return computed
 
@@ -132,36 +122,36 @@ class Probe:
     """One probe cell ready to train: its fresh head, the epoch-ordered training features and
     labels, the validation features and labels, and the split they were drawn from."""
 
-    run: Run
-    budget: int
-    seed: int
+    cell: Cell
     model: FeatureHead
     train: tuple
     val: tuple
     split: tuple
-    classes: list
+
+    @property
+    def seed(self) -> int:
+        return self.cell.seed
 
 
-def new_probe(run: Run, budget: int, seed: int, kind: str, cfg: EvalConfig, dev,
-              stats: Optional[dict] = None) -> Probe:
-    """The probe cell (run, budget, seed) built the same way whether its head trains alone
-    (:func:`probe_cell`) or with others (:func:`probe_cells_together`), so both start from the
-    same weights and see the same data. ``stats`` caches each run's standardisation."""
-    splits = dataset_splits(run.config)
-    train_idx, val_idx = budget_split(splits, budget, seed, cfg.val_per_class)
-    feats = _features(run, "train", cfg, dev)
+def new_probe(cell: Cell, stats: Optional[dict] = None) -> Probe:
+    """The probe of ``cell`` built the same way whether its head trains alone (:func:`probe_cell`)
+    or with others (:func:`probe_cells_together`), so both start from the same weights and see the
+    same data. ``stats`` caches each run's standardisation."""
+    train_idx, val_idx = cell.labeled_split()
+    feats = cell.features("train")
     stats = {} if stats is None else stats
-    if run.path.name not in stats:
+    if cell.run.path.name not in stats:
         # Standardise with statistics of every train image's features: no labels involved.
-        stats[run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
-    mean, std = stats[run.path.name]
-    y = splits.train.labels.to(dev)
-    order = train_idx.to(dev)[repeat_to(len(train_idx), cfg.samples_per_epoch, dev)]
-    torch.manual_seed(seed)
-    model = FeatureHead(feats.shape[1], splits.train.num_classes, kind, cfg.hidden, mean, std).to(dev)
+        stats[cell.run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
+    mean, std = stats[cell.run.path.name]
+    dev = cell.device
+    y = cell.splits.train.labels.to(dev)
+    order = train_idx.to(dev)[repeat_to(len(train_idx), cell.cfg.samples_per_epoch, dev)]
+    torch.manual_seed(cell.seed)
+    model = FeatureHead(feats.shape[1], cell.splits.train.num_classes, cell.cfg.head, cell.cfg.hidden, mean,
+                        std).to(dev)
     val = val_idx.to(dev)
-    return Probe(run, budget, seed, model, (feats[order], y[order]), (feats[val], y[val]),
-                 (train_idx, val_idx), list(splits.train.classes))
+    return Probe(cell, model, (feats[order], y[order]), (feats[val], y[val]), (train_idx, val_idx))
 
 
 def head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConfig:
@@ -170,14 +160,8 @@ def head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConf
                        patience=cfg.probe_patience, seed=seed)
 
 
-def _features(run: Run, split: str, cfg: EvalConfig, dev) -> torch.Tensor:
-    return run_features(run, split, cfg.layer, cfg.grid, dev, precision=cfg.precision)
-
-
-def probe_row(probe: Probe, cfg: EvalConfig, result: FitResult, seconds: float, dev) -> dict:
+def probe_row(probe: Probe, result: FitResult, seconds: float) -> dict:
     """The test-set result row of a trained probe head."""
-    test_y = dataset_splits(probe.run.config).test.labels.to(dev)
-    metrics = classification_metrics(predict(probe.model, _features(probe.run, "test", cfg, dev),
-                                             precision=cfg.precision), test_y)
-    return result_row(probe.run.method, "probe", cfg.head, cfg, probe.budget, probe.seed, metrics, probe.classes,
-                      result.epochs_run, seconds, result.history)
+    cell = probe.cell
+    scores = predict(probe.model, cell.features("test"), precision=cell.cfg.precision)
+    return cell.row(scores, cell.cfg.head, result.epochs_run, seconds, result.history)

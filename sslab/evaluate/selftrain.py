@@ -16,23 +16,18 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from .. import store
 from ..augment import rand_augment
-from ..models import pooled_dim
-from ..pretrain import Run, load_run
-from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
-from .cells import (EvalConfig, cell_config, cell_provenance, check_budgets, check_seeds, computed_once, finish_cell,
-                    pretrained_id, repeat_to, result_row)
-from .features import dataset_splits, extract_features, run_features
+from ..models import extract_features, pooled_dim
+from ..train import TrainConfig
+from .cells import Cell, EvalConfig, cell_provenance, open_cell, repeat_to
 from .fixmatch import weak_view
 from .heads import FeatureHead, ImageClassifier, trainable_spread
 from .labelprop import build_pool_graph, labelprop_of, pool_keep, pool_rows, propagate_cell
-from .metrics import classification_metrics
 from .probe import validator
 
 
@@ -66,76 +61,63 @@ class StudentViews:
         return rand_augment(weak_view(x, generator), generator=generator)
 
 
-def selftrain_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
-    return cell_config("selftrain", run.method, run.config.dataset, budget, seed, cfg, pretrained=pretrained_id(run))
-
-
-def selftrain_cell(run, labels: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
+def selftrain_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
                    config: Optional[EvalConfig] = None, progress: bool = False, deterministic: bool = False) -> dict:
-    """Self-training from ``run`` with ``labels`` images per class, ``st_rounds`` rounds (see the
-    module's docstring). Returns the test-set result row; ``teacher_top1`` is the first
+    """Self-training from ``run`` with ``budget`` labeled images per class, ``st_rounds`` rounds (see
+    the module's docstring). Returns the test-set result row; ``teacher_top1`` is the first
     teacher's (labelprop's) test top-1, ``pseudo_acc`` each round's pseudo-label accuracy."""
-    run = run if isinstance(run, Run) else load_run(run)
-    budget, seed = check_budgets(labels, "labels")[0], check_seeds(seed, "seed")[0]
-    dev = resolve_device(device)
-    cfg = (config or EvalConfig()).with_(layer=layer, head="mlp").resolved(dev, run.arch)
-    key = selftrain_key(run, budget, seed, cfg)
-
-    def compute(folder: Path) -> dict:
-        t0 = time.perf_counter()
-        splits = dataset_splits(run.config)
-        teacher, (train_idx, val_idx) = labelprop_of(run, budget, seed, cfg, dev)
-        classes, n_lab = splits.train.num_classes, len(train_idx)
-        test_y = splits.test.labels.to(dev)
-        first_teacher = float((teacher.query_scores[1].argmax(1) == test_y).float().mean())
-        split, rows = pool_rows(run)
-        pool_source = getattr(splits, split).images
-        keep = pool_keep(rows if split == "train" else None, len(rows), (train_idx, val_idx), "cpu")
-        pool = pool_source[rows[keep]]
-        pool_truth = splits.train.labels[rows[keep]] if split == "train" else None
-        images, y = splits.train.images, splits.train.labels
-        history, student = [], None
-        for round_ in range(cfg.st_rounds):
-            probs = teacher.probs[n_lab:]
-            chosen, pseudo = select_balanced(probs, propagation_confidence(probs), cfg.st_per_class, cfg.st_threshold)
-            chosen = chosen.cpu()
-            student = train_student(run, cfg, seed, round_, images[train_idx].to(dev), y[train_idx].to(dev),
-                                    pool[chosen].to(dev), pseudo.to(dev), images[val_idx].to(dev),
-                                    y[val_idx].to(dev), folder, key, dev, progress, deterministic)
-            teacher = student_propagation(student, cfg, dev, pool, images[train_idx], y[train_idx],
-                                          [images[val_idx], splits.test.images], classes)
-            history.append({"round": round_ + 1, "pseudo_labels": len(chosen),
-                            "pseudo_acc": None if pool_truth is None else
-                            float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
-                            "val_acc": float((teacher.query_scores[0].argmax(1).cpu() == y[val_idx]).float().mean())})
-        row = result_row(run.method, "selftrain", "mlp", cfg, budget, seed,
-                         classification_metrics(teacher.query_scores[1], test_y), splits.train.classes,
-                         cfg.st_rounds, time.perf_counter() - t0, history)
-        row["teacher_top1"] = first_teacher
-        row = finish_cell(folder, key, row, (train_idx, val_idx))
-        for round_ in range(cfg.st_rounds):
-            store.remove(folder / f"student-{round_ + 1}.pt")
-        return row
-
-    return computed_once(key, out, compute)
+    return open_cell("selftrain", run, budget, seed, layer, None, device, out, config, progress,
+                     deterministic).computed(compute_selftrain)
 
 
-def train_student(run: Run, cfg: EvalConfig, seed: int, round_: int, labeled: torch.Tensor, labels: torch.Tensor,
-                  pseudo_images: torch.Tensor, pseudo_labels: torch.Tensor, val_images: torch.Tensor,
-                  val_labels: torch.Tensor, folder: Path, key: dict, dev, progress: bool,
-                  deterministic: bool) -> ImageClassifier:
-    """One round's student: ``run``'s backbone and a fresh head (standardised like the probe's),
+def compute_selftrain(cell: Cell) -> dict:
+    cfg, dev, splits = cell.cfg, cell.device, cell.splits
+    t0 = time.perf_counter()
+    teacher, (train_idx, val_idx) = labelprop_of(cell)
+    classes, n_lab = splits.train.num_classes, len(train_idx)
+    test_y = splits.test.labels.to(dev)
+    first_teacher = float((teacher.query_scores[1].argmax(1) == test_y).float().mean())
+    split, rows = pool_rows(cell.run)
+    pool_source = getattr(splits, split).images
+    keep = pool_keep(rows if split == "train" else None, len(rows), (train_idx, val_idx), "cpu")
+    pool = pool_source[rows[keep]]
+    pool_truth = splits.train.labels[rows[keep]] if split == "train" else None
+    images, y = splits.train.images, splits.train.labels
+    history = []
+    for round_ in range(cfg.st_rounds):
+        probs = teacher.probs[n_lab:]
+        chosen, pseudo = select_balanced(probs, propagation_confidence(probs), cfg.st_per_class, cfg.st_threshold)
+        chosen = chosen.cpu()
+        student = train_student(cell, round_, images[train_idx].to(dev), y[train_idx].to(dev), pool[chosen].to(dev),
+                                pseudo.to(dev), images[val_idx].to(dev), y[val_idx].to(dev))
+        teacher = student_propagation(student, cfg, dev, pool, images[train_idx], y[train_idx],
+                                      [images[val_idx], splits.test.images], classes)
+        history.append({"round": round_ + 1, "pseudo_labels": len(chosen),
+                        "pseudo_acc": None if pool_truth is None else
+                        float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
+                        "val_acc": float((teacher.query_scores[0].argmax(1).cpu() == y[val_idx]).float().mean())})
+    row = cell.row(teacher.query_scores[1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
+    row["teacher_top1"] = first_teacher
+    row = cell.finish(row, (train_idx, val_idx))
+    for round_ in range(cfg.st_rounds):
+        store.remove(cell.folder / f"student-{round_ + 1}.pt")
+    return row
+
+
+def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.Tensor, pseudo_images: torch.Tensor,
+                  pseudo_labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor) -> ImageClassifier:
+    """One round's student: the cell's backbone and a fresh head (standardised like the probe's),
     trained on the labeled images (a ``st_labeled_fraction`` share of each epoch) and the pseudo-
     labeled ones; kept as ``student-<round>.pt`` in the cell's folder once trained."""
-    saved = folder / f"student-{round_ + 1}.pt"
-    splits = dataset_splits(run.config)
-    feats = run_features(run, "train", cfg.layer, cfg.grid, dev, precision=cfg.precision)
+    cfg, dev, seed = cell.cfg, cell.device, cell.seed
+    saved = cell.folder / f"student-{round_ + 1}.pt"
+    feats = cell.features("train")
     torch.manual_seed(seed + 1000 * round_)
-    backbone = run.load_backbone(dev)
-    head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), splits.train.num_classes, "mlp", cfg.hidden,
+    backbone = cell.run.load_backbone(dev)
+    head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), cell.splits.train.num_classes, "mlp", cfg.hidden,
                        feats.mean(0), trainable_spread(feats.std(0).clamp(min=1e-6)))
     student = ImageClassifier(backbone, head, cfg.layer, cfg.grid, augment=StudentViews()).to(dev)
-    made_by = cell_provenance(f"student {round_ + 1}", key)
+    made_by = cell_provenance(f"student {round_ + 1}", cell.key)
     if saved.is_file():
         student.load_state_dict(store.load_torch(saved, map_location=dev, expect=made_by)["student"])
         return student.eval()
@@ -146,14 +128,12 @@ def train_student(run: Run, cfg: EvalConfig, seed: int, round_: int, labeled: to
     data = (torch.cat([labeled[order], pseudo_images]), torch.cat([labels[order], pseudo_labels]))
     steps_per_epoch = max(1, len(data[0]) // cfg.batch_size)
     epochs = max(1, round(cfg.st_steps / steps_per_epoch))
-    schedule = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="adam", lr=cfg.st_lr,
-                           weight_decay=cfg.weight_decay, schedule="cosine", patience=epochs, seed=seed + round_)
-    fit(student, data, schedule, dev, validate=validator(student, val_images, val_labels, cfg.precision),
-        progress=progress, desc=f"selftrain round {round_ + 1}", checkpoint=folder / "checkpoint.pt",
-        deterministic=deterministic, checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False,
-        precision=cfg.precision, provenance=cell_provenance("checkpoint", key))
+    train_config = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="adam", lr=cfg.st_lr,
+                               weight_decay=cfg.weight_decay, schedule="cosine", patience=epochs, seed=seed + round_)
+    cell.train(student, data, train_config, validate=validator(student, val_images, val_labels, cfg.precision),
+               desc=f"selftrain round {round_ + 1}")
     store.save_torch(saved, {"student": student.state_dict()}, provenance=made_by)
-    store.remove(folder / "checkpoint.pt")
+    store.remove(cell.folder / "checkpoint.pt")
     return student.eval()
 
 

@@ -17,8 +17,7 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
     gives — the same backbone with random weights."""
     from ..augment import to_float
     from ..embed import embed, stratified_sample
-    from ..evaluate import extract_features
-    from ..models import BackboneConfig, build_backbone
+    from ..models import BackboneConfig, build_backbone, extract_features
     layer = check_layer(layer or settings.resolved_layer, settings.backbone)
     test = settings.splits.test
     index = torch.from_numpy(stratified_sample(test.labels, settings.points, seed=0))
