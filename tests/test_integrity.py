@@ -225,6 +225,36 @@ def test_damaged_stored_files_are_named_and_left_alone(outputs, images, name, ma
     assert digests(outputs) == before
 
 
+def test_a_damaged_split_of_a_complete_cell_is_named_when_the_cell_is_read(outputs, images):
+    """A complete cell's split.pt used to be trusted unread: its damage went unreported."""
+    (cell,) = [p for p in (outputs / "runs").iterdir() if p.name.startswith("eval-")]
+    damage_tensor_data(cell / "split.pt")
+    before = digests(outputs)
+    with pytest.raises(store.DamagedFile) as info:
+        probe_cell(the_run(outputs, images), 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
+    assert str(info.value).startswith(f"{cell / 'split.pt'} is damaged") and "\n" not in str(info.value)
+    assert digests(outputs) == before
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "split.pt"])
+def test_a_result_copied_from_the_cell_of_another_setting_is_refused(outputs, images, name, capsys):
+    """metrics.json (with its checksum) copied from a cell of other settings used to be read back
+    as this cell's result, and the sweep stored it."""
+    run = the_run(outputs, images)
+    (cell,) = [p for p in (outputs / "runs").iterdir() if p.name.startswith("eval-")]
+    other = Path(probe_cell(run, 2, 0, device="cpu", out=str(outputs), config=replace(TINY_EVAL, probe_lr=5e-3))["run"])
+    assert other != cell
+    _swap_in(other / name, cell / name)
+    before = digests(outputs)
+    with pytest.raises(store.ForeignFile) as info:
+        probe_cell(run, 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
+    assert str(info.value).startswith(f"{cell / name} belongs to something else") and "\n" not in str(info.value)
+    with pytest.raises(store.ForeignFile):
+        label_curve([run], budgets=[2], seeds=[0], protocols=["probe"], device="cpu", out=str(outputs),
+                    config=TINY_EVAL, progress=False)
+    assert digests(outputs) == before
+
+
 def test_damaged_checkpoint_of_an_evaluation_cell_stops_its_resume(images, outputs, monkeypatch):
     """A scratch cell killed after its epochs keeps checkpoint.pt; damaged, it is refused."""
     run = the_run(outputs, images)
