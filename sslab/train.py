@@ -278,8 +278,7 @@ def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainCon
     sums: dict = {}
     timer = EpochTimer(device)
     for step, (step_data, index) in enumerate(batches):
-        factor = lr_factor(cfg, (epoch * plan.steps + step) / plan.total_steps, plan.warmup)
-        loss = train_step(step_model, step_data, index, optimizer, cfg.lr * factor, sums, precision)
+        loss = train_step(step_model, step_data, index, optimizer, step_lr(cfg, plan, epoch, step), sums, precision)
         # (Not under DDP: a rank leaving early would leave the others waiting in the all-reduce.)
         if not bar.step(step, epoch, loss) and distributed is None:
             break
@@ -288,6 +287,12 @@ def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainCon
         sums = distributed.average(sums)
         distributed.sync_buffers(model)
     return seconds, {k: float(v) / plan.steps for k, v in sums.items()}
+
+
+def step_lr(cfg: TrainConfig, plan: EpochPlan, epoch: int, step: int) -> float:
+    """The learning rate of step ``step`` of epoch ``epoch``: the schedule is per step, so a
+    short run decays too."""
+    return cfg.lr * lr_factor(cfg, (epoch * plan.steps + step) / plan.total_steps, plan.warmup)
 
 
 def epoch_row(cfg: TrainConfig, plan: EpochPlan, epoch: int, means: dict, seconds: float,
@@ -376,12 +381,19 @@ def validation_metrics(model: nn.Module, validate: Callable[[nn.Module], dict], 
 
 
 def finish(model: nn.Module, early: EarlyStopping, result: FitResult) -> FitResult:
+    """The end of a run: the best epoch's weights restored (with early stopping), the result
+    summarised, the model in eval mode."""
     if early.best_state is not None:
         model.load_state_dict(early.best_state)
+    model.eval()
+    return summarise(early, result)
+
+
+def summarise(early: EarlyStopping, result: FitResult) -> FitResult:
+    """``result`` with its best epoch and score, its epochs and its seconds filled in."""
     result.best_epoch, result.best_metric = early.best_epoch, early.best_metric
     result.epochs_run = len(result.history)
     result.seconds = float(sum(r["seconds"] for r in result.history))
-    model.eval()
     return result
 
 

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..precision import autocast
-from ..train import (EarlyStopping, EpochTimer, FitResult, TrainConfig, batches_per_epoch, check_divergence,
-                     lr_factor)
+from ..train import (EarlyStopping, EpochPlan, EpochTimer, FitResult, TrainConfig, check_divergence, epoch_row,
+                     step_lr, summarise)
 
 BN_MOMENTUM_DEFAULT = 0.1
 
@@ -174,23 +174,20 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
     x_train, y_train, x_val, y_val = (torch.stack([pair[i] for pair in pairs]).to(device)
                                       for pairs, i in ((train, 0), (train, 1), (val, 0), (val, 1)))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = batches_per_epoch(n, cfg.batch_size)
+    plan = EpochPlan.make(train[0], cfg, None)  # fit's: the same steps per epoch and per-step schedule
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     results = [FitResult() for _ in range(count)]
     early = [EarlyStopping(cfg.patience) for _ in range(count)]
     alive = list(range(count))  # the heads still training, in the order of the stacked tensors
     for epoch in range(cfg.epochs):
         losses, accs, seconds = _train_epoch(model, optimizer, x_train, y_train, [generators[h] for h in alive],
-                                             cfg, epoch, steps, device, precision)
+                                             cfg, plan, epoch, device, precision)
         model.eval()
         with torch.no_grad(), autocast(device, precision):
             val_acc = (model(x_val).argmax(2) == y_val).float().mean(1).tolist()
-        epoch_lr = cfg.lr * lr_factor(cfg, (epoch + 1) * steps / (steps * cfg.epochs) - 1e-9,
-                                      cfg.warmup_epochs / cfg.epochs)
         keep = []
         for j, h in enumerate(alive):
-            row = {"epoch": epoch, "lr": epoch_lr, "loss": losses[j], "acc": accs[j], "seconds": round(seconds, 4),
-                   "images_per_s": round(n * len(alive) / max(seconds, 1e-9), 1)}
+            row = epoch_row(cfg, plan, epoch, {"loss": losses[j], "acc": accs[j]}, seconds, len(alive))
             check_divergence(row, f"probe head {h} of this batch", epoch, cfg.lr,
                              reference=results[h].history[0]["loss"] if results[h].history else None)
             early[h].update(val_acc[j], epoch, lambda j=j: model.head_state(j))
@@ -209,16 +206,13 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
         if final[h] is None:  # without early stopping a head ends with its last weights
             final[h] = model.head_state(j)
     model.write_back(probes, final)
-    for probe, result, stopper in zip(probes, results, early):
+    for probe in probes:
         probe.eval()
-        result.best_epoch, result.best_metric = stopper.best_epoch, stopper.best_metric
-        result.epochs_run = len(result.history)
-        result.seconds = float(sum(r["seconds"] for r in result.history))
-    return results
+    return [summarise(stopper, result) for stopper, result in zip(early, results)]
 
 
-def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: list, cfg: TrainConfig, epoch: int,
-                 steps: int, device, precision: str) -> tuple:
+def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: list, cfg: TrainConfig,
+                 plan: EpochPlan, epoch: int, device, precision: str) -> tuple:
     """One epoch of every live head: each walks its own permutation of its samples. Returns the
     heads' mean losses and accuracies over the epoch's steps, and the epoch's seconds."""
     model.train()
@@ -228,10 +222,9 @@ def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: l
     loss_sum = torch.zeros(live, device=device)
     acc_sum = torch.zeros(live, device=device)
     timer = EpochTimer(device)
-    for step, index in enumerate(torch.tensor_split(orders, steps, dim=1)):
-        lr = cfg.lr * lr_factor(cfg, (epoch * steps + step) / (steps * cfg.epochs), cfg.warmup_epochs / cfg.epochs)
+    for step, index in enumerate(torch.tensor_split(orders, plan.steps, dim=1)):
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = step_lr(cfg, plan, epoch, step)
         xb, yb = x_train[heads, index], y_train[heads, index]
         with autocast(device, precision):
             logits = model(xb)
@@ -243,4 +236,4 @@ def _train_epoch(model: StackedHeads, optimizer, x_train, y_train, generators: l
         loss_sum += per_head.detach()
         acc_sum += (logits.detach().argmax(2) == yb).float().mean(1)
     seconds = timer.seconds()
-    return (loss_sum / steps).tolist(), (acc_sum / steps).tolist(), seconds
+    return (loss_sum / plan.steps).tolist(), (acc_sum / plan.steps).tolist(), seconds
