@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sslab.checks import MAX_COUNT
+from sslab.evaluate import graph as graph_module
+from sslab.evaluate import pool
 from sslab.evaluate import labelprop as lp
 
 
@@ -19,12 +21,12 @@ def _unit(n, d, seed):
 
 def test_knn_search_in_blocks_is_brute_force_top_k():
     queries, bank = _unit(37, 8, 0), _unit(101, 8, 1)
-    sims, idx = lp.knn_search(queries, bank, 5, block=16)  # blocks smaller than both sets
+    sims, idx = graph_module.knn_search(queries, bank, 5, block=16)  # blocks smaller than both sets
     full = queries @ bank.T
     top_s, top_i = full.topk(5, dim=1)
     torch.testing.assert_close(sims, top_s)
     assert torch.equal(idx, top_i)
-    self_s, self_i = lp.knn_search(bank, bank, 3, block=16, skip_self=True)
+    self_s, self_i = graph_module.knn_search(bank, bank, 3, block=16, skip_self=True)
     full = bank @ bank.T
     full.fill_diagonal_(-math.inf)
     assert torch.equal(self_i, full.topk(3, dim=1).indices)
@@ -34,7 +36,7 @@ def test_knn_search_in_blocks_is_brute_force_top_k():
 def test_normalized_affinity_is_the_formula():
     rows, cols = torch.tensor([0, 0, 1, 2]), torch.tensor([1, 2, 2, 3])
     sims = torch.tensor([0.9, 0.5, -0.2, 0.8])
-    w = lp.normalized_affinity(rows, cols, sims, 4, gamma=3.0).to_dense()
+    w = graph_module.normalized_affinity(rows, cols, sims, 4, gamma=3.0).to_dense()
     a = torch.zeros(4, 4)
     a[rows, cols] = sims.clamp(min=0) ** 3
     a = a + a.T
@@ -48,30 +50,30 @@ def test_propagation_recovers_two_clusters_from_one_label_each():
     centres = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])
     truth = torch.arange(200) % 2
     points = centres[truth] + torch.randn(200, 3, generator=generator)
-    graph = lp.build_pool_graph(points, k=8, pca=None)
+    graph = graph_module.build_pool_graph(points, k=8, pca=None)
     keep = torch.ones(200, dtype=torch.bool)
     keep[[0, 1]] = False  # the two labeled images join as labeled nodes, not as pool nodes
     queries = centres[torch.tensor([0, 1, 1])] + 0.5 * torch.randn(3, 3, generator=generator)
-    result = lp.propagate_cell(graph, keep, points[[0, 1]], truth[[0, 1]], [queries], 2, alpha=0.99, gamma=3.0,
-                               iterations=30)
+    result = graph_module.propagate_cell(graph, keep, points[[0, 1]], truth[[0, 1]], [queries], 2, alpha=0.99,
+                                         gamma=3.0, iterations=30)
     assert torch.equal(result.probs[2:].argmax(1), truth[result.pool_rows])  # every pool image
     assert torch.equal(result.query_scores[0].argmax(1), torch.tensor([0, 1, 1]))
     torch.testing.assert_close(result.probs.sum(1), torch.ones(len(result.probs)))
 
 
 def test_each_class_gets_the_same_seed_mass_however_many_labels_it_has():
-    affinity = lp.normalized_affinity(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.0]), 5)
+    affinity = graph_module.normalized_affinity(torch.tensor([0]), torch.tensor([1]), torch.tensor([0.0]), 5)
     labels = torch.tensor([0, 0, 0, 1, -1])
-    probs = lp.propagate(affinity, labels, 2, alpha=0.5, iterations=1)  # no edge carries anything
+    probs = graph_module.propagate(affinity, labels, 2, alpha=0.5, iterations=1)  # no edge carries anything
     torch.testing.assert_close(probs[:4], torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [0, 1.0]]))
     torch.testing.assert_close(probs[4], torch.tensor([0.5, 0.5]))  # nothing arrived: uniform
 
 
 def test_pool_keep_leaves_out_the_cells_labeled_and_validation_images():
     rows = torch.tensor([5, 2, 9, 7])
-    keep = lp.pool_keep(rows, 4, (torch.tensor([2]), torch.tensor([7, 11])), "cpu")
+    keep = pool.pool_keep(rows, 4, (torch.tensor([2]), torch.tensor([7, 11])), "cpu")
     assert keep.tolist() == [True, False, True, False]
-    assert lp.pool_keep(None, 3, (torch.tensor([0]),), "cpu").tolist() == [True, True, True]
+    assert pool.pool_keep(None, 3, (torch.tensor([0]),), "cpu").tolist() == [True, True, True]
 
 
 def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path, make_noise_run):
@@ -87,9 +89,9 @@ def test_the_cell_never_reads_a_test_label(monkeypatch, tmp_path, make_noise_run
     for test_labels in (real.test.labels, real.test.labels.flip(0)):
         splits = DatasetSplits(real.name, real.train, ImageSet(real.test.images, test_labels, real.test.classes),
                                real.unlabeled, pool_is_train=True)
-        monkeypatch.setattr(lp, "dataset_splits", lambda config, s=splits: s)
+        monkeypatch.setattr(pool, "dataset_splits", lambda config, s=splits: s)
         monkeypatch.setattr(cells, "dataset_splits", lambda config, s=splits: s)
-        lp._GRAPHS.clear()
+        pool._GRAPHS.clear()
         cfg = replace(EvalConfig(val_per_class=2, lp_k=5, lp_pca=8), layer="conv4", precision="fp32")
         result, _ = lp.labelprop_of(cells.open_cell("labelprop", run, 3, 0, device="cpu", config=cfg))
         scores.append(result.query_scores[1])

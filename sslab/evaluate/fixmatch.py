@@ -26,7 +26,7 @@ from ..train import TrainConfig
 from .cells import Cell, EvalConfig, open_cell
 from .end_to_end import classifier_from_probe
 from .heads import ImageClassifier, predict
-from .labelprop import pool_images
+from .pool import pool_images
 from .probe import validator
 
 

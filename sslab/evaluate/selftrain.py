@@ -27,7 +27,9 @@ from ..train import TrainConfig
 from .cells import Cell, EvalConfig, cell_provenance, open_cell, repeat_to
 from .fixmatch import weak_view
 from .heads import FeatureHead, ImageClassifier, trainable_spread
-from .labelprop import build_pool_graph, labelprop_of, pool_keep, pool_rows, propagate_cell
+from .graph import build_pool_graph, propagate_cell
+from .labelprop import labelprop_of
+from .pool import pool_keep, pool_rows
 from .probe import validator
 
 
