@@ -246,10 +246,10 @@ def _rows_of(images: torch.Tensor, reference: torch.Tensor) -> list:
 
 
 def _split(run, cfg):
-    from sslab.evaluate.cells import budget_split
+    from sslab.data import label_budget_split
     from sslab.evaluate.features import dataset_splits
     splits = dataset_splits(run.config)
-    return splits, budget_split(splits, 2, 0, cfg.val_per_class)
+    return splits, label_budget_split(splits.train.labels, 2, 0, cfg.val_per_class)
 
 
 def test_selftrain_student_trains_on_the_labeled_images_and_the_teachers_choice_from_the_pool(noise_run, monkeypatch,

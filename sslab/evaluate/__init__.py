@@ -13,7 +13,7 @@ the same labeled and validation images (:func:`sslab.data.label_budget_split`).
   pool to work when the classifier trains.
 - :mod:`.curve`: label-budget sweeps; :mod:`.table`: their results.
 """
-from .cells import EvalConfig, budget_split, check_budgets, check_seeds, pretrained_id
+from .cells import EvalConfig, check_budgets, check_seeds, pretrained_id
 from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cells, default_table_name, label_curve,
                     merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
@@ -27,7 +27,7 @@ from .probe import probe_cell, probe_cells_together
 from .table import ResultTable, series_name, series_order
 
 
-__all__ = ["budget_split", "BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
+__all__ = ["BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classification_metrics",
            "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
            "FeatureHead", "finetune_cell", "fixmatch_cell", "HEADS", "ImageClassifier",
            "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",

@@ -183,15 +183,18 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
         losses, accs, seconds = _train_epoch(model, optimizer, x_train, y_train, [generators[h] for h in alive],
                                              cfg, plan, epoch, device, precision)
         model.eval()
-        with torch.no_grad(), autocast(device, precision):
-            val_acc = (model(x_val).argmax(2) == y_val).float().mean(1).tolist()
+        if x_val.shape[1]:
+            with torch.no_grad(), autocast(device, precision):
+                val_acc = (model(x_val).argmax(2) == y_val).float().mean(1).tolist()
+        else:  # no validation images: nothing to stop on, every head runs every epoch
+            val_acc = [None] * len(alive)
         keep = []
         for j, h in enumerate(alive):
             row = epoch_row(cfg, plan, epoch, {"loss": losses[j], "acc": accs[j]}, seconds, len(alive))
             check_divergence(row, f"probe head {h} of this batch", epoch, cfg.lr,
                              reference=results[h].history[0]["loss"] if results[h].history else None)
             early[h].update(val_acc[j], epoch, lambda j=j: model.head_state(j))
-            results[h].history.append({**row, monitor: val_acc[j]})
+            results[h].history.append(row if val_acc[j] is None else {**row, monitor: val_acc[j]})
             if not early[h].should_stop:
                 keep.append(j)
         if not keep:

@@ -19,7 +19,7 @@ import torch
 
 from .. import store
 from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number
-from ..data import DatasetSplits, label_budget_split
+from ..data import DatasetSplits
 from ..integrity import check_provenance
 from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
@@ -28,6 +28,7 @@ from ..train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_dev
 from .features import dataset_splits, run_features
 from .heads import HEADS
 from .metrics import classification_metrics
+from .selection import EMBEDDED, SELECTIONS, labeled_split, random_init_config
 
 
 @dataclass
@@ -40,6 +41,13 @@ class EvalConfig:
     head: str = "mlp"
     grid: int = 4
     hidden: int = 200
+    # which images are labeled (see .selection): balanced (k per class, the study's), uniform, typical, cover
+    selection: str = "balanced"
+    select_k: int = 20  # typical: neighbours of the typicality (TypiClust's)
+    select_min_cluster: int = 5  # typical: clusters of at most this many images are dropped (TypiClust's)
+    select_purity: float = 0.95  # cover: the share of δ-balls that must stay pure (ProbCover's α)
+    # labeled images per class held out for early stopping and choices; 0: none, every trained
+    # protocol runs its fixed schedule and a budget of k labels per class is k × classes labels in all
     val_per_class: int = 10
     # probe: a head on frozen features (mlp, linear)
     probe_epochs: int = 60
@@ -89,15 +97,19 @@ class EvalConfig:
         check_choice("layer", self.layer, ("auto",) + ALL_LAYERS)
         check_choice("head", self.head, HEADS)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_number("select_purity", self.select_purity, 0.0, 1.0, high_open=True)
         for name in ("probe_epochs", "scratch_epochs", "finetune_epochs"):
             check_int(name, getattr(self, name), 1, maximum=MAX_EPOCHS)
         for name in ("probe_patience", "scratch_patience", "finetune_patience"):
             check_int(name, getattr(self, name), 0, maximum=MAX_EPOCHS)
         for name in ("st_steps", "fm_steps", "lp_iterations", "st_rounds"):
             check_int(name, getattr(self, name), 1, maximum=MAX_STEPS)
-        for name in ("grid", "hidden", "batch_size", "samples_per_epoch", "knn_k", "val_per_class", "lp_k",
-                     "st_per_class", "fm_batch", "fm_mu"):
+        for name in ("grid", "hidden", "batch_size", "samples_per_epoch", "knn_k", "lp_k", "st_per_class", "fm_batch",
+                     "fm_mu", "select_k"):
             check_int(name, getattr(self, name), 1, maximum=MAX_COUNT)
+        for name in ("val_per_class", "select_min_cluster"):
+            check_int(name, getattr(self, name), 0, maximum=MAX_COUNT)
         check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)", maximum=MAX_COUNT)
         check_number("st_threshold", self.st_threshold, 0.0, 1.0, low_open=False, high_open=True)
         check_number("st_labeled_fraction", self.st_labeled_fraction, 0.0, 1.0, high_open=True)
@@ -133,18 +145,19 @@ def check_seeds(seeds, name: str = "seeds") -> list:
     return items
 
 
-_SHARED = ("layer", "grid", "hidden", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay", "precision")
+_SHARED = ("layer", "grid", "hidden", "selection", "val_per_class", "batch_size", "samples_per_epoch", "weight_decay",
+           "precision")
 _PROBE = ("probe_epochs", "probe_lr", "probe_patience")
 # The EvalConfig settings each kind of cell trains with, and so the ones in its stored key: a
 # setting a cell does not use (the sweep's head for a scratch cell, k of kNN for a fine-tuning
 # cell) must not make the same cell count as a new one.
 CELL_FIELDS = {
-    "knn": ("layer", "grid", "val_per_class", "knn_k", "knn_temperature", "precision"),
+    "knn": ("layer", "grid", "selection", "val_per_class", "knn_k", "knn_temperature", "precision"),
     "probe": ("head",) + _SHARED + _PROBE,
     "scratch": _SHARED + ("scratch_epochs", "scratch_lr", "scratch_patience"),
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
-    "labelprop": ("layer", "grid", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha", "lp_gamma",
-                  "lp_iterations"),
+    "labelprop": ("layer", "grid", "selection", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha",
+                  "lp_gamma", "lp_iterations"),
 }
 CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("hidden", "batch_size", "weight_decay", "st_rounds",
                                                        "st_per_class", "st_threshold", "st_steps", "st_lr",
@@ -153,12 +166,19 @@ CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch"
                                                          "fm_weight", "fm_lr", "fm_ema")
 
 
+# The settings an embedded selection chooses with (the space of .graph, and its own constants).
+SELECTION_FIELDS = {"typical": ("layer", "grid", "precision", "lp_pca", "select_k", "select_min_cluster"),
+                    "cover": ("layer", "grid", "precision", "lp_pca", "select_purity")}
+
+
 def cell_key(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: EvalConfig, **extra) -> dict:
     """The stored config of one cell: its protocol, method, dataset, budget, seed, the settings
-    of ``cfg`` that ``kind`` trains with (:data:`CELL_FIELDS`) and ``extra`` (what it starts from)."""
+    of ``cfg`` that ``kind`` trains with (:data:`CELL_FIELDS`) and chooses its labeled images with
+    (:data:`SELECTION_FIELDS`), and ``extra`` (what it starts from)."""
     fields = asdict(cfg)
+    names = CELL_FIELDS[kind] + SELECTION_FIELDS.get(cfg.selection, ())
     return {"stage": "eval", "protocol": kind, "method": method, "dataset": dataset, "budget": budget,
-            "seed": seed, **{k: fields[k] for k in CELL_FIELDS[kind]}, **extra}
+            "seed": seed, **{k: fields[k] for k in dict.fromkeys(names)}, **extra}
 
 
 # The protocols whose classifier is the mlp head, whatever head a sweep's probe uses.
@@ -169,8 +189,12 @@ def protocol_key(protocol: str, run: Run, budget: int, seed: int, cfg: EvalConfi
     """The stored config of the ``protocol`` cell of ``run`` at ``budget`` and ``seed`` (for
     ``scratch``: the same backbone shape on the same dataset, from random weights)."""
     if protocol == "scratch":
+        # an embedded selection of the scratch baseline reads the random-init backbone of this shape
+        chosen_by = {"selected_by": store.run_dir("pretrain", "random-init", run.config.dataset,
+                                                  asdict(random_init_config(run))).name} \
+            if cfg.selection in EMBEDDED else {}
         return cell_key("scratch", "scratch", run.config.dataset, budget, seed, cfg, width=run.config.width,
-                        image_size=run.config.image_size, backbone=run.arch)
+                        image_size=run.config.image_size, backbone=run.arch, **chosen_by)
     if protocol in MLP_PROTOCOLS:
         cfg = replace(cfg, head="mlp")
     kind = "knn" if protocol == "probe" and cfg.head == "knn" else protocol
@@ -246,15 +270,10 @@ def result_row(method, protocol, head, cfg: EvalConfig, budget, seed, metrics, c
                history=None) -> dict:
     """One row of a results table: what was evaluated and its test metrics."""
     return {"method": method, "protocol": protocol, "head": head, "layer": cfg.layer, "budget": budget,
-            "seed": seed, "top1": metrics["top1"], "top5": metrics["top5"], "epochs": epochs,
+            "seed": seed, "selection": cfg.selection, "val_per_class": cfg.val_per_class,
+            "top1": metrics["top1"], "top5": metrics["top5"], "epochs": epochs,
             "seconds": round(seconds, 3), "per_class": metrics["per_class"], "confusion": metrics["confusion"],
             "classes": list(classes), "history": history or []}
-
-
-def budget_split(splits: DatasetSplits, budget: int, seed: int, val_per_class: int):
-    """The labeled and validation indices into ``splits.train`` for one budget and seed — the
-    same for every method (a paired comparison)."""
-    return label_budget_split(splits.train.labels, budget, seed, val_per_class)
 
 
 def repeat_to(n: int, samples: int, device) -> torch.Tensor:
@@ -292,8 +311,9 @@ class Cell:
 
     def labeled_split(self) -> tuple:
         """``(train indices, validation indices)`` into the train split: the budget's labeled
-        images and the validation images, the same for every method of a seed."""
-        return budget_split(self.splits, self.budget, self.seed, self.cfg.val_per_class)
+        images, chosen by the cell's selection (:mod:`.selection`; ``balanced``: the same for
+        every method of a seed), and the validation images (none when ``val_per_class`` is 0)."""
+        return labeled_split(self)
 
     def features(self, split: str = "train") -> torch.Tensor:
         """The run's frozen features of a whole split at the cell's layer, grid and precision."""

@@ -33,7 +33,7 @@ def compute_labelprop(cell: Cell) -> dict:
     result, split = labelprop_of(cell)
     val_y = cell.splits.train.labels[split[1]].to(cell.device)
     row = cell.row(result.query_scores[1], "graph", 0, time.perf_counter() - t0)
-    row["val_acc"] = float((result.query_scores[0].argmax(1) == val_y).float().mean())
+    row["val_acc"] = float((result.query_scores[0].argmax(1) == val_y).float().mean()) if len(val_y) else None
     return cell.finish(row, split)
 
 

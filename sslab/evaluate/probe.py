@@ -111,7 +111,11 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
 
 
 def validator(model, inputs, targets, precision: str = "fp32"):
-    """``validate`` for :func:`sslab.train.fit`: top-1 of ``model`` on the validation set."""
+    """``validate`` for :func:`sslab.train.fit`: top-1 of ``model`` on the validation set; None
+    when there is no validation image (``val_per_class`` 0: the run keeps its last epoch)."""
+    if len(targets) == 0:
+        return None
+
     def validate(m):
         return {"val_acc": topk_accuracy(predict(model, inputs, precision=precision), targets, 1)}
     return validate
@@ -155,9 +159,10 @@ def new_probe(cell: Cell, stats: Optional[dict] = None) -> Probe:
 
 
 def head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConfig:
+    """How a probe head trains; without validation images it runs every epoch (no early stopping)."""
     return TrainConfig(epochs=cfg.probe_epochs, batch_size=min(cfg.batch_size, samples), optimizer="adam",
                        lr=cfg.probe_lr, weight_decay=cfg.weight_decay, schedule="cosine",
-                       patience=cfg.probe_patience, seed=seed)
+                       patience=cfg.probe_patience if cfg.val_per_class else 0, seed=seed)
 
 
 def probe_row(probe: Probe, result: FitResult, seconds: float) -> dict:

@@ -97,7 +97,8 @@ def compute_selftrain(cell: Cell) -> dict:
         history.append({"round": round_ + 1, "pseudo_labels": len(chosen),
                         "pseudo_acc": None if pool_truth is None else
                         float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
-                        "val_acc": float((teacher.query_scores[0].argmax(1).cpu() == y[val_idx]).float().mean())})
+                        "val_acc": float((teacher.query_scores[0].argmax(1).cpu() == y[val_idx]).float().mean())
+                        if len(val_idx) else None})
     row = cell.row(teacher.query_scores[1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
     row["teacher_top1"] = first_teacher
     row = cell.finish(row, (train_idx, val_idx))
