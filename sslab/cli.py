@@ -9,25 +9,8 @@ import argparse
 import sys
 import time
 
-from .checks import check_choice, check_choice_list, check_int, check_int_list
+from .checks import HelpFormatter, Parser, check_choice, check_choice_list, check_int, check_int_list
 from .data import DATASETS
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default, except where the help already says it or there is none."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or isinstance(action.default, bool) or action.default == [] or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line: ``error: …`` (exit code 2), like every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------- flags shared by several commands
