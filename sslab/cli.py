@@ -27,7 +27,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    from .train import CHECKPOINT_EVERY_S
+    from .checkpoint import CHECKPOINT_EVERY_S
     p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,

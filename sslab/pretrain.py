@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from . import distributed, store, stream
+from .checkpoint import CHECKPOINT_EVERY_S, FitResult, check_checkpoint_every
 from .checks import check_bool, check_choice, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig, build_backbone, check_arch
 from .pretext import TASKS, PretextTask, build_task
 from .precision import autocast, resolve_precision
-from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
+from .train import TrainConfig, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.

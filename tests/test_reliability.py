@@ -537,14 +537,14 @@ PAUSING = """
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from sslab import train
-_maybe_save = train.Checkpointer.maybe_save
+from sslab import checkpoint
+_maybe_save = checkpoint.Checkpointer.maybe_save
 def _pausing_save(self, *args, **kwargs):
     before = self.saved_epoch
     _maybe_save(self, *args, **kwargs)
     if self.saved_epoch != before:
         time.sleep(float(os.environ.get("PAUSE_AFTER_CHECKPOINT", "0")))
-train.Checkpointer.maybe_save = _pausing_save
+checkpoint.Checkpointer.maybe_save = _pausing_save
 """
 
 # argv: protocol, pretrained run, out, EvalConfig fields as JSON. Prints the cell's row as JSON.

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import EarlyStopping, FitResult
 from ..precision import autocast
-from ..train import (EarlyStopping, EpochTimer, FitResult, TrainConfig, batches_per_epoch, check_divergence,
-                     lr_factor)
+from ..train import EpochTimer, TrainConfig, batches_per_epoch, check_divergence, lr_factor
 
 BN_MOMENTUM_DEFAULT = 0.1
 

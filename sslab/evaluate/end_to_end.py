@@ -14,7 +14,8 @@ from .. import store
 from ..data import load_dataset
 from ..models import BackboneConfig, build_backbone, pooled_dim
 from ..pretrain import DEFAULT_WIDTH, Run, load_run
-from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
+from ..checkpoint import CHECKPOINT_EVERY_S
+from ..train import TrainConfig, fit, resolve_device
 from .cells import (EvalConfig, budget_split, cell_config, cell_folder, cell_provenance, check_budgets, check_seeds,
                     computed_once, finish_cell, pretrained_id, repeat_to, result_row)
 from .features import dataset_splits, run_features

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from .. import store
 from ..augment import rand_augment, random_affine, to_float
 from ..pretrain import Run, load_run
-from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
+from ..checkpoint import CHECKPOINT_EVERY_S
+from ..train import TrainConfig, fit, resolve_device
 from .cells import (EvalConfig, budget_split, cell_config, cell_provenance, check_budgets, check_seeds, computed_once,
                     finish_cell, pretrained_id, result_row)
 from .end_to_end import classifier_from_probe

@@ -13,7 +13,8 @@ import torch
 
 from .. import store
 from ..pretrain import Run, load_run
-from ..train import FitResult, TrainConfig, fit, make_deterministic, resolve_device
+from ..checkpoint import FitResult
+from ..train import TrainConfig, fit, make_deterministic, resolve_device
 from .batched_heads import train_heads
 from .cells import (EvalConfig, budget_split, cell_config, cell_folder, check_budgets, check_seeds, computed_once,
                     finish_cell, pretrained_id, repeat_to, result_row, stored_row)

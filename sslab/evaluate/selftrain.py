@@ -25,7 +25,8 @@ from .. import store
 from ..augment import rand_augment
 from ..models import pooled_dim
 from ..pretrain import Run, load_run
-from ..train import CHECKPOINT_EVERY_S, TrainConfig, fit, resolve_device
+from ..checkpoint import CHECKPOINT_EVERY_S
+from ..train import TrainConfig, fit, resolve_device
 from .cells import (EvalConfig, cell_config, cell_provenance, check_budgets, check_seeds, computed_once, finish_cell,
                     pretrained_id, repeat_to, result_row)
 from .features import dataset_splits, extract_features, run_features
