@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from . import store
+from . import integrity, store
 
 # Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
 # lost on a kill: at most this much training is done again).
@@ -53,7 +53,7 @@ class Checkpointer:
             state = store.load_torch(self.path, map_location="cpu")
         if state is not None:
             if self.provenance is not None:
-                store.check_provenance(state, self.path, self.provenance)
+                integrity.check_provenance(state, self.path, self.provenance)
             self._check_fits(state, model)
             self.saved_epoch = state["epoch"]
         return state
@@ -61,17 +61,17 @@ class Checkpointer:
     def _check_fits(self, state, model: Optional[nn.Module]) -> None:
         missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
-            raise store.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
-                                    f"{store.remedy(self.path)}")
+            raise integrity.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
+                                        f"{integrity.remedy(self.path)}")
         if model is None:
             return
         mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in state["model"].items() if torch.is_tensor(v)}
         if mine != theirs:
             odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
-            raise store.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
-                                    f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
-                                    f"{store.remedy(self.path)}")
+            raise integrity.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
+                                        f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
+                                        f"{integrity.remedy(self.path)}")
 
     def maybe_save(self, state: Callable[[], dict], last_epoch: bool) -> None:
         due = (last_epoch and self.last) or time.monotonic() - self.saved_at >= self.every

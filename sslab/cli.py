@@ -348,7 +348,7 @@ def main(argv=None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     from . import distributed
-    from .store import CorruptCheckpoint
+    from .integrity import CorruptCheckpoint
     from .train import TrainingDiverged
     # Under torchrun every process runs this; each message is shown once per node at most.
     speaks = distributed.reports_errors()

@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import distributed, store, stream
+from . import distributed, integrity, store, stream
 from .checkpoint import CHECKPOINT_EVERY_S, FitResult, check_checkpoint_every
 from .checks import check_bool, check_choice, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
@@ -146,7 +146,7 @@ class Run:
 def model_provenance(method: str, backbone: dict, config_id: str, kind: str = "model") -> dict:
     """The provenance a run's model.pt (``kind="model"``) or checkpoint.pt (``"checkpoint"``)
     carries: the method, the backbone (arch, width, input) and the hash of the run's config."""
-    return store.provenance(kind, method=method, backbone=dict(backbone), config=config_id)
+    return integrity.provenance(kind, method=method, backbone=dict(backbone), config=config_id)
 
 
 _BACKBONE_STATES: dict = {}  # (model.pt, its mtime and size) → the backbone's part of its state, on the CPU

@@ -9,9 +9,10 @@ finished run. Every file is written atomically (temporary file, then rename).
 Every file the store reads back is verified first: beside each one, ``<name>.sha256`` holds the
 sha256 recorded when it was written (the format of ``sha256sum``), and torch files carry a
 ``provenance`` record of what made them (store format, kind, method, backbone, config hash),
-which the run loading them compares with its own. A file whose bytes changed is *damaged*
-(:class:`DamagedFile`), one made for another run is *foreign* (:class:`ForeignFile`); both
-messages name the file and say what to do. Why, and what it costs: docs/reliability.md.
+which the run loading them compares with its own (:mod:`sslab.integrity`). A file whose bytes
+changed is *damaged* (:class:`~sslab.integrity.DamagedFile`), one made for another run is
+*foreign* (:class:`~sslab.integrity.ForeignFile`); both messages name the file and say what to
+do. Why, and what it costs: docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -30,10 +31,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-# Re-exported: callers read and check stored files through the store alone.
-from .integrity import (STORE_FORMAT, SUMS_SUFFIX, CorruptCheckpoint, DamagedFile, ForeignFile,  # noqa: F401
-                        StoreFull, _no_space, _recorded, _remember, _Sink, check_provenance, file_digest, provenance,
-                        remedy, sums_path, verify)
+from .integrity import (STORE_FORMAT, CorruptCheckpoint, DamagedFile, _no_space, _recorded, _remember, _Sink,
+                        check_provenance, file_digest, remedy, sums_path, verify)
 
 COMPLETE = "complete.json"
 # mkstemp creates files 0600; finished files get the mode any other new file would get, so a
@@ -188,7 +187,7 @@ def write_text(path: Path, text: str, checksum: bool = False) -> None:
     _atomic(path, lambda f: f.write(text.encode()), checksum)
 
 
-def save_torch(path: Path, obj, provenance: Optional[dict] = None) -> None:  # noqa: F811 (the record to store)
+def save_torch(path: Path, obj, provenance: Optional[dict] = None) -> None:
     """``torch.save`` atomically, with its sha256 recorded beside it. ``provenance`` (a dict from
     :func:`provenance`) is stored in ``obj`` (a dict) under ``"provenance"``, for
     :func:`load_torch`'s ``expect`` to compare."""

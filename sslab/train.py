@@ -173,7 +173,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     progress), ``None`` for one process. ``precision``: ``fp32`` or ``bf16``
     (:func:`sslab.precision.resolve_precision` turns the lab's ``auto`` into one of them).
     ``provenance``: what the checkpoint records of the run that writes it
-    (:func:`sslab.store.provenance`); a checkpoint recording something else is refused.
+    (:func:`sslab.integrity.provenance`); a checkpoint recording something else is refused.
     """
     cfg.validate()
     if deterministic:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslab import store
+from sslab import integrity, store
 from sslab.cli import main
 from sslab.models import BackboneConfig
 from sslab.pretext import build_task
@@ -210,7 +210,7 @@ def test_truncated_checkpoint_is_reported_with_its_path_not_loaded(image_folder,
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(store.CorruptCheckpoint, match=str(checkpoint)):
+    with pytest.raises(integrity.CorruptCheckpoint, match=str(checkpoint)):
         store.load_torch(checkpoint)
     argv = ["pretrain", "--dataset", f"folder:{image_folder}", "--epochs", "2", "--width", "0.125",
             "--device", "cpu", "--out", str(out), "--no-progress"]
@@ -227,7 +227,7 @@ def test_truncated_or_empty_weights_are_reported_with_their_path(image_folder, t
     data = model.read_bytes()
     for damaged in (data[: len(data) // 3], data[:100], b""):
         model.write_bytes(damaged)
-        with pytest.raises(store.CorruptCheckpoint) as info:
+        with pytest.raises(integrity.CorruptCheckpoint) as info:
             load_run(run.path).load_task()
         assert str(model) in str(info.value)
 
@@ -251,7 +251,7 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, writer):
         path.write_bytes(pickle.dumps(payload))
     else:
         torch.save(payload, path)
-    with pytest.raises(store.CorruptCheckpoint) as info:
+    with pytest.raises(integrity.CorruptCheckpoint) as info:
         store.load_torch(path)
     assert str(path) in str(info.value)
     assert not marker.exists()

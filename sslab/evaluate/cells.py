@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .. import store
+from .. import integrity, store
 from ..checks import check_choice, check_int, check_int_list, check_number
 from ..data import DatasetSplits, label_budget_split
 from ..models import ALL_LAYERS, resolve_layer
@@ -146,7 +146,7 @@ def pretrained_id(run: Run) -> str:
     digest of its weights file, so a run trained again under the same name (``--force``) does
     not reuse cells computed from the old weights. (The sha256 the store verifies model.pt with,
     computed once per process.)"""
-    return f"{run.path.name}@{store.file_digest(run.path / 'model.pt')[:12]}"
+    return f"{run.path.name}@{integrity.file_digest(run.path / 'model.pt')[:12]}"
 
 
 def cell_folder(config: dict, out) -> Path:
@@ -193,8 +193,8 @@ def finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state:
 
 def cell_provenance(kind: str, config: dict) -> dict:
     """What a cell's ``kind`` of torch file (head, checkpoint) records: the cell it belongs to."""
-    return store.provenance(kind, method=config["method"], protocol=config["protocol"],
-                            config=store.config_hash(config))
+    return integrity.provenance(kind, method=config["method"], protocol=config["protocol"],
+                                config=store.config_hash(config))
 
 
 def result_row(method, protocol, head, cfg: EvalConfig, budget, seed, metrics, classes, epochs, seconds,
