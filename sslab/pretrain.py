@@ -457,7 +457,8 @@ def _replace_folder(new: Path, old: Path) -> None:
     trash = old.with_name(old.name + ".old")
     if trash.exists():
         shutil.rmtree(trash)
-    old.rename(trash)
+    if old.exists():  # absent when a kill came between the two renames
+        old.rename(trash)
     new.rename(old)
     shutil.rmtree(trash, ignore_errors=True)
 

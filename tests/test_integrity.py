@@ -69,9 +69,9 @@ def one_error_line(capsys, argv) -> str:
 
 
 def digests(root: Path) -> dict:
-    """sha256 of every file under ``root`` (the lock file aside): what 'byte-identical' compares."""
+    """sha256 of every file under ``root``: what 'byte-identical' compares."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def damage(path: Path, count: int = 64, zero: bool = False) -> None:
