@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sslab.checks import check_choice_list, check_int_list
-from sslab.cli import HelpFormatter, Parser
+from sslab.checks import HelpFormatter, Parser, check_choice_list, check_int_list
 from sslab.pretext import TASKS
 from sslab.train import resolve_device
 
@@ -161,7 +160,7 @@ def _cmd_study(args, device: torch.device, info: dict) -> int:
     config = quick_study() if args.quick else StudyConfig()
     ignored = []
     if args.params:
-        from sslab.lab.notebooks import load_params
+        from sslab.lab.params import load_params
         config, ignored = study_from_params(load_params(args.params), config)
     lists = {"methods": args.methods and check_choice_list("--methods", args.methods, tuple(TASKS), "pretext tasks"),
              "budgets": args.budgets and check_int_list("--budgets", args.budgets, 1, "labeled images per class"),

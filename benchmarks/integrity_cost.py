@@ -2,8 +2,8 @@
 
 Writes a torch file of each size (a ~46 MB feature cache, a ~1 GB model) with
 ``sslab.store.save_torch`` into a temporary folder, then times, each the median of
-``--repeats``: the sha256 of the file (what :func:`sslab.store.verify` computes the first time a
-process reads it), a verified ``store.load_torch`` against a plain ``torch.load`` of the same
+``--repeats``: the sha256 of the file (what :func:`sslab.integrity.verify` computes the first
+time a process reads it), a verified ``store.load_torch`` against a plain ``torch.load`` of the same
 file (both from the page cache), a second verified load in the same process (the digest is
 remembered by inode, size and times), the zip CRC check used for files without a recorded
 checksum, and ``store.save_torch`` (hashing while writing, the checksum file written before and
@@ -49,7 +49,7 @@ def measure(folder: Path, megabytes: float, repeats: int) -> dict:
 
     def fresh_digest():
         integrity._DIGESTS.clear()  # as a new process would: nothing remembered
-        store.file_digest(path)
+        integrity.file_digest(path)
 
     def verified_load():
         integrity._DIGESTS.clear()

@@ -1,23 +1,21 @@
 """The resume state of a training run: what :func:`sslab.train.fit` writes so that a run stopped
 at any moment (Ctrl-C, a lost kernel, SIGKILL) goes on after the last checkpoint exactly as if
 it had never stopped — weights, optimiser, epoch, the shuffling and augmentation random states,
-early stopping — and when it writes it (on a clock, not every epoch: on a GPU an epoch can take
-less time than writing the state). Files are verified when read (:mod:`sslab.store`).
+early stopping (:class:`EarlyStopping`) and the result so far (:class:`FitResult`) — and when it
+writes it (on a clock, not every epoch: on a GPU an epoch can take less time than writing the
+state). Files are verified when read (:mod:`sslab.store`).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from . import store
-
-if TYPE_CHECKING:  # the types of fit's pieces, for the annotations only (train imports this module)
-    from .train import EarlyStopping, FitResult, TrainConfig
+from . import integrity, store
 
 # Seconds between checkpoints that pretrain and the evaluation cells write (the last one is
 # lost on a kill: at most this much training is done again).
@@ -55,7 +53,7 @@ class Checkpointer:
             state = store.load_torch(self.path, map_location="cpu")
         if state is not None:
             if self.provenance is not None:
-                store.check_provenance(state, self.path, self.provenance)
+                integrity.check_provenance(state, self.path, self.provenance)
             self._check_fits(state, model)
             self.saved_epoch = state["epoch"]
         return state
@@ -63,17 +61,17 @@ class Checkpointer:
     def _check_fits(self, state, model: Optional[nn.Module]) -> None:
         missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
         if missing:
-            raise store.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
-                                    f"{store.remedy(self.path)}")
+            raise integrity.ForeignFile(f"{self.path} is not a training checkpoint (it has no {', '.join(missing)}); "
+                                        f"{integrity.remedy(self.path)}")
         if model is None:
             return
         mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         theirs = {k: tuple(v.shape) for k, v in state["model"].items() if torch.is_tensor(v)}
         if mine != theirs:
             odd = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
-            raise store.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
-                                    f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
-                                    f"{store.remedy(self.path)}")
+            raise integrity.ForeignFile(f"{self.path} holds the weights of another model ({odd[0]}: "
+                                        f"{theirs.get(odd[0], 'absent')} there, {mine.get(odd[0], 'absent')} here); "
+                                        f"{integrity.remedy(self.path)}")
 
     def maybe_save(self, state: Callable[[], dict], last_epoch: bool) -> None:
         due = (last_epoch and self.last) or time.monotonic() - self.saved_at >= self.every
@@ -90,13 +88,55 @@ class Checkpointer:
         return f"the checkpoint after epoch {self.saved_epoch + 1} ({self.path}) is kept"
 
 
+# ---------------------------------------------------------------- what a run resumes
+
+@dataclass
+class FitResult:
+    """What :func:`sslab.train.fit` returns: one row per epoch, the best epoch and its score, and
+    how the run went (epochs, seconds, the epoch it resumed from, its first loss)."""
+
+    history: list = field(default_factory=list)
+    best_epoch: int = -1
+    best_metric: Optional[float] = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    first_loss: Optional[float] = None  # the run's first step: what check_divergence compares with
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a better validation score (higher is better; 0:
+    never stop), keeping the best epoch's weights to restore at the end."""
+
+    patience: int = 0
+    best_metric: Optional[float] = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_state: Optional[dict] = None
+
+    def update(self, score: Optional[float], epoch: int, state: Callable[[], dict]) -> None:
+        """Record epoch ``epoch``'s score; ``state()`` gives the weights to keep when it is the best."""
+        if score is not None and (self.best_metric is None or score > self.best_metric):
+            self.best_metric, self.best_epoch, self.bad_epochs = float(score), epoch, 0
+            if self.patience:
+                self.best_state = state()
+        else:
+            self.bad_epochs += 1
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.bad_epochs >= self.patience
+
+
 TRAINING_STATE_KEYS = ("model", "optimizer", "epoch", "generator", "rng", "history", "best_epoch", "best_metric",
                        "bad_epochs")
 
 
-def training_state(model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
-                   epoch: int, device) -> dict:
-    """Everything a resumed run needs to go on exactly as if it had never stopped."""
+def training_state(model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg, epoch: int,
+                   device) -> dict:
+    """Everything a resumed run needs to go on exactly as if it had never stopped. ``cfg``: the
+    run's train config (a dataclass, stored whole)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
             "best_epoch": early.best_epoch, "best_metric": early.best_metric, "best_state": early.best_state,
@@ -104,9 +144,9 @@ def training_state(model, optimizer, generator, early: EarlyStopping, result: Fi
             "first_loss": result.first_loss}
 
 
-def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg: TrainConfig,
-           device) -> int:
-    """Load a :func:`training_state` into the run; returns the epoch to start from."""
+def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg, device) -> int:
+    """Load a :func:`training_state` into the run; returns the epoch to start from (``cfg.epochs``,
+    the train config's, when the run had stopped early)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])

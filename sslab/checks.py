@@ -3,10 +3,13 @@ these, so a bad value gets the same one-line message everywhere — the paramete
 and what is allowed.
 
 ``name`` is how the caller spells the parameter for its user: ``--budgets`` on the command
-line, ``budgets`` in Python, ``parameter budgets`` in a notebook.
+line, ``budgets`` in Python, ``parameter budgets`` in a notebook. The command lines
+(``python -m sslab``, ``python -m sslab.lab``, the benchmarks) parse their flags with
+:class:`Parser`, so a bad flag is the same one line.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Optional, Sequence
 
@@ -122,3 +125,22 @@ def check_choice_list(name: str, value, choices: Sequence[str], what: str) -> tu
         fail(name, value, f"{allowed} ({unknown[0]!r} is not one)")
     _no_repeats(name, value, items, what)
     return tuple(items)
+
+
+# ---------------------------------------------------------------- the command lines' parser
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default, except where the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line: ``error: …`` (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")

@@ -9,25 +9,8 @@ import argparse
 import sys
 import time
 
-from .checks import MAX_COUNT, check_choice, check_choice_list, check_int, check_int_list
+from .checks import MAX_COUNT, HelpFormatter, Parser, check_choice, check_choice_list, check_int, check_int_list
 from .data import DATASETS
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default, except where the help already says it or there is none."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or isinstance(action.default, bool) or action.default == [] or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line: ``error: …`` (exit code 2), like every other error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------- flags shared by several commands
@@ -44,7 +27,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    from .train import CHECKPOINT_EVERY_S
+    from .checkpoint import CHECKPOINT_EVERY_S
     p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -367,7 +350,7 @@ def main(argv=None) -> int:
         return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     from . import distributed
-    from .store import CorruptCheckpoint
+    from .integrity import CorruptCheckpoint
     from .train import TrainingDiverged
     # Under torchrun every process runs this; each message is shown once per node at most.
     speaks = distributed.reports_errors()

@@ -14,9 +14,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .evaluate.table import ResultTable, series_name, series_order
+from .plot_style import method_color, pyplot
+from .plots_pretext import rotation_examples, training_curves, vae_gallery, view_pairs
 
-METHOD_COLORS = {"rotation": "#1f77b4", "vae": "#ff7f0e", "siamese-vae": "#2ca02c", "simclr": "#d62728",
-                 "random-init": "#8c8c8c", "scratch": "#555555"}
+# What the notebooks and the command line call, the pretraining figures included.
+__all__ = ["accuracy_bars", "confusion", "entries_table", "figures_dir", "finetune_comparison", "gain_bars",
+           "label_curves", "per_class_bars", "plot_label_curves", "rotation_examples", "save_figure",
+           "save_label_curves", "semi_curves", "separation_bars", "spread_note", "training_curves", "umap_panels",
+           "vae_gallery", "view_pairs"]
+
 PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--", "labelprop": ":", "selftrain": (0, (5, 1)),
                    "fixmatch": (0, (3, 1, 1, 1, 1, 1))}
 PROTOCOL_MARKERS = {"probe": "o", "finetune": "s", "scratch": "^", "labelprop": "D", "selftrain": "v",
@@ -26,18 +32,6 @@ PROTOCOL_COLORS = {"probe": "#1f77b4", "finetune": "#9467bd", "labelprop": "#2ca
                    "fixmatch": "#d62728", "scratch": "#555555"}
 PROTOCOL_HATCHES = {"finetune": "//", "labelprop": "..", "selftrain": "xx", "fixmatch": "\\\\"}
 METRIC_NAMES = {"top1": "top-1", "top5": "top-5"}
-
-
-def _plt():
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def method_color(method: str, fallback_index: int = 0) -> str:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    cycle = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
-    return cycle[fallback_index % len(cycle)]
 
 
 def figures_dir(out: Optional[str] = None) -> Path:
@@ -106,7 +100,7 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
     ``methods`` keep only those series. ``color_by``: ``method`` or ``protocol``."""
     if metric not in METRIC_NAMES:
         raise ValueError(f"metric={metric!r} is not known; allowed: {', '.join(METRIC_NAMES)}")
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     groups: dict = {}
@@ -147,7 +141,7 @@ def plot_label_curves(table, metric: str = "top1", ax=None, references=None, pro
 
 def label_curves(table, references=None, protocols=None, methods=None, suptitle: Optional[str] = None):
     """Top-1 and top-5 curves side by side (a Figure)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot_label_curves(table, "top1", axes[0], references, protocols, methods)
     plot_label_curves(table, "top5", axes[1], None, protocols, methods)
@@ -160,7 +154,7 @@ def label_curves(table, references=None, protocols=None, methods=None, suptitle:
 def semi_curves(table, metric: str = "top1"):
     """One panel per method (random-init included): each protocol's curve, coloured by protocol,
     with scratch in every panel; a shared y axis, so the panels compare at a glance."""
-    plt = _plt()
+    plt = pyplot()
     rows = table.rows if hasattr(table, "rows") else list(table)
     methods = list(dict.fromkeys(m for m, p in series_order(rows) if p != "scratch"))
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(4.6 * max(1, len(methods)), 4), sharey=True,
@@ -176,7 +170,7 @@ def save_label_curves(table, stem) -> Path:
     import matplotlib
     if not matplotlib.get_backend().lower().startswith(("module://", "inline")):
         matplotlib.use("Agg")
-    plt = _plt()
+    plt = pyplot()
     fig = label_curves(table)
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +184,7 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
     """Paired gain (percentage points, mean over seeds, error bars its 95 % confidence interval)
     per budget, one bar group per budget and one bar per series. ``gains``:
     ``ResultTable.paired_gain(metric, over=...)``; the y label names the baseline."""
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.2))
     protocol_rank = {p: i for i, p in enumerate(PROTOCOL_COLORS)}
@@ -225,7 +219,7 @@ def gain_bars(gains: list, metric: str = "top1", ax=None):
 
 def confusion(matrix, classes: Sequence[str], title: str = "", normalize: bool = True, ax=None):
     """A confusion matrix (rows = true class, columns = predicted), row-normalised to % by default."""
-    plt = _plt()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(classes):
         raise ValueError(f"matrix has shape {m.shape}; expected {len(classes)}×{len(classes)} (one row per class)")
@@ -254,7 +248,7 @@ def confusion(matrix, classes: Sequence[str], title: str = "", normalize: bool =
 
 def accuracy_bars(rows: list, ax=None, title: str = ""):
     """Top-1 and top-5 per method for one budget: bars with the mean over seeds and one dot per seed."""
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 3.2))
     names = []
@@ -287,7 +281,7 @@ def accuracy_bars(rows: list, ax=None, title: str = ""):
 
 def per_class_bars(rows: list, classes: Sequence[str], ax=None, title: str = ""):
     """Per-class top-1 accuracy of each method (mean over the given rows' seeds)."""
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 3.2))
     names = []
@@ -317,7 +311,7 @@ def per_class_bars(rows: list, classes: Sequence[str], ax=None, title: str = "")
 def umap_panels(embeddings: list, classes: Sequence[str], point_size: float = 4.0):
     """UMAP panels side by side, coloured by class, with one legend of class names and each
     panel's separation score in its title. ``embeddings``: :class:`sslab.embed.Embedding` list."""
-    plt = _plt()
+    plt = pyplot()
     if not embeddings:
         raise ValueError("embeddings is empty; allowed: at least one Embedding")
     n = len(embeddings)
@@ -342,7 +336,7 @@ def umap_panels(embeddings: list, classes: Sequence[str], point_size: float = 4.
 
 def separation_bars(embeddings: list, ax=None):
     """The separation score of each UMAP panel as bars (one number per method)."""
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(1.4 * len(embeddings) + 2, 3))
     names = [f"{e.name}\n{e.space}" for e in embeddings]
@@ -363,7 +357,7 @@ def separation_bars(embeddings: list, ax=None):
 def finetune_comparison(table, metric: str = "top1", methods=None):
     """Fine-tuning against the frozen probe and scratch: one panel per method, accuracy against
     labels per class for the three protocols (± std bands over seeds)."""
-    plt = _plt()
+    plt = pyplot()
     entries = _summary_entries(table)
     pretrained = [m for m in dict.fromkeys(e["method"] for e in entries if e["protocol"] != "scratch")
                   if methods is None or m in methods]
@@ -386,7 +380,3 @@ class entries_table:  # noqa: N801 - a tiny adapter, used like a function
     def summary(self) -> list:
         return self.entries
 
-
-# The pretraining figures live in their own module (imported last: it uses the helpers above).
-from .plots_pretext import (METRIC_LABELS, TASK_METRICS, rotation_examples, training_curves,  # noqa: E402,F401
-                            vae_gallery, view_pairs)

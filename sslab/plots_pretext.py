@@ -1,10 +1,10 @@
 """The pretraining figures: training curves, rotation examples, SimCLR's view pairs, the VAE
-gallery (re-exported by :mod:`sslab.plots`, where the notebooks find them)."""
+gallery (the notebooks call them from :mod:`sslab.plots`, which imports them)."""
 from __future__ import annotations
 
 import numpy as np
 
-from .plots import _plt, method_color
+from .plot_style import method_color, pyplot
 
 # Per task: the per-epoch metrics worth a panel of their own, and their test counterpart.
 TASK_METRICS = {"rotation": ["rot_acc"], "vae": ["recon", "kl"], "siamese-vae": ["recon", "kl", "triplet"],
@@ -19,7 +19,7 @@ def training_curves(runs):
     each task metric in a panel of its own below (the KL, ~100, and the triplet loss, ~0.1, on
     one axis would flatten the triplet term); the held-out test value at the end as a star.
     ``runs``: a dict name → Run or a list of Runs."""
-    plt = _plt()
+    plt = pyplot()
     items = list(runs.items()) if isinstance(runs, dict) else [(r.method, r) for r in runs]
     if not items:
         raise ValueError("runs is empty; allowed: at least one pretraining run")
@@ -69,7 +69,7 @@ def rotation_examples(examples: dict):
     """A grid of test images at 0/90/180/270° with the rotation the net predicts (green when
     right, red when wrong). ``examples``: the dict :func:`sslab.lab.rotation_predictions`
     returns (``images`` N×4×C×H×W, ``predicted`` N×4, ``confidence`` N×4)."""
-    plt = _plt()
+    plt = pyplot()
     images = np.asarray(examples["images"])
     predicted = np.asarray(examples["predicted"])
     confidence = np.asarray(examples["confidence"])
@@ -94,7 +94,7 @@ def view_pairs(views: dict):
     """SimCLR's two augmented views of the same test images, one column per image: the image,
     then view 1 and view 2. ``views``: the dict :func:`sslab.lab.simclr_views` returns
     (``images``, ``first``, ``second``: N×C×H×W floats in [0, 1])."""
-    plt = _plt()
+    plt = pyplot()
     rows = [("test image", views["images"]), ("view 1", views["first"]), ("view 2", views["second"])]
     n = np.asarray(views["images"]).shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.1 * n + 1.6, 3.6), squeeze=False)
@@ -111,7 +111,7 @@ def vae_gallery(gallery: dict):
     """VAE reconstructions and samples from the prior N(0, I). ``gallery``: the dict
     :func:`sslab.lab.vae_gallery` returns (``inputs`` N×C×H×W, ``reconstructions`` and
     ``samples``: name → N×C×H×W, all floats in [0, 1])."""
-    plt = _plt()
+    plt = pyplot()
     inputs = np.asarray(gallery["inputs"])
     recon = {k: np.asarray(v) for k, v in gallery["reconstructions"].items()}
     samples = {k: np.asarray(v) for k, v in gallery["samples"].items()}

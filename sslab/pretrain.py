@@ -10,13 +10,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import distributed, store, stream
+from . import distributed, integrity, store, stream
+from .checkpoint import CHECKPOINT_EVERY_S, FitResult, check_checkpoint_every
 from .checks import check_bool, check_choice, check_int, check_number
 from .data import check_dataset_name, folder_classes, load_dataset
 from .models import BackboneConfig, build_backbone, check_arch
 from .pretext import TASKS, PretextTask, build_task
 from .precision import autocast, resolve_precision
-from .train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, check_checkpoint_every, fit, resolve_device
+from .train import TrainConfig, fit, resolve_device
 
 # The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
 # rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
@@ -145,7 +146,7 @@ class Run:
 def model_provenance(method: str, backbone: dict, config_id: str, kind: str = "model") -> dict:
     """The provenance a run's model.pt (``kind="model"``) or checkpoint.pt (``"checkpoint"``)
     carries: the method, the backbone (arch, width, input) and the hash of the run's config."""
-    return store.provenance(kind, method=method, backbone=dict(backbone), config=config_id)
+    return integrity.provenance(kind, method=method, backbone=dict(backbone), config=config_id)
 
 
 _BACKBONE_STATES: dict = {}  # (model.pt, its mtime and size) → the backbone's part of its state, on the CPU
@@ -454,7 +455,8 @@ def _replace_folder(new: Path, old: Path) -> None:
     trash = old.with_name(old.name + ".old")
     if trash.exists():
         shutil.rmtree(trash)
-    old.rename(trash)
+    if old.exists():  # absent when a kill came between the two renames
+        old.rename(trash)
     new.rename(old)
     shutil.rmtree(trash, ignore_errors=True)
 

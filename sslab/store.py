@@ -9,9 +9,10 @@ finished run. Every file is written atomically (temporary file, then rename).
 Every file the store reads back is verified first: beside each one, ``<name>.sha256`` holds the
 sha256 recorded when it was written (the format of ``sha256sum``), and torch files carry a
 ``provenance`` record of what made them (store format, kind, method, backbone, config hash),
-which the run loading them compares with its own. A file whose bytes changed is *damaged*
-(:class:`DamagedFile`), one made for another run is *foreign* (:class:`ForeignFile`); both
-messages name the file and say what to do. Why, and what it costs: docs/reliability.md.
+which the run loading them compares with its own (:mod:`sslab.integrity`). A file whose bytes
+changed is *damaged* (:class:`~sslab.integrity.DamagedFile`), one made for another run is
+*foreign* (:class:`~sslab.integrity.ForeignFile`); both messages name the file and say what to
+do. Why, and what it costs: docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import tempfile
 import time
@@ -30,10 +32,8 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-# Re-exported: callers read and check stored files through the store alone.
-from .integrity import (STORE_FORMAT, SUMS_SUFFIX, CorruptCheckpoint, DamagedFile, ForeignFile,  # noqa: F401
-                        StoreFull, _no_space, _recorded, _remember, _Sink, check_provenance, file_digest, provenance,
-                        remedy, sums_path, verify)
+from .integrity import (STORE_FORMAT, CorruptCheckpoint, DamagedFile, _no_space, _recorded, _remember, _Sink,
+                        check_provenance, file_digest, remedy, sums_path, verify)
 
 COMPLETE = "complete.json"
 # mkstemp creates files 0600; finished files get the mode any other new file would get, so a
@@ -52,13 +52,52 @@ def repo_root() -> Optional[Path]:
 def outputs_root(out: Optional[str] = None) -> Path:
     """Where runs, figures and tables go: ``out`` if given, else ``$SSLAB_OUTPUTS``, else the
     repository's ``outputs/`` — the same folder whatever the working directory (JupyterLab
-    runs notebooks in ``notebooks/``, papermill wherever it was launched)."""
+    runs notebooks in ``notebooks/``, papermill wherever it was launched). A path that can
+    never be a folder is refused here, naming ``out`` or ``SSLAB_OUTPUTS``
+    (:func:`check_outputs_path`)."""
     if out:
-        return Path(out).expanduser().resolve()
+        return check_outputs_path("out", out)
     if os.environ.get("SSLAB_OUTPUTS"):
-        return Path(os.environ["SSLAB_OUTPUTS"]).expanduser().resolve()
+        return check_outputs_path("SSLAB_OUTPUTS", os.environ["SSLAB_OUTPUTS"])
     root = repo_root()
     return (root / "outputs") if root else (Path.cwd() / "outputs").resolve()
+
+
+OUTPUTS_ALLOWED = "a folder this user can create and write"
+
+
+def check_outputs_path(parameter: str, value) -> Path:
+    """``value`` as an absolute path, if it is a folder or one can be created there; else the
+    lab's one-line error naming ``parameter``: a symbolic-link loop, a file, a path under a file,
+    a name the file system refuses. Otherwise the first read or write under it would fail with a
+    raw system error (or, for a loop, a traceback) far from the setting that caused it."""
+    def refuse(reason: str):
+        raise ValueError(f"{parameter}={str(value)!r} is not allowed: {reason}; allowed: {OUTPUTS_ALLOWED}")
+
+    loop = "it goes through a loop of symbolic links"
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user for a user this machine does not know
+        refuse("its ~ names no home folder on this machine")
+    try:
+        folder = path.resolve()
+    except RuntimeError:  # Python before 3.13 raises this for a symbolic-link loop
+        refuse(loop)
+    except OSError as exc:
+        refuse(f"it cannot be used ({exc.strerror or exc})")
+    # The nearest part of the path that exists must be a folder (later Pythons resolve a loop
+    # without a word: it shows here, as ELOOP).
+    for part in (folder, *folder.parents):
+        try:
+            mode = part.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file: look higher
+            continue
+        except OSError as exc:
+            refuse(loop if exc.errno == errno.ELOOP else f"it cannot be used ({exc.strerror or exc})")
+        if not stat.S_ISDIR(mode):
+            refuse(f"{part} is a file, not a folder" if stat.S_ISREG(mode) else f"{part} is not a folder")
+        break
+    return folder
 
 
 def check_writable(folder: Path, parameter: str = "out") -> Path:
@@ -188,7 +227,7 @@ def write_text(path: Path, text: str, checksum: bool = False) -> None:
     _atomic(path, lambda f: f.write(text.encode()), checksum)
 
 
-def save_torch(path: Path, obj, provenance: Optional[dict] = None) -> None:  # noqa: F811 (the record to store)
+def save_torch(path: Path, obj, provenance: Optional[dict] = None) -> None:
     """``torch.save`` atomically, with its sha256 recorded beside it. ``provenance`` (a dict from
     :func:`provenance`) is stored in ``obj`` (a dict) under ``"provenance"``, for
     :func:`load_torch`'s ``expect`` to compare."""
@@ -294,34 +333,78 @@ def truncate_jsonl(path: Path, keep) -> None:
 
 # ---------------------------------------------------------------- locking
 
+LOCKS = ".locks"
+
+
+def lock_path(folder: Path) -> Path:
+    """The lock file of a run or cell folder: beside it, ``<parent>/.locks/<name>.lock``. Not
+    inside it, so taking the lock makes no folder (a cell refused or failed under its lock
+    leaves nothing behind: a folder exists only once something is written into it), and
+    ``--force``'s swap of two folders by renaming does not carry the lock away with them."""
+    folder = Path(folder)
+    return folder.parent / LOCKS / f"{folder.name}.lock"
+
+
 @contextlib.contextmanager
 def locked(folder: Path, wait: bool = True, poll: float = 0.5, announce=print):
-    """An exclusive lock on ``folder/.lock`` across processes: two notebooks or papermill jobs
-    running the same config wait for each other instead of writing the same files."""
+    """An exclusive lock on ``folder`` across processes (``flock`` on :func:`lock_path`): two
+    notebooks or papermill jobs running the same config wait for each other instead of writing
+    the same files. The lock file is removed when the lock is let go, and ``.locks`` with it
+    when no other lock is in it."""
     import fcntl
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")
-    try:
+    path = lock_path(folder)
+    announced = False
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                raise
-            if announce:
-                announce(f"waiting for another process that is running {folder.name} ...")
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(poll)
+            handle = open(path, "a+")
+        except FileNotFoundError:  # another process removed the empty .locks folder in between
+            continue
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    raise
+                if announce and not announced:
+                    announce(f"waiting for another process that is running {folder.name} ...")
+                    announced = True
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        time.sleep(poll)
+        except BaseException:
+            handle.close()
+            raise
+        # The holder before us removed the file as it let go, and a third process may hold a new
+        # file at the same path: only a lock on the file at the path is the folder's.
+        if _is_file_at(handle, path):
+            break
+        handle.close()
+    try:
         yield
     finally:
         with contextlib.suppress(OSError):
+            path.unlink()  # while still held: a process waiting on this file sees it is gone
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only when no other lock is there: outputs/runs holds run folders alone
+        with contextlib.suppress(OSError):
             fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def _is_file_at(handle, path: Path) -> bool:
+    """Whether the open ``handle`` is the file now at ``path`` (same device and inode)."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle.fileno())
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def list_runs(stage: Optional[str] = None, out: Optional[str] = None) -> list:

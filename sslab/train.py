@@ -4,9 +4,9 @@ Data sits on the training device as tensors; each epoch draws a seeded permutati
 slices batches from it. Augmentation happens inside the model's ``loss`` on the same device.
 A run's precision (:mod:`sslab.precision`: bf16 autocast with channels_last, or fp32) is the
 caller's to choose; epochs are timed with CUDA events on CUDA. :func:`fit` reads top to bottom;
-its pieces (the epoch, early stopping, the divergence check, the progress bar) are the small
-functions and classes below it, and the batched probe trainer reuses them; the resume state and
-when it is written are in :mod:`sslab.checkpoint`.
+its pieces (the epoch, the divergence check, the progress bar) are the small functions and
+classes below it, and the batched probe trainer reuses them; the resume state (early stopping and
+the result so far included) and when it is written are in :mod:`sslab.checkpoint`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import store
-from .checkpoint import (CHECKPOINT_EVERY_S, Checkpointer, check_checkpoint_every, resume,  # noqa: F401
-                         start_metrics, training_state)
+from .checkpoint import Checkpointer, EarlyStopping, FitResult, resume, start_metrics, training_state
 from .checks import check_choice
 from .precision import autocast
 
@@ -152,17 +151,6 @@ def train_step(model: nn.Module, data: tuple, index: torch.Tensor, optimizer: to
     return loss
 
 
-@dataclass
-class FitResult:
-    history: list = field(default_factory=list)
-    best_epoch: int = -1
-    best_metric: Optional[float] = None
-    epochs_run: int = 0
-    seconds: float = 0.0
-    resumed_from: int = 0
-    first_loss: Optional[float] = None  # the run's first step: what check_divergence compares with
-
-
 def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *,
         param_groups: Optional[list] = None,
         validate: Optional[Callable[[nn.Module], dict]] = None, monitor: str = "val_acc",
@@ -185,7 +173,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     progress), ``None`` for one process. ``precision``: ``fp32`` or ``bf16``
     (:func:`sslab.precision.resolve_precision` turns the lab's ``auto`` into one of them).
     ``provenance``: what the checkpoint records of the run that writes it
-    (:func:`sslab.store.provenance`); a checkpoint recording something else is refused.
+    (:func:`sslab.integrity.provenance`); a checkpoint recording something else is refused.
     """
     cfg.validate()
     if deterministic:
@@ -342,31 +330,6 @@ def _diverged(what: str, lr: float, saver: Optional["Checkpointer"], bar) -> Tra
     kept = saver.describe_kept() if saver is not None else "nothing of this training is kept"
     return TrainingDiverged(f"{what}; {kept}. Lower the learning rate (lr={lr:g}; another lr trains in a run folder "
                            f"of its own) or check the input data.")
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after ``patience`` epochs without a better validation score (higher is better; 0:
-    never stop), keeping the best epoch's weights to restore at the end."""
-
-    patience: int = 0
-    best_metric: Optional[float] = None
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    best_state: Optional[dict] = None
-
-    def update(self, score: Optional[float], epoch: int, state: Callable[[], dict]) -> None:
-        """Record epoch ``epoch``'s score; ``state()`` gives the weights to keep when it is the best."""
-        if score is not None and (self.best_metric is None or score > self.best_metric):
-            self.best_metric, self.best_epoch, self.bad_epochs = float(score), epoch, 0
-            if self.patience:
-                self.best_state = state()
-        else:
-            self.bad_epochs += 1
-
-    @property
-    def should_stop(self) -> bool:
-        return bool(self.patience) and self.bad_epochs >= self.patience
 
 
 def clone_state(model: nn.Module) -> dict:

@@ -3,6 +3,8 @@ any dataset is read or any training starts; the command line exits 2 with ``erro
 no traceback. Odd image modes in a ``folder:`` dataset are converted, not rejected."""
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,15 +156,65 @@ def test_cuda_where_there_is_none(monkeypatch, no_work, tmp_path, capsys):
     assert "device='cuda'" in err and "no usable CUDA device" in err
 
 
-def test_unwritable_output_folder_is_refused_before_training(no_work, tmp_path, capsys):
-    """Tests run as root, so a folder under a regular file stands in for a read-only disk."""
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    out = blocker / "outputs"
+def test_unwritable_output_folder_is_refused_before_training(no_work, tmp_path, monkeypatch, capsys):
+    """Tests run as root, who may write anywhere: a file system that refuses every new file
+    stands in for a read-only disk."""
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(store.tempfile, "NamedTemporaryFile", refuse)
+    out = tmp_path / "outputs"
     err = cli(capsys, "pretrain", "--out", str(out), "--no-progress")
-    assert f"out='{out}/runs'" in err and "cannot be written" in err and "allowed:" in err
+    assert f"out='{out}/runs' cannot be written (Permission denied); allowed:" in err
     with pytest.raises(PermissionError, match="cannot be written"):
         pretrain(PretrainConfig(), device="cpu", out=str(out), progress=False)
+
+
+def _tree(root: Path) -> list:
+    """Every path under ``root``, links not followed: what 'nothing written' compares."""
+    return sorted(str(Path(folder, name).relative_to(root)) for folder, folders, files in os.walk(root)
+                  for name in folders + files)
+
+
+def _not_a_folder(root: Path, case: str) -> Path:
+    """An outputs path that can never be a folder."""
+    loop = root / "loop"
+    loop.symlink_to("loop")  # `ln -s loop loop`: a link that leads back to itself
+    blocker = root / "a-file"
+    blocker.write_text("not a folder")
+    return {"a symbolic link loop": loop, "a path under a loop": loop / "outputs", "a file": blocker,
+            "a path under a file": blocker / "outputs", "a name too long": root / ("x" * 300) / "outputs"}[case]
+
+
+@pytest.mark.parametrize("case", ["a symbolic link loop", "a path under a loop", "a file", "a path under a file",
+                                  "a name too long"])
+@pytest.mark.parametrize("given", ["SSLAB_OUTPUTS", "--out"])
+def test_an_outputs_path_that_cannot_be_a_folder_is_one_line_naming_it(case, given, complete_run, monkeypatch,
+                                                                      tmp_path, capsys):
+    from sslab.evaluate import cells, features
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("dataset work or training started before the outputs folder was checked")
+
+    for module, name in ((pretrain_module, "load_dataset"), (pretrain_module, "fit"), (features, "load_dataset"),
+                         (cells, "dataset_splits")):
+        monkeypatch.setattr(module, name, forbidden)
+    path = _not_a_folder(tmp_path, case)
+    before = _tree(tmp_path)
+    if given == "SSLAB_OUTPUTS":
+        monkeypatch.setenv("SSLAB_OUTPUTS", str(path))
+        out, named = [], "SSLAB_OUTPUTS"
+    else:
+        out, named = ["--out", str(path)], "out"
+    for argv in (["pretrain", "--no-progress", *out],
+                 ["evaluate", "--run", str(complete_run.path), "--labels", "2", "--no-progress", *out]):
+        err = cli(capsys, *argv)
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"error: {named}={str(path)!r} is not allowed: "), err
+        assert err.rstrip().endswith("allowed: a folder this user can create and write"), err
+    with pytest.raises(ValueError, match=f"^{named}="):
+        store.outputs_root(None if given == "SSLAB_OUTPUTS" else str(path))
+    assert _tree(tmp_path) == before  # nothing written
 
 
 def test_folder_dataset_that_does_not_exist(no_work, tmp_path, capsys):

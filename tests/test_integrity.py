@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import sslab.pretrain as pretrain_module
-from sslab import data, store
+from sslab import data, integrity, store
 from sslab.cli import main
 from sslab.evaluate import EvalConfig, features, finetune_cell, label_curve, probe_cell, scratch_cell
 from sslab.evaluate import cells as cells_module
@@ -68,9 +68,9 @@ def one_error_line(capsys, argv) -> str:
 
 
 def digests(root: Path) -> dict:
-    """sha256 of every file under ``root`` (the lock file aside): what 'byte-identical' compares."""
+    """sha256 of every file under ``root``: what 'byte-identical' compares."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def damage(path: Path, count: int = 64, zero: bool = False) -> None:
@@ -158,9 +158,9 @@ def test_every_file_the_store_writes_records_its_sha256(outputs, images):
     written += sorted(run.path.glob("features-*.pt"))
     assert len(written) == 10
     for path in written:
-        line = store.sums_path(path).read_text()
+        line = integrity.sums_path(path).read_text()
         assert line == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n", path  # sha256sum -c
-    assert not (run.path / "checkpoint.pt").exists() and not store.sums_path(run.path / "checkpoint.pt").exists()
+    assert not (run.path / "checkpoint.pt").exists() and not integrity.sums_path(run.path / "checkpoint.pt").exists()
 
 
 def test_flipped_bytes_in_a_partial_runs_checkpoint_stop_the_resume(images, tmp_path, monkeypatch, capsys):
@@ -218,7 +218,7 @@ def _damage_split(out: Path, images: Path, name: str):
 def test_damaged_stored_files_are_named_and_left_alone(outputs, images, name, make):
     path, read = make(outputs, images, name)
     before = digests(outputs)
-    with pytest.raises(store.DamagedFile) as info:
+    with pytest.raises(integrity.DamagedFile) as info:
         read()
     message = str(info.value)
     assert message.startswith(f"{path} is damaged") and "\n" not in message and "delete" in message
@@ -230,7 +230,7 @@ def test_a_damaged_split_of_a_complete_cell_is_named_when_the_cell_is_read(outpu
     (cell,) = [p for p in (outputs / "runs").iterdir() if p.name.startswith("eval-")]
     damage_tensor_data(cell / "split.pt")
     before = digests(outputs)
-    with pytest.raises(store.DamagedFile) as info:
+    with pytest.raises(integrity.DamagedFile) as info:
         probe_cell(the_run(outputs, images), 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert str(info.value).startswith(f"{cell / 'split.pt'} is damaged") and "\n" not in str(info.value)
     assert digests(outputs) == before
@@ -246,10 +246,10 @@ def test_a_result_copied_from_the_cell_of_another_setting_is_refused(outputs, im
     assert other != cell
     _swap_in(other / name, cell / name)
     before = digests(outputs)
-    with pytest.raises(store.ForeignFile) as info:
+    with pytest.raises(integrity.ForeignFile) as info:
         probe_cell(run, 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert str(info.value).startswith(f"{cell / name} belongs to something else") and "\n" not in str(info.value)
-    with pytest.raises(store.ForeignFile):
+    with pytest.raises(integrity.ForeignFile):
         label_curve([run], budgets=[2], seeds=[0], protocols=["probe"], device="cpu", out=str(outputs),
                     config=TINY_EVAL, progress=False)
     assert digests(outputs) == before
@@ -270,7 +270,7 @@ def test_damaged_checkpoint_of_an_evaluation_cell_stops_its_resume(images, outpu
     (checkpoint,) = (outputs / "runs").glob("eval-scratch*/checkpoint.pt")
     damage(checkpoint)
     before = digests(outputs)
-    with pytest.raises(store.DamagedFile, match=f"^{checkpoint} is damaged"):
+    with pytest.raises(integrity.DamagedFile, match=f"^{checkpoint} is damaged"):
         scratch_cell(run, 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert digests(outputs) == before
 
@@ -282,12 +282,12 @@ def test_a_feature_cache_that_fails_is_rebuilt(outputs, images, how, capsys):
     if how == "foreign":  # the test split's features in the train split's file
         test_cache = next(run.path.glob("features-test-*.pt"))
         shutil.copy(test_cache, cache)
-        shutil.copy(store.sums_path(test_cache), store.sums_path(cache))
+        shutil.copy(integrity.sums_path(test_cache), integrity.sums_path(cache))
     else:
         damage(cache)
     row = probe_cell(run, 2, 1, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert 0 <= row["top1"] <= 1
-    store.verify(cache)  # rewritten, intact, and made by this run's train split
+    integrity.verify(cache)  # rewritten, intact, and made by this run's train split
     assert store.load_torch(cache)["provenance"]["split"] == "train"
     if how == "flipped bytes":
         assert "rebuilding the feature cache" in capsys.readouterr().err
@@ -296,10 +296,10 @@ def test_a_feature_cache_that_fails_is_rebuilt(outputs, images, how, capsys):
 def test_a_file_without_its_checksum_is_checked_by_its_zip_crcs(tmp_path):
     path = tmp_path / "weights.pt"
     store.save_torch(path, {"w": torch.arange(4096, dtype=torch.float32)})
-    store.sums_path(path).unlink()  # copied without it, or written before checksums
+    integrity.sums_path(path).unlink()  # copied without it, or written before checksums
     assert store.load_torch(path)["w"].sum() > 0
     damage(path, 64)
-    with pytest.raises(store.DamagedFile, match="fails its zip CRC check"):
+    with pytest.raises(integrity.DamagedFile, match="fails its zip CRC check"):
         store.load_torch(path)
 
 
@@ -320,10 +320,10 @@ def test_a_kill_between_the_checksum_and_the_rename_leaves_a_file_that_verifies(
     with pytest.raises(KeyboardInterrupt):
         store.save_torch(path, {"epoch": 1})
     monkeypatch.undo()
-    assert len(store.sums_path(path).read_text().splitlines()) == 2
+    assert len(integrity.sums_path(path).read_text().splitlines()) == 2
     assert store.load_torch(path)["epoch"] == 0
     store.save_torch(path, {"epoch": 2})
-    assert len(store.sums_path(path).read_text().splitlines()) == 1 and store.load_torch(path)["epoch"] == 2
+    assert len(integrity.sums_path(path).read_text().splitlines()) == 1 and store.load_torch(path)["epoch"] == 2
 
 
 @pytest.mark.parametrize("text, problem", [('{"method": "rotation", "dataset": "x', "Unterminated string"),
@@ -332,7 +332,7 @@ def test_json_that_does_not_parse_is_named_with_the_fix(outputs, images, text, p
     """Without a checksum to compare (deleted with the damage), the parser's error names the file."""
     run = the_run(outputs, images)
     (run.path / "config.json").write_text(text)
-    store.sums_path(run.path / "config.json").unlink()
+    integrity.sums_path(run.path / "config.json").unlink()
     before = digests(outputs)
     err = one_error_line(capsys, ["probe", "--run", str(run.path), "--labels", "2", "--device", "cpu",
                                   "--out", str(outputs)])
@@ -347,7 +347,7 @@ def test_a_cell_row_without_a_key_is_named_not_a_key_error(outputs, images, caps
     del row["top1"]
     store.write_json(cell / "metrics.json", row)  # a valid checksum: only the key is missing
     before = digests(outputs)
-    with pytest.raises(store.DamagedFile) as info:
+    with pytest.raises(integrity.DamagedFile) as info:
         probe_cell(the_run(outputs, images), 2, 0, device="cpu", out=str(outputs), config=TINY_EVAL)
     assert str(info.value).startswith(f"{cell / 'metrics.json'} is damaged: it has no 'top1'")
     assert "top1" in ROW_KEYS and digests(outputs) == before
@@ -357,7 +357,7 @@ def test_a_cell_row_without_a_key_is_named_not_a_key_error(outputs, images, caps
 
 def _swap_in(source: Path, target: Path) -> None:
     shutil.copy(source, target)
-    shutil.copy(store.sums_path(source), store.sums_path(target))
+    shutil.copy(integrity.sums_path(source), integrity.sums_path(target))
 
 
 @pytest.mark.parametrize("donor, expected", [({"method": "vae"}, "method=vae"),
@@ -373,7 +373,7 @@ def test_weights_of_another_run_are_refused_by_the_probe(outputs, images, donor,
     assert f"{run.path / 'model.pt'} belongs to something else: it holds kind=model, " in err
     assert expected in err and "where this run expects kind=model" in err
     assert digests(outputs) == before
-    with pytest.raises(store.ForeignFile):
+    with pytest.raises(integrity.ForeignFile):
         run.load_task()
 
 
@@ -382,7 +382,7 @@ def test_weights_without_a_provenance_record_are_refused(outputs, images):
     state = torch.load(run.path / "model.pt", weights_only=True)
     del state["provenance"]
     store.save_torch(run.path / "model.pt", state)
-    with pytest.raises(store.ForeignFile, match="does not say what made it"):
+    with pytest.raises(integrity.ForeignFile, match="does not say what made it"):
         run.load_backbone()
 
 
@@ -418,11 +418,11 @@ def test_fit_refuses_a_checkpoint_that_does_not_fit_its_model(tmp_path, make_ima
     checkpoint = tmp_path / "checkpoint.pt"
     fit(build_task("rotation", BackboneConfig(1, 28, 0.25)), (images,), cfg, torch.device("cpu"),
         checkpoint=checkpoint, progress=False)
-    with pytest.raises(store.ForeignFile, match="holds the weights of another model"):
+    with pytest.raises(integrity.ForeignFile, match="holds the weights of another model"):
         fit(build_task("rotation", BackboneConfig(1, 28, 0.125)), (images,), cfg, torch.device("cpu"),
             checkpoint=checkpoint, progress=False)
     store.save_torch(checkpoint, {"model": {}, "backbone": {}, "method": "rotation"})
-    with pytest.raises(store.ForeignFile, match="is not a training checkpoint .*optimizer"):
+    with pytest.raises(integrity.ForeignFile, match="is not a training checkpoint .*optimizer"):
         fit(build_task("rotation", BackboneConfig(1, 28, 0.125)), (images,), cfg, torch.device("cpu"),
             checkpoint=checkpoint, progress=False)
 
@@ -430,14 +430,13 @@ def test_fit_refuses_a_checkpoint_that_does_not_fit_its_model(tmp_path, make_ima
 def test_the_store_format_is_in_every_config_hash_and_every_provenance(tmp_path, monkeypatch):
     config = {"method": "rotation", "epochs": 3}
     path = tmp_path / "model.pt"
-    store.save_torch(path, {"w": torch.ones(2)}, provenance=store.provenance("model", method="rotation"))
+    store.save_torch(path, {"w": torch.ones(2)}, provenance=integrity.provenance("model", method="rotation"))
     before = store.config_hash(config)
-    from sslab import integrity
-    newer = store.STORE_FORMAT + 1
+    newer = integrity.STORE_FORMAT + 1
     for module in (store, integrity):  # the store hashes with it, integrity checks records against it
         monkeypatch.setattr(module, "STORE_FORMAT", newer)
     assert store.config_hash(config) != before  # a new format never reuses old runs or cells
-    with pytest.raises(store.ForeignFile, match="store_format=2 where this run expects kind=model, store_format=3"):
+    with pytest.raises(integrity.ForeignFile, match="store_format=2 where this run expects kind=model, store_format=3"):
         store.load_torch(path, expect={"kind": "model", "method": "rotation"})
 
 
@@ -547,7 +546,7 @@ def test_a_full_disk_is_one_line_and_the_old_file_stays(tmp_path, monkeypatch, k
     store.save_torch(path, {"epoch": torch.tensor(1)})
     before = digests(tmp_path)
     monkeypatch.setattr(torch, "save", _full_disk(kind))
-    with pytest.raises(store.StoreFull) as info:
+    with pytest.raises(integrity.StoreFull) as info:
         store.save_torch(path, {"epoch": torch.tensor(2)})
     monkeypatch.undo()
     message = str(info.value)
@@ -566,7 +565,7 @@ def test_a_full_disk_while_appending_metrics_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store.os, "fsync", no_room)
-    with pytest.raises(store.StoreFull, match=f"^no space left on .* to write {path}: "):
+    with pytest.raises(integrity.StoreFull, match=f"^no space left on .* to write {path}: "):
         store.append_jsonl(path, {"epoch": 1})
     monkeypatch.undo()
     assert store.read_jsonl(path)[0] == {"epoch": 0}

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslab import store
+from sslab import integrity, store
 from sslab.cli import main
 from sslab.models import BackboneConfig
 from sslab.pretext import build_task
@@ -210,7 +210,7 @@ def test_truncated_checkpoint_is_reported_with_its_path_not_loaded(image_folder,
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(store.CorruptCheckpoint, match=str(checkpoint)):
+    with pytest.raises(integrity.CorruptCheckpoint, match=str(checkpoint)):
         store.load_torch(checkpoint)
     argv = ["pretrain", "--dataset", f"folder:{image_folder}", "--epochs", "2", "--width", "0.125",
             "--device", "cpu", "--out", str(out), "--no-progress"]
@@ -227,7 +227,7 @@ def test_truncated_or_empty_weights_are_reported_with_their_path(image_folder, t
     data = model.read_bytes()
     for damaged in (data[: len(data) // 3], data[:100], b""):
         model.write_bytes(damaged)
-        with pytest.raises(store.CorruptCheckpoint) as info:
+        with pytest.raises(integrity.CorruptCheckpoint) as info:
             load_run(run.path).load_task()
         assert str(model) in str(info.value)
 
@@ -251,7 +251,7 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, writer):
         path.write_bytes(pickle.dumps(payload))
     else:
         torch.save(payload, path)
-    with pytest.raises(store.CorruptCheckpoint) as info:
+    with pytest.raises(integrity.CorruptCheckpoint) as info:
         store.load_torch(path)
     assert str(path) in str(info.value)
     assert not marker.exists()
@@ -289,7 +289,7 @@ def test_jsonl_reader_drops_a_line_cut_by_a_kill(tmp_path):
 # ---------------------------------------------------------------- a failed run never replaces a complete one
 
 def _snapshot(folder: Path) -> dict:
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 def test_failed_force_leaves_the_complete_run_intact(image_folder, tmp_path, monkeypatch):
@@ -395,6 +395,74 @@ def test_lock_makes_the_second_process_wait(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------- a folder only when something is written into it
+
+def test_a_refused_or_failed_cell_or_run_leaves_no_folder_behind(image_folder, tmp_path, monkeypatch, capsys):
+    """The lock of a run or cell folder is a file beside it (``runs/.locks/``), removed when let
+    go: a cell refused once it holds its lock, a cell whose computation raises and a run that
+    fails once it holds its lock leave ``outputs/runs`` as it was."""
+    import sslab.pretrain as pretrain_module
+    from sslab.evaluate import cells
+    run = pretrain(tiny_config(image_folder, method="random-init"), device="cpu", out=str(tmp_path), progress=False)
+    assert run_folders(tmp_path) == [run.path]
+
+    # refused inside the cell: more validation images per class than a class has (32)
+    assert main(["evaluate", "--run", str(run.path), "--labels", "2", "--protocols", "fixmatch", "--val-per-class",
+                 "40", "--device", "cpu", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "val_per_class" in capsys.readouterr().err
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the computation failed")
+
+    cell = {"stage": "eval", "method": "rotation", "protocol": "probe", "dataset": "x", "budget": 1, "seed": 0}
+    with pytest.raises(RuntimeError, match="the computation failed"):
+        cells.computed_once(cell, str(tmp_path), fails)
+    monkeypatch.setattr(pretrain_module, "build_task", fails)  # after the run's lock is taken
+    with pytest.raises(RuntimeError, match="the computation failed"):
+        pretrain(tiny_config(image_folder, method="vae"), device="cpu", out=str(tmp_path), progress=False)
+
+    assert run_folders(tmp_path) == [run.path]  # no cell folder, no .locks folder
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_lock_file_replaced_while_waiting_is_not_taken_for_the_lock(tmp_path):
+    """A process letting go of a lock removes its file. One that was waiting on that file gets
+    it, but a third may have taken a new file at the same path meanwhile: the waiter compares the
+    file it locked with the one at the path, and waits on until the lock it gets is the path's."""
+    import fcntl
+    import threading
+    folder = tmp_path / "runs" / "eval-x"
+    path = store.lock_path(folder)
+    path.parent.mkdir(parents=True)
+    holder = open(path, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    entered, messages = threading.Event(), []
+
+    def waiter():
+        with store.locked(folder, poll=0.01, announce=messages.append):
+            entered.set()
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    for _ in range(1000):
+        if messages:
+            break
+        time.sleep(0.01)
+    assert messages and folder.name in messages[0]  # waiting on the holder's file
+    path.unlink()  # the holder lets go as locked() does: its file removed while it still holds it ...
+    third = open(path, "a+")  # ... and a third process takes a new file at the path before the waiter wakes
+    fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    assert not entered.wait(0.5), "the waiter took the removed file's lock for the lock of the folder"
+    path.unlink()
+    fcntl.flock(third, fcntl.LOCK_UN)
+    third.close()
+    assert entered.wait(10)
+    thread.join(10)
+    assert len(messages) == 1 and not folder.exists() and not path.parent.exists()
 
 
 # ---------------------------------------------------------------- --deterministic
@@ -535,14 +603,14 @@ PAUSING = """
 import os, sys, time
 import torch
 torch.set_num_threads(1)
-from sslab import train
-_maybe_save = train.Checkpointer.maybe_save
+from sslab import checkpoint
+_maybe_save = checkpoint.Checkpointer.maybe_save
 def _pausing_save(self, *args, **kwargs):
     before = self.saved_epoch
     _maybe_save(self, *args, **kwargs)
     if self.saved_epoch != before:
         time.sleep(float(os.environ.get("PAUSE_AFTER_CHECKPOINT", "0")))
-train.Checkpointer.maybe_save = _pausing_save
+checkpoint.Checkpointer.maybe_save = _pausing_save
 """
 
 # argv: protocol, pretrained run, out, EvalConfig fields as JSON. Prints the cell's row as JSON.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sslab import store
+from sslab import integrity, store
 from sslab.train import TrainConfig, TrainingDiverged, batches_per_epoch, fit, lr_factor, resolve_device
 
 CPU = torch.device("cpu")
@@ -320,12 +320,12 @@ class _NotAWeight:
 def test_load_torch_refuses_code_and_names_corrupt_files(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"object": _NotAWeight()}, unsafe)
-    with pytest.raises(store.CorruptCheckpoint, match="unsafe.pt"):
+    with pytest.raises(integrity.CorruptCheckpoint, match="unsafe.pt"):
         store.load_torch(unsafe)
     truncated = tmp_path / "truncated.pt"
     store.save_torch(truncated, {"w": torch.zeros(100)})
     truncated.write_bytes(truncated.read_bytes()[:50])
-    with pytest.raises(store.CorruptCheckpoint, match="truncated.pt"):
+    with pytest.raises(integrity.CorruptCheckpoint, match="truncated.pt"):
         store.load_torch(truncated)
     with pytest.raises(FileNotFoundError):
         store.load_torch(tmp_path / "missing.pt")

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import EarlyStopping, FitResult
 from ..precision import autocast
-from ..train import (EarlyStopping, EpochPlan, EpochTimer, FitResult, TrainConfig, check_divergence, epoch_row,
-                     step_lr, summarise)
+from ..train import EpochPlan, EpochTimer, TrainConfig, check_divergence, epoch_row, step_lr, summarise
 
 BN_MOMENTUM_DEFAULT = 0.1
 

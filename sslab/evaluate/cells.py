@@ -17,14 +17,14 @@ from typing import Optional
 
 import torch
 
-from .. import store
+from .. import integrity, store
 from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number
 from ..data import DatasetSplits
-from ..integrity import check_provenance
 from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import Run, load_run
-from ..train import CHECKPOINT_EVERY_S, FitResult, TrainConfig, fit, resolve_device
+from ..checkpoint import CHECKPOINT_EVERY_S, FitResult
+from ..train import TrainConfig, fit, resolve_device
 from .features import dataset_splits, run_features
 from .heads import HEADS
 from .metrics import classification_metrics
@@ -206,7 +206,7 @@ def pretrained_id(run: Run) -> str:
     digest of its weights file, so a run trained again under the same name (``--force``) does
     not reuse cells computed from the old weights. (The sha256 the store verifies model.pt with,
     computed once per process.)"""
-    return f"{run.path.name}@{store.file_digest(run.path / 'model.pt')[:12]}"
+    return f"{run.path.name}@{integrity.file_digest(run.path / 'model.pt')[:12]}"
 
 
 def cell_folder(config: dict, out) -> Path:
@@ -227,7 +227,7 @@ def stored_row(config: dict, out) -> Optional[dict]:
     if not store.is_complete(folder):
         return None
     row = store.read_json(folder / "metrics.json", required=ROW_KEYS)
-    check_provenance(row, folder / "metrics.json", cell_provenance("metrics", config))
+    integrity.check_provenance(row, folder / "metrics.json", cell_provenance("metrics", config))
     store.load_torch(folder / "split.pt", expect=cell_provenance("split", config))
     return {k: v for k, v in row.items() if k != "provenance"}
 
@@ -262,8 +262,8 @@ def finish_cell(folder: Path, config: dict, row: dict, split: tuple, head_state:
 
 def cell_provenance(kind: str, config: dict) -> dict:
     """What a cell's ``kind`` of file (metrics, split, head, checkpoint) records: the cell it belongs to."""
-    return store.provenance(kind, method=config["method"], protocol=config["protocol"],
-                            config=store.config_hash(config))
+    return integrity.provenance(kind, method=config["method"], protocol=config["protocol"],
+                                config=store.config_hash(config))
 
 
 def result_row(method, protocol, head, cfg: EvalConfig, budget, seed, metrics, classes, epochs, seconds,

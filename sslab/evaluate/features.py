@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .. import store
+from .. import integrity, store
 from ..data import DatasetSplits, load_dataset
 from ..models import check_layer, extract_features
 from ..pretrain import Run
@@ -30,12 +30,12 @@ def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int 
     folder, so the next process (each notebook is one) reads them instead of recomputing."""
     dev = resolve_device(device)
     check_layer(layer, run.arch)
-    weights = store.file_digest(Path(run.path) / "model.pt")  # new weights (--force): new features
+    weights = integrity.file_digest(Path(run.path) / "model.pt")  # new weights (--force): new features
     key = (str(run.path), weights, split, layer, grid, str(dev), precision)
     if key not in _FEATURES:
         cache = Path(run.path) / f"features-{split}-{layer}-g{grid}-{dev.type}-{precision}.pt"
-        made_by = store.provenance("features", model=weights, split=split, layer=layer, grid=grid,
-                                   precision=precision)
+        made_by = integrity.provenance("features", model=weights, split=split, layer=layer, grid=grid,
+                                       precision=precision)
         feats = _cached_features(cache, made_by)
         if feats is None:
             images = getattr(dataset_splits(run.config), split).images
@@ -56,9 +56,9 @@ def _cached_features(cache: Path, made_by: dict) -> Optional[torch.Tensor]:
         return None
     try:
         feats = store.load_torch(cache, expect=made_by).get("features")
-    except store.ForeignFile:  # made from other weights (the run was trained again): simply stale
+    except integrity.ForeignFile:  # made from other weights (the run was trained again): simply stale
         return None
-    except store.CorruptCheckpoint as exc:  # damaged or unsafe: a cache is rebuilt, never trusted
+    except integrity.CorruptCheckpoint as exc:  # damaged or unsafe: a cache is rebuilt, never trusted
         print(f"rebuilding the feature cache: {str(exc).split('; ')[0]}", file=sys.stderr)
         return None
     return feats if torch.is_tensor(feats) else None

@@ -1,7 +1,8 @@
 """What the notebooks call: ``from sslab import lab, plots`` and one ``lab.…`` call per cell.
 
 - :mod:`.params`: the parameters cell's checks (:func:`check_notebook_params`) and the
-  :class:`LabSettings` every notebook derives its pretraining configs from;
+  :class:`LabSettings` every notebook derives its pretraining configs from, and the YAML
+  parameter files (:func:`load_params`);
 - :mod:`.runs`: the dataset, the pretrained runs, what each pretext task learned;
 - :mod:`.tables`: the sweeps as tables and one-sentence readings;
 - :mod:`.embeddings`: UMAP panels;  :mod:`.widgets`: figures and ipywidgets explorers;
@@ -9,8 +10,8 @@
 """
 from ..evaluate import series_name
 from .embeddings import embeddings, separation_sentence
-from .notebooks import NOTEBOOKS, TABLES, headline, load_params, main, publish, published_notebook, run_notebooks
-from .params import CHECKS, SCORES, LabSettings, check_notebook_params
+from .notebooks import NOTEBOOKS, TABLES, headline, main, publish, published_notebook, run_notebooks
+from .params import CHECKS, SCORES, LabSettings, check_notebook_params, load_params
 from .runs import (dataset_summary, pretext_sentence, pretrain_runs, rotation_accuracy_by_class, rotation_predictions,
                    rotation_sentence, simclr_views, vae_gallery, vae_sentence)
 from .tables import (best_series, confusion_of, confusion_sentence, curve_sentence, evaluate_budgets, finetune_sentence,

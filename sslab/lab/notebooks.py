@@ -10,7 +10,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import store
-from .params import CHECKS
+from ..checks import HelpFormatter, Parser
+from .params import CHECKS, load_params, parse_parameter
 from .tables import curve_sentence, gain_frame, pivot_frame, semi_sentence
 
 NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune", "06_semi_supervised")
@@ -25,47 +26,6 @@ def notebooks_dir() -> Path:
         raise FileNotFoundError("the notebooks/ folder was not found next to the sslab package; run from a "
                                 "clone of the repository (pip install -e .)")
     return root / "notebooks"
-
-
-def load_params(path: Optional[str]) -> dict:
-    """A papermill parameter file (YAML mapping) → dict; None → {}."""
-    if not path:
-        return {}
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--params={str(path)!r} does not exist; allowed: a YAML file such as params/full.yml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--params={str(path)!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML mapping of "
-                         f"parameter: value, one per line, e.g. labels: 20") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--params={str(path)!r} must hold a mapping of parameter: value")
-    return data
-
-
-def yaml_problem(exc: Exception) -> str:
-    """Where and what a YAML parse error is, in one line: ``line L column C: problem``."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
-    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
-    context = getattr(exc, "context", None)
-    if context and getattr(exc, "problem", None):
-        problem += f" ({' '.join(str(context).split())})"
-    if "constructor for the tag" in problem:
-        problem += "; only plain values are read (numbers, text, lists), no !!python tags"
-    return where + problem
-
-
-def parse_parameter(name: str, text: str):
-    """The value of ``-p NAME TEXT`` (YAML, as papermill reads it); a malformed one is one line."""
-    import yaml
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"-p {name} {text!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML value, e.g. "
-                         f"-p labels 5, -p dataset cifar10, -p seeds '[0, 1]'") from None
 
 
 def check_labels_fit(params: dict, names: Sequence[str], source: Optional[Path] = None) -> None:
@@ -291,7 +251,6 @@ def headline(out: Optional[str] = None) -> str:
 
 
 def main(argv=None) -> int:
-    from ..cli import HelpFormatter, Parser
     parser = Parser(prog="python -m sslab.lab", formatter_class=HelpFormatter,
                     description="Run the notebooks in order with papermill (make lab), write executed copies to "
                                 "outputs/notebooks/ and figures to outputs/figures/, then print the headline table.")

@@ -1,8 +1,10 @@
 """A notebook's parameters: checked once, in the cell after the parameters cell, and what
-follows from them (the one pretraining config per method that every notebook shares)."""
+follows from them (the one pretraining config per method that every notebook shares); and the
+papermill parameter files (YAML) and ``-p`` values they are read from."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -184,3 +186,46 @@ def check_notebook_params(**params) -> LabSettings:
     if settings.deterministic:
         make_deterministic()  # process-wide: feature extraction and the UMAP inputs repeat too
     return settings
+
+
+# ---------------------------------------------------------------- parameter files (YAML)
+
+def load_params(path: Optional[str]) -> dict:
+    """A papermill parameter file (YAML mapping) → dict; None → {}."""
+    if not path:
+        return {}
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--params={str(path)!r} does not exist; allowed: a YAML file such as params/full.yml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--params={str(path)!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML mapping of "
+                         f"parameter: value, one per line, e.g. labels: 20") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--params={str(path)!r} must hold a mapping of parameter: value")
+    return data
+
+
+def yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML parse error is, in one line: ``line L column C: problem``."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context = getattr(exc, "context", None)
+    if context and getattr(exc, "problem", None):
+        problem += f" ({' '.join(str(context).split())})"
+    if "constructor for the tag" in problem:
+        problem += "; only plain values are read (numbers, text, lists), no !!python tags"
+    return where + problem
+
+
+def parse_parameter(name: str, text: str):
+    """The value of ``-p NAME TEXT`` (YAML, as papermill reads it); a malformed one is one line."""
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"-p {name} {text!r} is not allowed: {yaml_problem(exc)}; allowed: a YAML value, e.g. "
+                         f"-p labels 5, -p dataset cifar10, -p seeds '[0, 1]'") from None
