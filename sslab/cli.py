@@ -9,8 +9,9 @@ import argparse
 import sys
 import time
 
-from .checks import MAX_COUNT, HelpFormatter, Parser, check_choice, check_choice_list, check_int, check_int_list
-from .data import DATASETS
+from .checks import (MAX_COUNT, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list, check_int,
+                     check_int_list)
+from .data import DATASETS, check_budgets_fit, load_dataset
 
 
 # ---------------------------------------------------------------- flags shared by several commands
@@ -64,7 +65,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated evaluation protocols: {', '.join(PROTOCOLS)} (default: probe,scratch for "
                         f"curve, probe for evaluate); --finetune and --no-scratch/--scratch add or leave out one")
     p.add_argument("--head", default="mlp", help=f"classifier of the probe on frozen features: {', '.join(HEADS)}")
-    p.add_argument("--val-per-class", type=int, default=10, help="validation images per class (early stopping)")
+    p.add_argument("--val-per-class", type=int, default=10,
+                   help="labeled validation images per class (early stopping and the protocols' choices); 0: none, "
+                        "every trained protocol runs its fixed schedule, so K labels per class are K × classes "
+                        "labeled images in all")
+    p.add_argument("--selection", default="balanced",
+                   help="which images are labeled: balanced (K of every class, the study's draw), uniform (K × classes "
+                        "at random from the pool, classes unknown), typical (TypiClust) or cover (ProbCover), both "
+                        "from the method's features without labels")
     p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
     p.add_argument("--fm-steps", type=int, default=1000,
                    help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
@@ -162,7 +170,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_datasets(args) -> int:
-    from .data import dataset_status, load_dataset
+    from .data import dataset_status
     if args.ensure:
         splits = load_dataset(args.ensure, args.data_root)
         print(f"{splits.name}: {len(splits.train)} train, {len(splits.test)} test, "
@@ -225,28 +233,16 @@ def parse_shard(text):
     return index, count
 
 
-def check_curve_budgets(dataset: str, data_root, image_size, budgets, val_per_class: int) -> None:
-    """Every budget must leave ``val_per_class`` validation images in every class of the
-    dataset's labeled train split — checked before any pretraining, not hours into a sweep."""
-    from .data import load_dataset, max_per_class
-    most = max_per_class(load_dataset(dataset, data_root, image_size).train.labels, val_per_class)
-    if most < 1:  # not even one labeled image per class is left: the validation share is the problem
-        raise ValueError(f"--val-per-class={val_per_class} is not allowed: {dataset}'s smallest class has "
-                         f"{most + val_per_class} labeled images, and at least 1 must be left for the budget; "
-                         f"allowed: --val-per-class ≤ {most + val_per_class - 1}")
-    too_many = [b for b in budgets if b > most]
-    if too_many:
-        raise ValueError(f"--budgets={','.join(map(str, budgets))} is not allowed: {dataset} has too few labeled "
-                         f"images per class for {','.join(map(str, too_many))} with --val-per-class "
-                         f"{val_per_class}; allowed: budgets ≤ {most}")
-
-
 def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
-    check_int("--st-steps", args.st_steps, 1)
-    check_int("--fm-steps", args.fm_steps, 1)
-    return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, precision=args.precision,
+    from .evaluate.selection import SELECTIONS
+    check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
+    check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
+    check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
+    check_choice("--selection", args.selection, SELECTIONS)
+    return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
+                      precision=args.precision,
                       st_steps=args.st_steps, fm_steps=args.fm_steps).validate()
 
 
@@ -269,7 +265,8 @@ def cmd_curve(args) -> int:
                               seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision,
                               backbone=args.backbone)
                for method in methods]
-    check_curve_budgets(args.dataset, args.data_root, args.image_size, budgets, args.val_per_class)
+    check_budgets_fit(args.dataset, load_dataset(args.dataset, args.data_root, args.image_size).train.labels, budgets,
+                      args.val_per_class, "--budgets", "--val-per-class")
     started = time.perf_counter()
     protocols = dict(protocols=_protocol_list(args, ("probe", "scratch")))
     if args.merge:

@@ -487,3 +487,24 @@ def max_per_class(labels, val_per_class: int = 0) -> int:
     counts = np.bincount(labels[labels >= 0])
     counts = counts[counts > 0]
     return int(counts.min()) - val_per_class
+
+
+def check_budgets_fit(dataset: str, labels, budgets, val_per_class: int, name: str = "budgets",
+                      val_name: str = "val_per_class") -> None:
+    """Every budget (labeled images per class) of ``budgets`` must leave ``val_per_class``
+    validation images in every class of ``dataset``'s labeled train split (``labels``): the one
+    check the command line and the notebooks run before any pretraining, not hours into a sweep.
+    ``name`` and ``val_name`` are how the caller spells the two parameters."""
+    most = max_per_class(labels, val_per_class)
+    if most < 1:  # not even one labeled image per class is left: the validation share is the problem
+        raise ValueError(f"{val_name}={val_per_class} is not allowed: {dataset}'s smallest class has "
+                         f"{most + val_per_class} labeled images, and at least 1 must be left for the labels; "
+                         f"allowed: {val_name} ≤ {most + val_per_class - 1}")
+    budgets = [budgets] if isinstance(budgets, int) else list(budgets)
+    too_many = [b for b in budgets if b > most]
+    if too_many:
+        shown = budgets[0] if len(budgets) == 1 else ",".join(map(str, budgets))
+        raise ValueError(f"{name}={shown} is not allowed: {dataset} has too few labeled images per class for "
+                         f"{', '.join(map(str, too_many))} with {val_name}={val_per_class} validation images per "
+                         f"class; allowed: {name} ≤ {most}")
+

@@ -64,7 +64,7 @@ def run_command(argv: list, capsys) -> str:
 def stop_before_work(monkeypatch, tmp_path):
     monkeypatch.setattr(pretrain_module, "unlabeled_pool", stop_at_the_work)
     monkeypatch.setattr(pretrain_module, "folder_classes", stop_at_the_work)
-    monkeypatch.setattr(cli, "check_curve_budgets", stop_at_the_work)
+    monkeypatch.setattr(cli, "check_budgets_fit", stop_at_the_work)
     return tmp_path
 
 

@@ -322,7 +322,7 @@ def test_curve_checks_budgets_against_the_dataset_before_pretraining(no_work, tm
     root = grey_folder(tmp_path / "images", per_class=3)
     err = cli(capsys, "curve", "--methods", "rotation", "--dataset", f"folder:{root}", "--budgets", "1,3",
               "--val-per-class", "1", "--out", str(tmp_path / "out"), "--no-progress")
-    assert "--budgets=1,3 is not allowed" in err and "for 3 with --val-per-class 1" in err and "≤ 2" in err
+    assert "--budgets=1,3 is not allowed" in err and "for 3 with --val-per-class=1 validation" in err and "≤ 2" in err
     assert not (tmp_path / "out" / "runs").exists()
     # A validation share that leaves no image at all for any budget is named as the cause.
     err = cli(capsys, "curve", "--methods", "rotation", "--dataset", f"folder:{root}", "--budgets", "1",

@@ -271,7 +271,7 @@ def test_small_curve_produces_every_row(tiny_runs):
     expected_gain = np.mean([row["top1"] - scratch["top1"], other["top1"] - other_scratch["top1"]])
     assert gain["gain_top1_mean"] == pytest.approx(expected_gain)
     csv_text = (Path(out) / "tables" / "tiny.csv").read_text().splitlines()
-    assert csv_text[0].startswith("method,protocol,head,layer,budget,seed,top1,top5")
+    assert csv_text[0].startswith("method,protocol,selection,val_per_class,head,layer,budget,seed,top1,top5")
     assert len(csv_text) == 1 + len(expected)
     saved = json.loads((Path(out) / "tables" / "tiny.json").read_text())
     assert len(saved["rows"]) == len(expected) and saved["summary"]

@@ -10,15 +10,24 @@ import numpy as np
 
 from .. import store
 
-TABLE_COLUMNS = ("method", "protocol", "head", "layer", "budget", "seed", "top1", "top5", "epochs", "seconds")
+TABLE_COLUMNS = ("method", "protocol", "selection", "val_per_class", "head", "layer", "budget", "seed", "top1", "top5",
+                 "epochs", "seconds")
 # The order protocols are listed in, within a method (scratch, the baseline, always last).
 PROTOCOL_ORDER = ("probe", "finetune", "labelprop", "selftrain", "fixmatch", "scratch")
 
 
-def series_name(method: str, protocol: str) -> str:
+def series_name(method: str, protocol: str, selection: str = "balanced") -> str:
     """How a (method, protocol) series is named in tables and legends: ``rotation``,
-    ``rotation (finetune)``, ``scratch``."""
-    return method if protocol in ("probe", "scratch") else f"{method} ({protocol})"
+    ``rotation (finetune)``, ``scratch``; with a selection other than the study's balanced draw,
+    ``rotation (labelprop, typical)``."""
+    parts = [p for p in ((protocol if protocol not in ("probe", "scratch") else None),
+                         (selection if selection != "balanced" else None)) if p]
+    return f"{method} ({', '.join(parts)})" if parts else method
+
+
+def selection_of(row: dict) -> str:
+    """The selection a row's labeled images were chosen by (rows older than selections: balanced)."""
+    return row.get("selection", "balanced")
 
 
 def series_order(rows: Sequence[dict]) -> list:
@@ -41,13 +50,14 @@ class ResultTable:
         return [{k: r.get(k) for k in TABLE_COLUMNS} for r in self.rows]
 
     def summary(self) -> list:
-        """Mean and standard deviation over seeds per method × protocol × budget."""
+        """Mean and standard deviation over seeds per method × protocol × selection × budget."""
         groups: dict = {}
         for r in self.rows:
-            groups.setdefault((r["method"], r["protocol"], r["budget"]), []).append(r)
+            groups.setdefault((r["method"], r["protocol"], selection_of(r), r["budget"]), []).append(r)
         out = []
-        for (method, protocol, budget), rows in sorted(groups.items(), key=_summary_order):
-            entry = {"method": method, "protocol": protocol, "budget": budget, "n": len(rows)}
+        for (method, protocol, selection, budget), rows in sorted(groups.items(), key=_summary_order):
+            entry = {"method": method, "protocol": protocol, "selection": selection, "budget": budget,
+                     "n": len(rows)}
             for metric in ("top1", "top5"):
                 values = np.array([r[metric] for r in rows if r[metric] is not None], dtype=float)
                 entry[f"{metric}_mean"] = float(values.mean()) if values.size else None
@@ -60,27 +70,33 @@ class ResultTable:
         images (same budget and seed), its mean, standard deviation and 95 % confidence interval
         over seeds (:func:`t_interval`), and the seeds it won. ``over``: the baseline —
         ``scratch`` (the scratch cell), ``random-init`` (the same protocol from a randomly
-        initialised backbone: what pretraining adds) or ``probe`` (the same method's probe:
-        what the protocol adds over a head on frozen features)."""
+        initialised backbone: what pretraining adds), ``probe`` (the same method's probe:
+        what the protocol adds over a head on frozen features), all with the same selection;
+        or ``uniform`` / ``balanced`` (the same method and protocol with labeled images drawn
+        that way: what choosing the images adds)."""
         if over not in GAIN_BASELINES:
             raise ValueError(f"over={over!r} is not known; allowed: {', '.join(GAIN_BASELINES)}")
-        values = {(r["method"], r["protocol"], r["budget"], r["seed"]): r[metric] for r in self.rows}
+        values = {(r["method"], r["protocol"], selection_of(r), r["budget"], r["seed"]): r[metric] for r in self.rows}
         groups: dict = {}
         for r in self.rows:
-            method, protocol, budget, seed = r["method"], r["protocol"], r["budget"], r["seed"]
-            base = {"scratch": ("scratch", "scratch"), "random-init": ("random-init", protocol),
-                    "probe": (method, "probe")}[over]
-            if (method, protocol) == base or protocol == "scratch" or r[metric] is None:
+            method, protocol, selection, budget, seed = (r["method"], r["protocol"], selection_of(r), r["budget"],
+                                                         r["seed"])
+            base = {"scratch": ("scratch", "scratch", selection), "random-init": ("random-init", protocol, selection),
+                    "probe": (method, "probe", selection), "uniform": (method, protocol, "uniform"),
+                    "balanced": (method, protocol, "balanced")}[over]
+            own = (method, protocol, selection)
+            if own == base or r[metric] is None or (protocol == "scratch" and over not in SELECTIONS_AS_BASELINE):
                 continue
             reference = values.get((*base, budget, seed))
             if reference is None:
                 continue
-            groups.setdefault((method, protocol, budget), []).append(r[metric] - reference)
+            groups.setdefault((method, protocol, selection, budget), []).append(r[metric] - reference)
         out = []
-        for (method, protocol, budget), diffs in sorted(groups.items(), key=_summary_order):
+        for (method, protocol, selection, budget), diffs in sorted(groups.items(), key=_summary_order):
             d = np.array(diffs)
             half = t_interval(d)
-            out.append({"method": method, "protocol": protocol, "budget": budget, "n": len(d), "over": over,
+            out.append({"method": method, "protocol": protocol, "selection": selection, "budget": budget,
+                        "n": len(d), "over": over,
                         f"gain_{metric}_mean": float(d.mean()),
                         f"gain_{metric}_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                         f"gain_{metric}_ci95": half,
@@ -129,7 +145,10 @@ def format_gain(g: dict, metric: str = "top1") -> str:
     return f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}]{' ✓' if g['resolved'] else ''} ({g['wins']}/{g['n']})"
 
 
-GAIN_BASELINES = ("scratch", "random-init", "probe")
+GAIN_BASELINES = ("scratch", "random-init", "probe", "uniform", "balanced")
+# The baselines that differ from a series only in how its labeled images were chosen (so the
+# scratch baseline has a gain over them too).
+SELECTIONS_AS_BASELINE = ("uniform", "balanced")
 # Student's t quantile t(0.975, df) for df = 1 … 30 (the 95 % two-sided interval); past 30 it
 # comes from the normal quantile by the Cornish-Fisher expansion (within 1e-4 there).
 _T975 = (12.7062, 4.30265, 3.18245, 2.77645, 2.57058, 2.44691, 2.36462, 2.30600, 2.26216, 2.22814, 2.20099,
@@ -152,7 +171,11 @@ def t_interval(differences) -> "float | None":
     return float(t * d.std(ddof=1) / np.sqrt(d.size))
 
 
+SELECTION_ORDER = ("balanced", "uniform", "typical", "cover")
+
+
 def _summary_order(item):
-    (method, protocol, budget) = item[0]
+    (method, protocol, selection, budget) = item[0]
     rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
-    return (protocol == "scratch", method, rank, budget)
+    chosen = SELECTION_ORDER.index(selection) if selection in SELECTION_ORDER else len(SELECTION_ORDER)
+    return (protocol == "scratch", method, rank, chosen, budget)

@@ -30,18 +30,15 @@ def notebooks_dir() -> Path:
 
 def check_labels_fit(params: dict, names: Sequence[str], source: Optional[Path] = None) -> None:
     """The ``labels`` and ``budgets`` each notebook in ``names`` will use (given in ``params`` or
-    its default) against its dataset: every one must leave the validation images
-    (``EvalConfig.val_per_class``) in every class. Checked before the first notebook runs,
-    instead of failing in notebook 02 after the pretraining."""
+    its default) against its dataset, with its ``val_per_class`` (:func:`sslab.data.check_budgets_fit`).
+    Checked before the first notebook runs, instead of failing in notebook 02 after the pretraining."""
     import ast
 
     import papermill
 
-    from ..data import load_dataset, max_per_class
+    from ..data import check_budgets_fit, load_dataset
     from ..evaluate import EvalConfig
     source = source or notebooks_dir()
-    validation = EvalConfig().val_per_class
-    uses = []
     for name in names:
         declared = papermill.inspect_notebook(str(source / f"{name}.ipynb"))
 
@@ -53,23 +50,13 @@ def check_labels_fit(params: dict, names: Sequence[str], source: Optional[Path] 
             except (KeyError, ValueError, SyntaxError):
                 return default
 
+        validation = value("val_per_class", EvalConfig.val_per_class)
         for parameter in ("labels", "budgets"):
             if parameter in declared and value(parameter) is not None:
                 counts = CHECKS[parameter](value(parameter))
-                uses.append((value("dataset", "fashion-mnist"), name, parameter, value(parameter),
-                             [counts] if isinstance(counts, int) else list(counts)))
-    for dataset, name, parameter, given, counts in uses:
-        most = max_per_class(load_dataset(dataset).train.labels, validation)
-        if most < 1:  # no budget at all fits: the validation share is the problem, not the value
-            raise ValueError(f"parameter dataset={dataset!r} is not allowed: its smallest class has "
-                             f"{most + validation} labeled images, and the notebooks keep {validation} per class for "
-                             f"validation; "
-                             f"allowed: a dataset with more than {validation} labeled images in every class")
-        too_many = [c for c in counts if c > most]
-        if too_many:
-            raise ValueError(f"parameter {parameter}={given!r} is not allowed: {dataset} has too few labeled images "
-                             f"per class for {', '.join(map(str, too_many))} (notebook {name} keeps {validation} per "
-                             f"class for validation); allowed: {parameter} ≤ {most}")
+                dataset = value("dataset", "fashion-mnist")
+                check_budgets_fit(dataset, load_dataset(dataset).train.labels, counts, validation,
+                                  f"parameter {parameter}", "parameter val_per_class")
 
 
 def notebook_parameters(path: Path) -> set:

@@ -9,10 +9,12 @@ from typing import Optional
 
 import torch
 
-from ..checks import check_bool, check_choice, check_choice_list, check_int, check_int_list, fail
+from ..checks import (MAX_COUNT, MAX_STEPS, check_bool, check_choice, check_choice_list, check_int, check_int_list,
+                      fail)
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, PROTOCOLS, EvalConfig
+from ..evaluate.selection import SELECTIONS
 from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
 from ..pretext import TASKS
 from ..precision import PRECISIONS, resolve_precision
@@ -81,8 +83,12 @@ CHECKS = {
     "precision": _choice("precision", PRECISIONS),
     "protocols": lambda v: check_choice_list(_name("protocols"), v, PROTOCOLS, "protocols"),
     "random_init": lambda v: check_bool(_name("random_init"), v),
-    "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)"),
-    "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)"),
+    "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
+                                    maximum=MAX_STEPS),
+    "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
+    "selection": _choice("selection", SELECTIONS),
+    "val_per_class": lambda v: check_int(_name("val_per_class"), v, 0,
+                                         " (labeled validation images per class; 0: none)", maximum=MAX_COUNT),
 }
 
 
@@ -113,6 +119,8 @@ class LabSettings:
     random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
+    selection: str = EvalConfig.selection  # which images are labeled (see sslab.evaluate.selection)
+    val_per_class: int = EvalConfig.val_per_class  # 0: no validation images, every label counted
     given: tuple = ()  # the parameter names the notebook set (what frame() shows)
 
     def pretrain_config(self, method: str) -> PretrainConfig:
@@ -124,7 +132,7 @@ class LabSettings:
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
-                          fm_steps=self.fm_steps)
+                          fm_steps=self.fm_steps, selection=self.selection, val_per_class=self.val_per_class)
 
     @property
     def run_methods(self) -> tuple:
