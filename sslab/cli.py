@@ -199,7 +199,7 @@ def pretext_settings(args, methods) -> dict:
             raise ValueError(f"--set {item!r} is not allowed: {key} is already set by {given_by[key]}; allowed: "
                              f"one value per setting")
         values[key], given_by[key] = parse_value(text), f"--set {key}"
-    return settings_by_method(methods, values, lambda key: given_by.get(key, key))
+    return settings_by_method(methods, values, lambda key: given_by.get(key, f"--set {key}"))
 
 
 def cmd_pretrain(args) -> int:

@@ -112,8 +112,10 @@ def settings_by_method(methods, values: dict, name: Callable[[str], str] = str) 
     known = list(dict.fromkeys(n for names in has.values() for n in names))
     for key, value in values.items():
         if key not in known:
-            fail(name(str(key)), value, f"a setting of {', '.join(methods)}: {', '.join(known)}" if known else
-                 f"none: {RANDOM_INIT} trains nothing, so it has no settings")
+            allowed = (f"a setting of {', '.join(methods)}: {', '.join(known)}" if known else
+                       f"none: {RANDOM_INIT} trains nothing, so it has no settings")
+            # a name that is no identifier is quoted, so the message stays one line
+            fail(name(key if isinstance(key, str) and key.isidentifier() else repr(key)), value, allowed)
     shared = {}
     for method, names in has.items():
         mine = {k: v for k, v in values.items() if k in names}
