@@ -27,9 +27,10 @@ from sslab.augment import rotate4
 from sslab.checks import check_choice
 from sslab.models import BackboneConfig
 from sslab.precision import PRECISIONS, autocast, memory_format, resolve_precision
-from sslab.pretext import TASKS, build_task, check_method, kl_to_standard_normal, reconstruction_error, triplet_loss
+from sslab.pretext import (TASKS, build_task, check_method, kl_to_standard_normal, reconstruction_error,
+                           task_settings, triplet_loss)
 from sslab.pretext.simclr import nt_xent_loss
-from sslab.pretrain import DEFAULT_WIDTH, METHOD_DEFAULTS, PretrainConfig
+from sslab.pretrain import DEFAULT_WIDTH, PretrainConfig
 from sslab.train import lr_factor, make_optimizer, prepare_model, resolve_device, train_step
 
 # Images per source image, as ``pretrain`` counts them for its images/s: the 4 rotated copies
@@ -47,7 +48,7 @@ QUICK_WIDTH = 0.25
 @dataclass
 class BenchConfig:
     """What the step benchmark measures. ``batch_size``/``width`` None → the lab's defaults for the
-    device (``METHOD_DEFAULTS`` batch sizes, width 1.0 on CUDA, 0.25 on CPU), or the quick ones."""
+    device (each task's settings block's batch size, width 1.0 on CUDA, 0.25 on CPU), or the quick ones."""
 
     methods: tuple = tuple(TASKS)
     sizes: tuple = (28, 32, 96)
@@ -89,7 +90,7 @@ class BenchConfig:
     def batch_for(self, method: str) -> int:
         if self.batch_size is not None:
             return self.batch_size
-        return QUICK_BATCH.get(method, 32) if self.quick else METHOD_DEFAULTS[method]["batch_size"]
+        return QUICK_BATCH.get(method, 32) if self.quick else task_settings(method).batch_size
 
     def width_for(self, device: torch.device) -> float:
         if self.width is not None:
@@ -253,7 +254,8 @@ def bench_one(method: str, size: int, device: torch.device, config: BenchConfig)
     task = build_task(method, BackboneConfig(channels, size, width)).to(device).train()
     fp32_task = copy.deepcopy(task)  # its own weights in the contiguous layout fp32 wants
     prepare_model(task, precision)  # what fit does first: channels_last for bf16
-    train_cfg = PretrainConfig(method=method, epochs=1, batch_size=batch, width=width).resolved(device).train_config()
+    train_cfg = PretrainConfig(method=method, epochs=1, width=width,
+                               settings={"batch_size": batch}).resolved(device).train_config()
 
     def optimizer_of(model):
         return make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}],

@@ -123,8 +123,9 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
         runs = []
         for method in config.methods:
             with _Phase(rows, dev, f"pretrain {method}", progress) as phase:
+                settings = {} if config.batch_size is None else {"batch_size": config.batch_size}
                 pre = PretrainConfig(method=method, dataset=config.dataset, epochs=config.epochs, limit=config.limit,
-                                     batch_size=config.batch_size, width=config.width, data_root=config.data_root)
+                                     width=config.width, data_root=config.data_root, settings=settings)
                 run = pretrain(pre, device=dev, out=out, progress=False)
                 runs.append(run)
                 phase.count = run.summary["epochs_run"]

@@ -99,9 +99,22 @@ def rotate4(x: torch.Tensor):
 
     Returns ``(images 4N×C×H×W, labels 4N)``; copy ``k*N + i`` is image ``i`` rotated by ``k``·90°.
     """
+    return rotate_copies(x, 4)
+
+
+def rotate_copies(x: torch.Tensor, rotations: int = 4):
+    """Every image at ``rotations`` evenly spaced angles, counter-clockwise as ``torch.rot90``:
+    4 → 0/90/180/270°, 2 → 0/180°. Stacked rotation-major with labels 0 … rotations−1.
+
+    Returns ``(images rotations·N×C×H×W, labels rotations·N)``; copy ``k*N + i`` is image ``i``
+    rotated by ``k``·360/rotations degrees (label ``k``).
+    """
+    if rotations not in (2, 4):
+        raise ValueError(f"rotations={rotations!r} is not allowed; allowed: 2 (0/180°) or 4 (0/90/180/270°)")
     n = x.shape[0]
-    rotated = torch.cat([x] + [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)])
-    labels = torch.arange(4, device=x.device).repeat_interleave(n)
+    step = 4 // rotations  # quarter turns between neighbouring angles
+    rotated = torch.cat([x] + [torch.rot90(x, k * step, dims=(-2, -1)) for k in range(1, rotations)])
+    labels = torch.arange(rotations, device=x.device).repeat_interleave(n)
     return rotated, labels
 
 
@@ -241,22 +254,38 @@ class SimCLRAugment:
         return x
 
 
-def simclr_augment(image_size: int, channels: int) -> SimCLRAugment:
+def simclr_jitter_strength(image_size: int, channels: int) -> float:
+    """SimCLR's colour-jitter strength s for these images: 1.0 for colour images from 64 px (the
+    paper's ImageNet setting), 0.5 below (its CIFAR-10 one) and for grey images (brightness and
+    contrast 0.8·s = 0.4)."""
+    return 1.0 if channels == 3 and image_size >= 64 else 0.5
+
+
+def simclr_blur_p(image_size: int) -> float:
+    """SimCLR's blur probability for these images: 0.5 from 64 px, none below (the paper leaves it
+    out on 32 px CIFAR-10, where it hurt)."""
+    return 0.5 if image_size >= 64 else 0.0
+
+
+def simclr_augment(image_size: int, channels: int, strength: Optional[float] = None, crop_scale: float = 0.08,
+                   jitter_p: float = 0.8, grayscale_p: float = 0.2, blur_p: Optional[float] = None,
+                   flip: bool = True) -> SimCLRAugment:
     """SimCLR's view settings for images of ``image_size`` px and ``channels`` channels.
 
-    Colour images: jitter strength s = 0.5 under 64 px (the paper's CIFAR-10 setting) and 1.0
-    from 64 px (its ImageNet one): brightness, contrast, saturation 0.8·s, hue 0.2·s, with
-    probability 0.8; greyscale with 0.2. Grey images: brightness and contrast 0.4 with
-    probability 0.8 (no saturation, hue or greyscale to apply). Blur from 64 px only (the paper
-    leaves it out on 32 px CIFAR-10, where it hurt): probability 0.5, sigma 0.1-2 px, a kernel
-    of about a tenth of the image. Crops keep 8-100 % of the area, as in the paper."""
+    Colour jitter of strength s (``strength``; default :func:`simclr_jitter_strength`):
+    brightness, contrast, saturation 0.8·s, hue 0.2·s, with probability ``jitter_p`` 0.8; greyscale
+    with ``grayscale_p`` 0.2. Saturation, hue and greyscale apply to colour images only. Blur with
+    probability ``blur_p`` (default :func:`simclr_blur_p`: 0.5 from 64 px, none below), sigma
+    0.1-2 px, a kernel of about a tenth of the image. Crops keep ``crop_scale``–100 % of the area
+    (8 %, as in the paper)."""
     colour = channels == 3
-    strength = 1.0 if image_size >= 64 else 0.5
-    jitter = 0.8 * strength if colour else 0.4
-    blur = image_size >= 64
-    return SimCLRAugment(brightness=jitter, contrast=jitter, saturation=jitter if colour else 0.0,
-                         hue=0.2 * strength if colour else 0.0, grayscale_p=0.2 if colour else 0.0,
-                         blur_p=0.5 if blur else 0.0, blur_kernel=2 * round(0.05 * image_size) + 1 if blur else 0)
+    strength = simclr_jitter_strength(image_size, channels) if strength is None else strength
+    blur_p = simclr_blur_p(image_size) if blur_p is None else blur_p
+    jitter = 0.8 * strength
+    return SimCLRAugment(scale=(crop_scale, 1.0), flip=flip, jitter_p=jitter_p, brightness=jitter, contrast=jitter,
+                         saturation=jitter if colour else 0.0, hue=0.2 * strength if colour else 0.0,
+                         grayscale_p=grayscale_p if colour else 0.0, blur_p=blur_p,
+                         blur_kernel=2 * round(0.05 * image_size) + 1 if blur_p > 0 else 0)
 
 
 # ---------------------------------------------------------------- FixMatch's strong view (RandAugment + Cutout)

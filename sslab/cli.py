@@ -28,14 +28,29 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    from .pretext import TASKS, setting_names, task_settings
     from .checkpoint import CHECKPOINT_EVERY_S
+    defaults = {method: task_settings(method) for method in TASKS}
+
+    def per_method(setting: str) -> str:
+        return ", ".join(f"{method} {getattr(s, setting)}" for method, s in defaults.items())
+
     p.add_argument(f"--{prefix}epochs", dest="epochs", type=int, default=3, help="pretraining epochs")
     p.add_argument("--limit", type=int, default=None, help="use only N unlabeled images (seeded shuffle)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step (default per method: rotation 150 (×4 rotations), VAEs 128, simclr 256 "
-                        "(×2 views))")
+                   help=f"images per step, the setting batch_size (default per method: {per_method('batch_size')})")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default per method: rotation SGD 0.05, VAEs Adam 1e-3, simclr SGD 0.06)")
+                   help=f"peak learning rate, the setting lr (default per method: {per_method('lr')})")
+    p.add_argument("--schedule", default=None,
+                   help=f"learning-rate schedule: cosine, step or constant, the setting schedule (default per "
+                        f"method: {per_method('schedule')})")
+    shared = [name for name in setting_names("rotation") if all(name in setting_names(m) for m in TASKS)]
+    own = "; ".join(f"{m}: {', '.join(n for n in setting_names(m) if n not in shared)}" for m in TASKS)
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a pretext task's setting (repeatable; part of the run's config), e.g. --set "
+                        f"triplet_weight=10; where several methods are pretrained, each that has the setting takes "
+                        f"it. Defaults and ranges: sslab/pretext/<task>.py. Every task: {', '.join(shared)}; "
+                        f"{own}")
     p.add_argument("--image-size", type=int, default=None, help="resize images to N px (default: native size)")
     p.add_argument("--backbone", default="alexnet",
                    help="alexnet (the study's BatchNorm AlexNet) or resnet18 (CIFAR stem under 64 px)")
@@ -153,13 +168,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- commands
 
+SETTING_FLAGS = {"batch_size": "--batch-size", "lr": "--lr", "schedule": "--schedule"}
+
+
+def pretext_settings(args, methods) -> dict:
+    """``{method: its settings}`` from ``--set NAME=VALUE`` and the flags that set one setting
+    (``--lr``, ``--batch-size``, ``--schedule``), each checked under the name the user typed
+    before any data is loaded. Each method takes the settings it has."""
+    from .pretext import parse_value
+    from .pretrain import settings_by_method
+    values, given_by = {}, {}
+    for setting, flag in SETTING_FLAGS.items():
+        if getattr(args, setting) is not None:
+            values[setting], given_by[setting] = getattr(args, setting), flag
+    for item in args.settings:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise ValueError(f"--set {item!r} is not allowed; allowed: NAME=VALUE, e.g. --set triplet_weight=10")
+        if key in values:
+            raise ValueError(f"--set {item!r} is not allowed: {key} is already set by {given_by[key]}; allowed: "
+                             f"one value per setting")
+        values[key], given_by[key] = parse_value(text), f"--set {key}"
+    return settings_by_method(methods, values, lambda key: given_by.get(key, f"--set {key}"))
+
+
 def cmd_pretrain(args) -> int:
     from .distributed import is_main_process
-    from .pretrain import PretrainConfig, describe, pretrain
+    from .pretrain import METHODS, PretrainConfig, describe, pretrain
+    check_choice("method", args.method, METHODS)
     config = PretrainConfig(method=args.method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
-                            batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                            seed=args.seed, data_root=args.data_root, precision=args.precision,
-                            backbone=args.backbone)
+                            image_size=args.image_size, width=args.width, seed=args.seed, data_root=args.data_root,
+                            precision=args.precision, backbone=args.backbone,
+                            settings=pretext_settings(args, [args.method])[args.method])
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
                    deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
                    compile=args.compile, checkpoint_every=args.checkpoint_every, knn_monitor=args.knn_monitor)
@@ -249,6 +290,7 @@ def _eval_config(args):
 def cmd_curve(args) -> int:
     from .evaluate import HEADS, label_curve, merge_curve
     from .pretrain import METHODS, PretrainConfig, find_run, pretrain
+    from .train import resolve_device
 
     # Everything the sweep will check, checked before any pretraining starts.
     methods = check_choice_list("--methods", args.methods, METHODS, "methods")
@@ -260,11 +302,15 @@ def cmd_curve(args) -> int:
         from .store import check_file_name
         check_file_name("--name", args.name)
     cfg = _eval_config(args)
+    settings = pretext_settings(args, methods)
+    device = resolve_device(args.device)
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
-                              batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, width=args.width,
-                              seed=args.pretrain_seed, data_root=args.data_root, precision=args.precision,
-                              backbone=args.backbone)
+                              image_size=args.image_size, width=args.width, seed=args.pretrain_seed,
+                              data_root=args.data_root, precision=args.precision, backbone=args.backbone,
+                              settings=settings[method])
                for method in methods]
+    for config in configs:  # every pretraining setting (epochs, limit, …) before the dataset is read
+        config.resolved(device)
     check_budgets_fit(args.dataset, load_dataset(args.dataset, args.data_root, args.image_size).train.labels, budgets,
                       args.val_per_class, "--budgets", "--val-per-class")
     started = time.perf_counter()

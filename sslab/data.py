@@ -23,6 +23,10 @@ FASHION_MNIST_CLASSES = [
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 DATASETS = ("fashion-mnist", "cifar10", "stl10", "folder:PATH")
+# (channels, pixels) of each named dataset's images as stored; a folder: dataset's images are
+# resized to FOLDER_IMAGE_SIZE unless image_size says otherwise.
+NATIVE_SHAPES = {"fashion-mnist": (1, 28), "cifar10": (3, 32), "stl10": (3, 96)}
+FOLDER_IMAGE_SIZE = 32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -330,7 +334,7 @@ def _load_folder(path: str, image_size: Optional[int]) -> DatasetSplits:
     root = Path(path).expanduser()
     train_dir = root / "train"
     classes = folder_classes(path)
-    size = image_size or 32
+    size = image_size or FOLDER_IMAGE_SIZE
     if size < 16:
         raise ValueError(f"image_size={size} is too small; allowed: 16 or more (28, 32 and 96 are the usual sizes)")
     all_files = [f for c in classes for f in _image_files(train_dir / c)]
@@ -388,6 +392,23 @@ def check_dataset_name(name: str) -> str:
 
 
 _CACHE: dict = {}
+_FOLDER_MODES: dict = {}  # (folder, its fingerprint) → "L" or "RGB"
+
+
+def image_shape(name: str, image_size: Optional[int] = None) -> tuple:
+    """``(channels, pixels)`` of the images :func:`load_dataset` gives for ``name`` and
+    ``image_size``, without loading them: from :data:`NATIVE_SHAPES`, or for ``folder:PATH`` from
+    a sample of its train images (grey only when every sampled one is grey, as the loader decides)."""
+    check_dataset_name(name)
+    if not name.startswith("folder:"):
+        channels, size = NATIVE_SHAPES[name]
+        return channels, image_size or size
+    path = name[len("folder:"):]
+    key = (str(Path(path).expanduser().resolve()), folder_fingerprint(path))
+    if key not in _FOLDER_MODES:
+        train_dir = Path(path).expanduser() / "train"
+        _FOLDER_MODES[key] = _detect_mode([f for c in folder_classes(path) for f in _image_files(train_dir / c)])
+    return (1 if _FOLDER_MODES[key] == "L" else 3), image_size or FOLDER_IMAGE_SIZE
 
 
 def load_dataset(name: str = "fashion-mnist", data_root: Optional[str] = None, image_size: Optional[int] = None,

@@ -345,6 +345,13 @@ def pooled_dim(backbone: nn.Module, layer: str, grid: int) -> int:
     return channels if layer in GLOBAL_TAPS else channels * grid * grid
 
 
+def backbone_out_dim(config: BackboneConfig) -> int:
+    """``build_backbone(config).out_dim`` without real weights: the backbone is built on the meta
+    device (shapes only), so it costs no memory and draws no random numbers."""
+    with torch.device("meta"):
+        return build_backbone(config).out_dim
+
+
 # ---------------------------------------------------------------- frozen features and the kNN vote
 
 @torch.no_grad()

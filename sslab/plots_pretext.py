@@ -66,26 +66,28 @@ def _image(ax, img, title: str = "", color: str = "black"):
 
 
 def rotation_examples(examples: dict):
-    """A grid of test images at 0/90/180/270° with the rotation the net predicts (green when
-    right, red when wrong). ``examples``: the dict :func:`sslab.lab.rotation_predictions`
-    returns (``images`` N×4×C×H×W, ``predicted`` N×4, ``confidence`` N×4)."""
+    """A grid of test images at the angles the run was trained on (0/90/180/270°, or 0/180°) with
+    the rotation the net predicts (green when right, red when wrong). ``examples``: the dict
+    :func:`sslab.lab.rotation_predictions` returns (``images`` N×R×C×H×W, ``predicted`` N×R,
+    ``confidence`` N×R, ``angles`` R)."""
     plt = pyplot()
     images = np.asarray(examples["images"])
     predicted = np.asarray(examples["predicted"])
     confidence = np.asarray(examples["confidence"])
-    n = images.shape[0]
-    fig, axes = plt.subplots(4, n, figsize=(1.3 * n, 1.5 * 4), squeeze=False)
+    angles = list(examples.get("angles", (0, 90, 180, 270)))
+    n, rotations = images.shape[0], len(angles)
+    fig, axes = plt.subplots(rotations, n, figsize=(1.3 * n, 1.5 * rotations), squeeze=False)
     for i in range(n):
-        for r in range(4):
+        for r in range(rotations):
             ok = predicted[i, r] == r
-            _image(axes[r, i], images[i, r], f"→ {90 * predicted[i, r]}° ({100 * confidence[i, r]:.0f}%)",
+            _image(axes[r, i], images[i, r], f"→ {angles[predicted[i, r]]}° ({100 * confidence[i, r]:.0f}%)",
                    "green" if ok else "red")
         axes[0, i].set_xlabel("")
-    for r in range(4):
-        axes[r, 0].set_ylabel(f"shown {90 * r}°", fontsize=9)
-    accuracy = float((predicted == np.arange(4)[None, :]).mean())
-    fig.suptitle(f"rotation predicted by the pretrained net ({100 * accuracy:.0f}% right on these {4 * n})",
-                 fontsize=10)
+    for r in range(rotations):
+        axes[r, 0].set_ylabel(f"shown {angles[r]}°", fontsize=9)
+    accuracy = float((predicted == np.arange(rotations)[None, :]).mean())
+    fig.suptitle(f"rotation predicted by the pretrained net ({100 * accuracy:.0f}% right on these "
+                 f"{rotations * n})", fontsize=10)
     fig.tight_layout()
     return fig
 

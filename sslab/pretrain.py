@@ -3,32 +3,22 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import distributed, integrity, store, stream
 from .checkpoint import CHECKPOINT_EVERY_S, FitResult, check_checkpoint_every
-from .checks import check_bool, check_choice, check_int, check_number
-from .data import check_dataset_name, folder_classes, load_dataset
+from .checks import MAX_COUNT, MAX_EPOCHS, check_bool, check_choice, check_int, check_number, fail
+from .data import check_dataset_name, folder_classes, image_shape, load_dataset
 from .models import BackboneConfig, build_backbone, check_arch
-from .pretext import TASKS, PretextTask, build_task
+from .pretext import TASKS, PretextTask, TaskSettings, build_task, setting_names, task_settings
 from .precision import autocast, resolve_precision
 from .train import TrainConfig, fit, resolve_device
 
-# The study's optimisers: SGD with Nesterov momentum for RotNet (batch 150 images ×4
-# rotations, weight decay 5e-4, lr ÷10 at 15/30/45 of 63 epochs), Adam 1e-3 for the VAEs.
-METHOD_DEFAULTS = {
-    "rotation": dict(optimizer="sgd", lr=0.05, batch_size=150, weight_decay=5e-4, schedule="cosine"),
-    "vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
-    "siamese-vae": dict(optimizer="adam", lr=1e-3, batch_size=128, weight_decay=0.0, schedule="cosine"),
-    # SimCLR: SGD momentum 0.9, cosine, the best of Adam 1e-3/3e-3 and SGD 0.06/0.3 (batch 256) and SGD 0.12
-    # (batch 512) by kNN accuracy after 3 epochs on 20k Fashion-MNIST images (CPU, width 0.25).
-    "simclr": dict(optimizer="sgd", lr=0.06, batch_size=256, weight_decay=5e-4, schedule="cosine"),
-}
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
 # laptop pretrains on all of Fashion-MNIST in minutes. The same for ResNet-18: at width 0.25 a
 # SimCLR epoch on 20 000 Fashion-MNIST images costs 42 CPU-seconds in bf16 (docs/BENCHMARKS.md).
@@ -37,21 +27,22 @@ DEFAULT_WIDTH = {"cuda": 1.0, "cpu": 0.25}
 # pretrained one, it shows what the protocols get without pretraining (what pretraining adds).
 RANDOM_INIT = "random-init"
 METHODS = tuple(TASKS) + (RANDOM_INIT,)
-# Images the network sees per source image, for images/s: the rotated copies, the two views.
-IMAGES_PER_SAMPLE = {"rotation": 4, "simclr": 2}
 
 
 @dataclass
 class PretrainConfig:
-    """Everything that defines a pretraining run; its hash names the run folder."""
+    """Everything that defines a pretraining run; its hash names the run folder.
+
+    ``settings``: the pretext task's settings (its block at the top of ``sslab/pretext/<task>.py``:
+    optimiser, learning rate, batch size, schedule, the task's constants and views), name → value,
+    e.g. ``{"lr": 0.01, "schedule": "step"}``; the ones not given take the block's defaults.
+    :meth:`resolved` fills in every one, so a run's config.json lists them all and its hash
+    covers them. ``batch_size``, ``lr`` and ``schedule`` read them back."""
 
     method: str = "rotation"
     dataset: str = "fashion-mnist"
     epochs: int = 3
     limit: Optional[int] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    schedule: Optional[str] = None
     image_size: Optional[int] = None
     width: Optional[float] = None
     seed: int = 0
@@ -60,6 +51,19 @@ class PretrainConfig:
     # SyncBatchNorm under torchrun: batch statistics over all processes change the result
     sync_bn: bool = False
     backbone: str = "alexnet"  # alexnet (the study's) or resnet18
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return self.settings.get("batch_size")
+
+    @property
+    def lr(self) -> Optional[float]:
+        return self.settings.get("lr")
+
+    @property
+    def schedule(self) -> Optional[str]:
+        return self.settings.get("schedule")
 
     def resolved(self, device: torch.device) -> "PretrainConfig":
         """Fill method and device defaults and check every value, before any work starts."""
@@ -67,38 +71,58 @@ class PretrainConfig:
         check_dataset_name(self.dataset)
         if self.dataset.startswith("folder:"):
             folder_classes(self.dataset[len("folder:"):])  # missing folder, no train/, one class
-        check_int("epochs", self.epochs, 1)
+        check_int("epochs", self.epochs, 1, maximum=MAX_EPOCHS)
         check_int("seed", self.seed, 0)
         if self.limit is not None:
-            check_int("limit", self.limit, 2)
-        if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, 2)
+            check_int("limit", self.limit, 2, maximum=MAX_COUNT)
         if self.image_size is not None:
             check_int("image_size", self.image_size, 16)
-        if self.lr is not None:
-            check_number("lr", self.lr)
         if self.width is not None:
             check_number("width", self.width, 0, 4)
         check_bool("sync_bn", self.sync_bn)
         check_arch(self.backbone)
+        if not isinstance(self.settings, dict):
+            fail("settings", self.settings, "a dict of the pretext task's settings, name → value")
         values = asdict(self)
         values["width"] = float(self.width or DEFAULT_WIDTH.get(device.type, 1.0))
         values["precision"] = resolve_precision(self.precision, device)
         if self.method == RANDOM_INIT:  # nothing is trained: the training settings do not apply (the pool
             # does: protocols that use the unlabeled images take the run's)
-            values.update(epochs=0, batch_size=None, lr=None, schedule=None, sync_bn=False)
+            values.update(epochs=0, settings={}, sync_bn=False)
             return PretrainConfig(**values)
-        defaults = METHOD_DEFAULTS[self.method]
-        values["batch_size"] = self.batch_size or defaults["batch_size"]
-        values["lr"] = float(self.lr or defaults["lr"])
-        values["schedule"] = self.schedule or defaults["schedule"]
+        settings = task_settings(self.method, self.settings)
+        channels, size = image_shape(self.dataset, self.image_size)
+        backbone = BackboneConfig(in_channels=channels, image_size=size, width=values["width"], arch=self.backbone)
+        values["settings"] = asdict(settings.sized_to(backbone))
         return PretrainConfig(**values)
 
+    def task_settings(self) -> TaskSettings:
+        """The pretext task's settings block with this config's values (checked)."""
+        return task_settings(self.method, self.settings)
+
     def train_config(self) -> TrainConfig:
-        defaults = METHOD_DEFAULTS[self.method]
-        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, optimizer=defaults["optimizer"],
-                           lr=self.lr, weight_decay=defaults["weight_decay"], schedule=self.schedule,
-                           seed=self.seed)
+        return self.task_settings().train_config(self.epochs, self.seed)
+
+
+def settings_by_method(methods, values: dict, name: Callable[[str], str] = str) -> dict:
+    """``values`` (setting name → value) shared out over ``methods``: ``{method: the settings of
+    ``values`` it has, checked and in their canonical types}``. A name none of the methods has,
+    or a value out of range, is the lab's one-line error (the setting spelled ``name(setting)``),
+    before any data is loaded. ``random-init`` has no settings."""
+    has = {method: setting_names(method) if method != RANDOM_INIT else () for method in methods}
+    known = list(dict.fromkeys(n for names in has.values() for n in names))
+    for key, value in values.items():
+        if key not in known:
+            allowed = (f"a setting of {', '.join(methods)}: {', '.join(known)}" if known else
+                       f"none: {RANDOM_INIT} trains nothing, so it has no settings")
+            # a name that is no identifier is quoted, so the message stays one line
+            fail(name(key if isinstance(key, str) and key.isidentifier() else repr(key)), value, allowed)
+    shared = {}
+    for method, names in has.items():
+        mine = {k: v for k, v in values.items() if k in names}
+        checked = task_settings(method, mine, name) if names else None
+        shared[method] = {k: getattr(checked, k) for k in mine}
+    return shared
 
 
 @dataclass
@@ -124,7 +148,7 @@ class Run:
         if self.method == RANDOM_INIT:
             raise ValueError(f"run={self.path.name!r} is a random-init run: it has a backbone (load_backbone) but "
                              f"no pretext task")
-        task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]))
+        task = build_task(self.config.method, BackboneConfig(**self.summary["backbone"]), self.config.settings)
         task.load_state_dict(store.load_torch(self.path / "model.pt", expect=self.weights_provenance())["model"])
         return task.to(device).eval()
 
@@ -176,6 +200,8 @@ def load_run(path) -> Run:
     raw = store.read_json(path / "config.json", required=("method", "dataset", "width"))
     names = {f.name for f in fields(PretrainConfig)}
     config = PretrainConfig(**{k: v for k, v in raw.items() if k in names})
+    if config.method in TASKS:  # JSON gives lists for tuples: back to the types the resolved config holds
+        config.settings = asdict(config.task_settings())
     summary = store.read_json(path / store.COMPLETE, required=("backbone", "images", "epochs_run"))
     return Run(path, config, store.read_jsonl(path / "metrics.jsonl"), summary)
 
@@ -358,7 +384,11 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
                               arch=config.backbone)
     if config.method == RANDOM_INIT:
         return _store_random_init(config, dev, work, final, splits, backbone) if main else None
-    task = build_task(config.method, backbone).to(dev)
+    if image_shape(config.dataset, config.image_size) != (pool.channels, pool.image_size):
+        # The settings were sized to the predicted shape; training on another would not be the config's run.
+        raise RuntimeError(f"dataset={config.dataset!r} gave {pool.channels}×{pool.image_size} px images where "
+                           f"{image_shape(config.dataset, config.image_size)} (channels, px) were expected")
+    task = build_task(config.method, backbone, config.settings).to(dev)
     identity = store.config_hash(asdict(config))  # what the run's weights and checkpoints record
     if main:
         work.mkdir(parents=True, exist_ok=True)
@@ -379,7 +409,7 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
         task.loss = torch.compile(task.loss)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
-                            desc=f"pretrain {config.method}", images_per_sample=IMAGES_PER_SAMPLE.get(config.method, 1),
+                            desc=f"pretrain {config.method}", images_per_sample=task.images_per_sample,
                             deterministic=options.deterministic, distributed=ddp,
                             checkpoint_every=options.checkpoint_every, precision=config.precision,
                             validate=knn_monitor_of(splits, config, dev) if options.knn_monitor else None,

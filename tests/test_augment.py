@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sslab.augment import AugmentConfig, color_jitter, default_augment, hflip, random_affine, rotate4, to_float
+from sslab.augment import (AugmentConfig, color_jitter, default_augment, hflip, random_affine, rotate4, rotate_copies,
+                           to_float)
 
 
 def _batch(n=6, channels=3, size=12, seed=0) -> torch.Tensor:
@@ -24,6 +25,16 @@ def test_rotate4_matches_torch_rot90(dtype):
     for k in range(4):
         assert torch.equal(rotated[k * 5:(k + 1) * 5], torch.rot90(x, k, dims=(-2, -1))), f"k={k}"
         assert labels[k * 5:(k + 1) * 5].tolist() == [k] * 5
+
+
+def test_two_rotations_are_the_image_and_its_180_degree_turn():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    rotated, labels = rotate_copies(x, 2)
+    assert torch.equal(rotated[:2], x) and torch.equal(rotated[2:], x.flip(-1).flip(-2))
+    assert labels.tolist() == [0, 0, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(rotate_copies(x, 4), rotate4(x)))
+    with pytest.raises(ValueError, match=r"rotations=3 is not allowed; allowed: 2 \(0/180°\) or 4"):
+        rotate_copies(x, 3)
 
 
 def test_rotate4_on_a_hand_made_image():

@@ -17,7 +17,7 @@ needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                                          reason="needs the Debian package dataset-fashion-mnist")
 PRETRAIN_FLAGS = ["--method", "--dataset", "--epochs", "--limit", "--batch-size", "--lr", "--image-size", "--width",
                   "--seed", "--force", "--device", "--data-root", "--out", "--deterministic", "--no-progress",
-                  "--data-budget", "--compile", "--checkpoint-every"]
+                  "--data-budget", "--compile", "--checkpoint-every", "--schedule", "--set"]
 
 
 def sslab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -111,3 +111,76 @@ def test_pretrain_help_mentions_every_flag_and_its_default(capsys):
     pretrain = build_parser()._subparsers._group_actions[0].choices["pretrain"]
     for action in pretrain._actions:
         assert action.help, f"{action.option_strings} has no help text"
+
+
+# ---------------------------------------------------------------- pretext settings (--set)
+
+TINY_PRETRAIN = ["pretrain", "--epochs", "1", "--limit", "64", "--width", "0.125", "--batch-size", "32",
+                 "--device", "cpu", "--no-progress"]
+
+
+@needs_fashion_mnist
+def test_a_changed_setting_is_a_new_run_folder_and_the_default_value_finds_the_old_one(tmp_path, capsys):
+    def pretrain(*extra):
+        code, out, err = sslab_here(capsys, *TINY_PRETRAIN, "--method", "siamese-vae", "--out", str(tmp_path), *extra)
+        assert code == 0, err
+        return Path(out.strip().splitlines()[-1])
+
+    default = pretrain()
+    stamp = (default / "model.pt").stat().st_mtime_ns
+    changed = pretrain("--set", "triplet_weight=10")
+    assert changed != default and changed.parent == default.parent
+    assert json.loads((changed / "config.json").read_text())["settings"]["triplet_weight"] == 10.0
+    assert json.loads((default / "config.json").read_text())["settings"]["triplet_weight"] == 5.0
+    assert pretrain("--set", "triplet_weight=5.0") == default  # the default, given: the old run
+    assert (default / "model.pt").stat().st_mtime_ns == stamp, "found, not trained again"
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "siamese-vae", "--set", "triplet_weight=-1"],
+     "error: --set triplet_weight=-1 is not allowed; allowed: a number ≥ 0"),
+    (["--method", "siamese-vae", "--set", "tripplet_weight=10"],
+     "error: --set tripplet_weight=10 is not allowed; allowed: a setting of siamese-vae: optimizer, lr, momentum, "
+     "nesterov, weight_decay, batch_size, schedule, milestones, gamma, warmup_epochs, latent, beta, flip, "
+     "triplet_weight, margin, positive_scale, positive_flip, positive_degrees, positive_jitter"),
+    (["--method", "rotation", "--set", "rotations=3"],
+     "error: --set rotations=3 is not allowed; allowed: 2 (0/180°) or 4 (0/90/180/270°)"),
+    (["--method", "random-init", "--set", "lr=0.1"],
+     "error: --set lr=0.1 is not allowed; allowed: none: random-init trains nothing, so it has no settings"),
+    (["--method", "rotation", "--lr", "0.1", "--set", "lr=0.2"],
+     "error: --set 'lr=0.2' is not allowed: lr is already set by --lr; allowed: one value per setting"),
+    (["--method", "rotation", "--epochs", "99999999999999999999"],
+     "error: epochs=99999999999999999999 is not allowed; allowed: an integer from 1 to 10000"),
+])
+def test_a_bad_setting_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, monkeypatch, extra, message):
+    import sslab.pretrain as pretrain_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the dataset was read before the settings were checked")
+
+    monkeypatch.setattr(pretrain_module, "load_dataset", forbidden)
+    code, out, err = sslab_here(capsys, "pretrain", "--device", "cpu", "--out", str(tmp_path / "out"), *extra)
+    assert code == 2 and out == ""
+    assert err.rstrip("\n") == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_curve_gives_each_listed_method_the_settings_it_has():
+    from sslab.cli import pretext_settings
+    args = build_parser().parse_args(["curve", "--methods", "rotation,simclr,random-init", "--lr", "0.1",
+                                      "--set", "temperature=0.2", "--set", "flip=false"])
+    assert pretext_settings(args, ["rotation", "simclr", "random-init"]) == {
+        "rotation": {"lr": 0.1, "flip": False},
+        "simclr": {"lr": 0.1, "temperature": 0.2, "flip": False},
+        "random-init": {},
+    }
+
+
+def test_curve_refuses_a_setting_no_listed_method_has_before_any_work(tmp_path, capsys):
+    code, out, err = sslab_here(capsys, "curve", "--methods", "rotation,vae", "--set", "temperature=0.2",
+                                "--device", "cpu", "--out", str(tmp_path))
+    assert code == 2
+    assert err.startswith("error: --set temperature=0.2 is not allowed; allowed: a setting of rotation, vae: ")
+    assert "triplet_weight" not in err and "latent" in err and "rotations" in err
+    assert not any(tmp_path.iterdir())

@@ -1,6 +1,6 @@
 """Property tests of the command line's list and number parsers: whatever text a person types
-for --budgets, --seeds, --methods, --lr, --epochs, --limit, --width, --batch-size, --name or
---shard, the command either accepts it or exits 2 with exactly one ``error: …`` line and never
+for --budgets, --seeds, --methods, --lr, --epochs, --limit, --width, --batch-size, --name,
+--shard or --set NAME=VALUE, the command either accepts it or exits 2 with exactly one ``error: …`` line and never
 a traceback. The commands run in-process and stop where the real work would start (the
 dataset being read), so each example costs microseconds."""
 from __future__ import annotations
@@ -109,6 +109,23 @@ def test_curve_lists_together_accept_or_refuse_in_one_line(values, stop_before_w
     for option, value in values.items():
         argv.append(f"{option}={value}")
     run_command(argv, capsys)
+
+
+SETTING_NAMES = sorted({name for method in ("rotation", "vae", "siamese-vae", "simclr")
+                        for name in __import__("sslab.pretext", fromlist=["setting_names"]).setting_names(method)})
+
+
+@PROPERTY
+@given(method=st.sampled_from(["rotation", "vae", "siamese-vae", "simclr", "random-init"]),
+       name=st.one_of(st.sampled_from(SETTING_NAMES), TYPED), value=st.one_of(NUMBER_TEXT, LIST_TEXT,
+                                                                              st.sampled_from(["true", "none", "sgd"])))
+@example(method="rotation", name="a\nb", value="1")
+@example(method="simclr", name="milestones", value="[0.5,")
+def test_pretrain_settings_accept_or_refuse_in_one_line(method, name, value, stop_before_work, capsys):
+    result = run_command(["pretrain", "--method", method, "--set", f"{name}={value}", "--device", "cpu",
+                          "--out", str(stop_before_work), "--no-progress"], capsys)
+    if result != "accepted":
+        assert result.startswith("error: --set "), result
 
 
 @pytest.mark.parametrize("argv", [["curve", "--budgets", "1,2,,4"], ["curve", "--seeds", "0,0"],

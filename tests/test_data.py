@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sslab.data as data
-from sslab.data import (FASHION_MNIST_CLASSES, DatasetNotFound, ImageSet, check_dataset_name, label_budget_split,
-                        load_dataset, max_per_class)
+from sslab.data import (FASHION_MNIST_CLASSES, DatasetNotFound, ImageSet, check_dataset_name, image_shape,
+                        label_budget_split, load_dataset, max_per_class)
 
 
 # ---------------------------------------------------------------- ImageSet
@@ -284,6 +284,22 @@ def test_folder_dataset_loads_with_a_warning_for_the_corrupt_file(colour_folder)
     assert splits.unlabeled.images.shape == (2, 3, 16, 16)
     assert (splits.unlabeled.labels == -1).all()
     assert splits.unlabeled.classes == ["cat", "dog"]
+
+
+def test_image_shape_is_what_the_loader_gives_without_loading(colour_folder, tmp_path):
+    assert image_shape("fashion-mnist") == (1, 28) and image_shape("fashion-mnist", 32) == (1, 32)
+    assert image_shape("cifar10") == (3, 32) and image_shape("stl10") == (3, 96) and image_shape("stl10", 48) == (3, 48)
+    with pytest.warns(UserWarning):
+        loaded = load_dataset(f"folder:{colour_folder}", image_size=16)
+    assert image_shape(f"folder:{colour_folder}", 16) == (loaded.train.channels, loaded.train.image_size) == (3, 16)
+    assert image_shape(f"folder:{colour_folder}") == (3, 32)
+    from PIL import Image
+    grey = tmp_path / "grey"
+    for cls in ("a", "b"):
+        _save(grey / "train" / cls / "x.png", Image.new("L", (20, 20), 9))
+    assert image_shape(f"folder:{grey}") == (1, 32)
+    with pytest.raises(ValueError, match="dataset='mnist' is not known"):
+        image_shape("mnist")
 
 
 def test_grey_folder_gives_one_channel_and_train_as_test(tmp_path):

@@ -64,13 +64,19 @@ def cli(capsys, *argv) -> str:
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "jigsaw"], ["method='jigsaw'", "rotation, vae, siamese-vae, simclr"]),
     (["--dataset", "mnist"], ["dataset='mnist'", "fashion-mnist", "cifar10", "folder:PATH"]),
-    (["--epochs", "0"], ["epochs=0", "integer ≥ 1"]),
-    (["--epochs", "-3"], ["epochs=-3", "integer ≥ 1"]),
-    (["--batch-size", "0"], ["batch_size=0", "integer ≥ 2"]),
-    (["--batch-size", "-5"], ["batch_size=-5", "integer ≥ 2"]),
+    (["--epochs", "0"], ["epochs=0", "integer from 1 to 10000"]),
+    (["--epochs", "-3"], ["epochs=-3", "integer from 1 to 10000"]),
+    (["--epochs", "99999999999999999999"], ["epochs=99999999999999999999", "integer from 1 to 10000"]),
+    (["--batch-size", "0"], ["--batch-size=0", "integer from 2 to 100000000"]),
+    (["--batch-size", "-5"], ["--batch-size=-5", "integer from 2 to 100000000"]),
     (["--width", "0"], ["width=0.0", "(0, 4]"]),
-    (["--lr", "-1"], ["lr=-1.0", "a number > 0"]),
-    (["--limit", "0"], ["limit=0", "integer ≥ 2"]),
+    (["--lr", "-1"], ["--lr=-1.0", "a number > 0"]),
+    (["--schedule", "poly"], ["--schedule='poly'", "cosine, step, constant"]),
+    (["--limit", "0"], ["limit=0", "integer from 2 to 100000000"]),
+    (["--set", "weight_decay=-1"], ["--set weight_decay=-1", "a number ≥ 0"]),
+    (["--method", "simclr", "--set", "temperature=0"], ["--set temperature=0", "a number > 0"]),
+    (["--set", "triplet_weight=10"], ["--set triplet_weight=10", "a setting of rotation: optimizer, lr"]),
+    (["--set", "lr"], ["--set 'lr'", "NAME=VALUE"]),
     (["--seed", "-1"], ["seed=-1", "integer ≥ 0"]),
     (["--device", "tpu"], ["device='tpu'", "auto, cpu, cuda"]),
 ])
@@ -82,8 +88,10 @@ def test_pretrain_command_rejects_bad_parameters_before_any_work(argv, expected,
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("epochs", 0, "integer ≥ 1"), ("epochs", "3", "integer ≥ 1"), ("epochs", 2.5, "integer ≥ 1"),
-    ("epochs", True, "integer ≥ 1"), ("batch_size", 0, "integer ≥ 2"), ("seed", "abc", "integer ≥ 0"),
+    ("epochs", 0, "integer from 1 to 10000"), ("epochs", "3", "integer from 1 to 10000"),
+    ("epochs", 2.5, "integer from 1 to 10000"), ("epochs", True, "integer from 1 to 10000"),
+    ("limit", 1, "integer from 2 to 100000000"), ("seed", "abc", "integer ≥ 0"),
+    ("settings", "lr=0.1", "a dict of the pretext task's settings"),
     ("method", "jigsaw", "rotation, vae, siamese-vae"), ("dataset", "imagenet", "fashion-mnist"),
 ])
 def test_pretrain_function_rejects_bad_values_naming_them(field, value, allowed, no_work, tmp_path):

@@ -93,7 +93,8 @@ def tiny_runs(tiny_folder, tmp_path_factory):
     # fp32: these tests compare evaluation paths with each other to fp32 rounding, which needs the
     # tiny nets' features free of bf16 rounding too.
     runs = [pretrain(PretrainConfig(method=m, dataset=tiny_folder, epochs=1, width=0.125, image_size=28,
-                                    batch_size=16, precision="fp32"), device="cpu", out=str(out), progress=False)
+                                    settings={"batch_size": 16}, precision="fp32"), device="cpu", out=str(out),
+                     progress=False)
             for m in ("rotation", "vae")]
     return runs, str(out)
 

@@ -102,7 +102,7 @@ def pretrained(tmp_path_factory) -> dict:
         # 24 steps: enough for the BatchNorm running statistics to settle. After fewer, fine-tuning
         # (BN in training mode) moves them far, and the probe head it starts from reads other features.
         run = pretrain(PretrainConfig(method="rotation", dataset=variant.dataset, epochs=2, width=0.125,
-                                      batch_size=8), device="cpu", out=out, progress=False)
+                                      settings={"batch_size": 8}), device="cpu", out=out, progress=False)
         runs[name] = (variant, run)
     return runs
 

@@ -12,6 +12,8 @@ from sslab.models import (
     ConvDecoder,
     GaussianHead,
     RotationHead,
+    backbone_out_dim,
+    build_backbone,
     check_layer,
     pooled_dim,
     pooled_features,
@@ -134,3 +136,13 @@ def test_a_new_backbone_has_untouched_batchnorm_statistics():
         assert int(bn.num_batches_tracked) == 0
         assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
         assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "resnet18"])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 96)])
+def test_backbone_out_dim_is_the_built_backbones_and_draws_no_random_numbers(arch, channels, size):
+    config = BackboneConfig(channels, size, WIDTH, arch=arch)
+    state = torch.get_rng_state()
+    dim = backbone_out_dim(config)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert dim == build_backbone(config).out_dim

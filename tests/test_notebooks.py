@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from sslab import lab, store
+from sslab.data import DEBIAN_FASHION_MNIST
 from sslab.lab.notebooks import OUTPUTS_NOTE
 from sslab.pretrain import load_run
 
@@ -34,7 +35,7 @@ nbformat = pytest.importorskip("nbformat")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in lab.NOTEBOOKS]
 SMOKE = ROOT / "params" / "smoke.yml"
-COMMON = ["dataset", "methods", "epochs", "limit", "device"]
+COMMON = ["dataset", "methods", "epochs", "limit", "pretext_settings", "device"]
 
 
 def _cells(path):
@@ -64,7 +65,7 @@ def test_notebook_layout_and_documented_typed_parameters(path):
     params = _parameters(path)
     assert set(COMMON) <= set(params)
     for name, p in params.items():
-        assert p["inferred_type_name"] in ("str", "int", "list", "bool"), name
+        assert p["inferred_type_name"] in ("str", "int", "list", "bool", "dict"), name
         assert p["help"].strip(), f"{path.stem}: parameter {name} has no help comment"
     if path.stem in ("02_probe", "03_latent_umap", "04_label_curves"):
         assert params["interactive"]["default"] == "True"
@@ -132,6 +133,52 @@ def test_check_notebook_params_accepts_command_line_spellings():
         lab.check_notebook_params(budgets="[1, x]")
     with pytest.raises(TypeError, match="unknown notebook parameter"):
         lab.check_notebook_params(label=3)
+
+
+def test_pretext_settings_reach_every_method_that_has_them_and_only_those():
+    s = lab.check_notebook_params(methods=["rotation", "siamese-vae"], random_init=True, device="cpu",
+                                  pretext_settings={"triplet_weight": 10, "lr": 0.01})
+    assert s.pretrain_config("siamese-vae").settings == {"triplet_weight": 10, "lr": 0.01}
+    assert s.pretrain_config("rotation").settings == {"lr": 0.01}
+    assert s.pretrain_config("random-init").settings == {}
+    default = lab.check_notebook_params(methods=["siamese-vae"], device="cpu").pretrain_config("siamese-vae")
+    changed = s.pretrain_config("siamese-vae").resolved(s.device)
+    assert changed.settings["triplet_weight"] == 10.0 and changed != default.resolved(s.device)
+    # papermill's -p hands a dict over as YAML text
+    s = lab.check_notebook_params(methods=["rotation"], device="cpu", pretext_settings="{rotations: 2}")
+    assert s.pretrain_config("rotation").resolved(s.device).settings["rotations"] == 2
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(pretext_settings={"rotations": 3}), r"^parameter pretext_settings: rotations=3 is not allowed; allowed: 2 "),
+    (dict(pretext_settings={"nope": 1}), r"^parameter pretext_settings: nope=1 is not allowed; allowed: a setting of "
+                                         r"rotation, vae, siamese-vae, simclr: optimizer, lr"),
+    # a setting of a task the notebook does not pretrain
+    (dict(methods=["rotation"], pretext_settings={"temperature": 0.1}),
+     r"^parameter pretext_settings: temperature=0.1 is not allowed; allowed: a setting of rotation: optimizer"),
+    (dict(pretext_settings=["lr", 0.1]), r"^parameter pretext_settings=\['lr', 0.1\] is not allowed; allowed: a dict"),
+    (dict(epochs=10 ** 6), r"^parameter epochs=1000000 is not allowed; allowed: an integer from 1 to 10000"),
+])
+def test_bad_pretext_settings_name_the_setting_and_what_is_allowed(params, message):
+    with pytest.raises(ValueError, match=message):
+        lab.check_notebook_params(device="cpu", **params)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs the Debian package dataset-fashion-mnist")
+def test_rotation_examples_and_sentences_follow_the_runs_settings(tmp_path):
+    from sslab.pretrain import PretrainConfig, pretrain
+    settings = lab.check_notebook_params(methods=["rotation", "siamese-vae"], device="cpu", examples=3,
+                                         pretext_settings={"rotations": 2, "margin": 0.25, "batch_size": 32})
+    runs = {m: pretrain(PretrainConfig(**{**vars(settings.pretrain_config(m)), "epochs": 1, "limit": 64,
+                                          "width": 0.125}), device="cpu", out=str(tmp_path), progress=False,
+                        eval_limit=64) for m in settings.methods}
+    examples = lab.rotation_predictions(runs["rotation"], settings)
+    assert examples["images"].shape == (3, 2, 1, 28, 28) and examples["angles"] == [0, 180]
+    assert set(examples["predicted"].ravel()) <= {0, 1}
+    accuracy = lab.rotation_accuracy_by_class(runs["rotation"], settings, n=100)
+    assert len(accuracy) == 10 and all(0 <= a <= 1 for a in accuracy.values())
+    sentence = lab.pretext_sentence(runs)
+    assert "of test rotations (chance 50%)" in sentence and ", margin 0.25)" in sentence
 
 
 def test_the_deterministic_parameter_reaches_pretraining_and_the_sweep(monkeypatch):

@@ -136,6 +136,17 @@ def test_rotation_examples_colour_right_and_wrong_predictions():
     assert "75% right" in fig._suptitle.get_text()
 
 
+def test_rotation_examples_of_a_two_rotation_run_show_0_and_180_degrees():
+    images = np.zeros((3, 2, 1, 8, 8))
+    predicted = np.array([[0, 1], [1, 1], [0, 0]])
+    fig = plots.rotation_examples({"images": images, "predicted": predicted, "confidence": np.full((3, 2), 0.6),
+                                   "angles": [0, 180]})
+    titles = [(ax.get_title(), ax.title.get_color()) for ax in fig.axes]
+    assert len(titles) == 6 and ("→ 180° (60%)", "red") in titles and ("→ 0° (60%)", "green") in titles
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()] == ["shown 0°", "shown 180°"]
+    assert "67% right on these 6" in fig._suptitle.get_text()
+
+
 def test_vae_gallery_has_a_row_per_input_reconstruction_and_sample_set():
     x = np.random.default_rng(0).random((3, 1, 8, 8))
     fig = plots.vae_gallery({"inputs": x, "reconstructions": {"vae": x, "siamese-vae": x}, "samples": {"vae": x}})

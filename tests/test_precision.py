@@ -100,8 +100,8 @@ def images(tmp_path_factory) -> str:
 
 
 def _tiny(dataset, precision):
-    return PretrainConfig(method="rotation", dataset=dataset, epochs=1, width=0.125, image_size=28, batch_size=8,
-                          precision=precision)
+    return PretrainConfig(method="rotation", dataset=dataset, epochs=1, width=0.125, image_size=28,
+                          settings={"batch_size": 8}, precision=precision)
 
 
 def test_precision_is_part_of_a_runs_settings_and_recorded(tmp_path, images):

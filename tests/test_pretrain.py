@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ EVAL = 64  # test images each run is evaluated on (kept small: these tests check
 
 
 def _tiny(method="rotation", **overrides) -> PretrainConfig:
-    values = dict(method=method, epochs=1, limit=64, width=0.125, batch_size=32)
+    values = dict(method=method, epochs=1, limit=64, width=0.125,
+                  settings={} if method == "random-init" else {"batch_size": 32})
     values.update(overrides)
     return PretrainConfig(**values)
 
@@ -101,10 +103,10 @@ def test_limit_takes_a_seeded_subset_of_the_unlabeled_pool():
 
 def test_method_defaults_fill_in():
     rotation = PretrainConfig(method="rotation").resolved(CPU)
-    assert (rotation.batch_size, rotation.lr, rotation.width) == (150, 0.05, 0.25)
+    assert (rotation.batch_size, rotation.lr, rotation.schedule, rotation.width) == (150, 0.05, "cosine", 0.25)
     train = rotation.train_config()
     assert (train.optimizer, train.nesterov, train.momentum, train.weight_decay) == ("sgd", True, 0.9, 5e-4)
-    vae = PretrainConfig(method="vae", lr=0.002, width=0.5).resolved(CPU)
+    vae = PretrainConfig(method="vae", settings={"lr": 0.002}, width=0.5).resolved(CPU)
     assert (vae.batch_size, vae.lr, vae.width) == (128, 0.002, 0.5)
     assert vae.train_config().optimizer == "adam"
 
@@ -114,10 +116,14 @@ def test_method_defaults_fill_in():
     (dict(dataset="mnist"), "dataset='mnist' is not known"),
     (dict(epochs=0), "epochs=0 is not allowed"),
     (dict(limit=1), "limit=1 is not allowed"),
-    (dict(batch_size=1), "batch_size=1 is not allowed"),
+    (dict(settings={"batch_size": 1}), "batch_size=1 is not allowed"),
     (dict(image_size=8), "image_size=8 is not allowed"),
     (dict(width=5.0), "width=5.0 is not allowed"),
-    (dict(lr=-0.1), "lr=-0.1 is not allowed"),
+    (dict(settings={"lr": -0.1}), "lr=-0.1 is not allowed"),
+    (dict(epochs=10 ** 20), "epochs=100000000000000000000 is not allowed; allowed: an integer from 1 to 10000"),
+    (dict(limit=10 ** 9), "limit=1000000000 is not allowed; allowed: an integer from 2 to 100000000"),
+    (dict(settings={"temperature": 0.1}), "temperature=0.1 is not allowed; allowed: a setting of rotation: "),
+    (dict(settings={"rotations": 3}), "rotations=3 is not allowed; allowed: 2 (0/180°) or 4 (0/90/180/270°)"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     with pytest.raises(ValueError) as info:
@@ -147,7 +153,8 @@ def test_load_run_refuses_incomplete_folders(tmp_path):
 def test_compiled_pretraining_trains_the_same_model(tmp_path):
     """``compile=True`` runs the loss through torch.compile (recorded in the summary) and trains
     what the eager run trains, to rounding."""
-    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=48, width=0.125, batch_size=16)
+    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=48, width=0.125,
+                            settings={"batch_size": 16})
     try:
         eager = pretrain(config, device="cpu", out=str(tmp_path / "eager"), progress=False, eval_limit=16)
     except FileNotFoundError:
@@ -255,7 +262,7 @@ def test_the_knn_monitor_scores_every_epoch_and_changes_no_weight(tmp_path):
 def test_a_random_init_run_stores_the_seeded_initial_backbone_and_trains_nothing(tmp_path):
     from sslab.models import BackboneConfig, build_backbone
     run = _pretrain(_tiny("random-init"), tmp_path)
-    other_settings = _pretrain(_tiny("random-init", epochs=5, lr=0.3), tmp_path)
+    other_settings = _pretrain(_tiny("random-init", epochs=5, settings={"lr": 0.3}), tmp_path)
     assert other_settings.path == run.path  # the training settings do not apply, so they do not split runs
     assert run.summary["epochs_run"] == 0 and run.metrics == [] and run.config.epochs == 0
     torch.manual_seed(0)
@@ -265,3 +272,91 @@ def test_a_random_init_run_stores_the_seeded_initial_backbone_and_trains_nothing
     assert _pretrain(_tiny("random-init", seed=1), tmp_path).path != run.path
     with pytest.raises(ValueError, match="has a backbone .* but no pretext task"):
         run.load_task()
+
+
+# ---------------------------------------------------------------- the pretext task's settings
+
+def test_a_changed_setting_is_a_new_run_and_the_default_finds_the_old_one(tmp_path):
+    default = _pretrain(_tiny("siamese-vae"), tmp_path)
+    stamp = (default.path / "model.pt").stat().st_mtime_ns
+    heavier = _pretrain(_tiny("siamese-vae", settings={"batch_size": 32, "triplet_weight": 10}), tmp_path)
+    assert heavier.path != default.path
+    stored = json.loads((heavier.path / "config.json").read_text())["settings"]
+    assert stored["triplet_weight"] == 10.0 and stored["margin"] == 0.5
+    # The loss trained is recon + β·KL + λ·triplet with each run's λ (the epoch means are linear in the terms).
+    for run, weight in ((default, 5.0), (heavier, 10.0)):
+        row = run.metrics[0]
+        assert row["loss"] == pytest.approx(row["recon"] + 0.01 * row["kl"] + weight * row["triplet"], rel=1e-4)
+    # The default written out (as an int) is the default: the old run is found, not trained again.
+    again = _pretrain(_tiny("siamese-vae", settings={"batch_size": 32, "triplet_weight": 5}), tmp_path)
+    assert again.path == default.path and (default.path / "model.pt").stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([default.path.name, heavier.path.name])
+
+
+@pytest.mark.parametrize("method", ["rotation", "vae", "siamese-vae", "simclr"])
+def test_the_resolved_config_lists_every_setting_with_its_value(method):
+    from sslab.pretext import setting_names
+    resolved = PretrainConfig(method=method, settings={"lr": 0.5}).resolved(CPU)
+    assert list(resolved.settings) == list(setting_names(method))
+    assert resolved.settings["lr"] == 0.5 and None not in resolved.settings.values()  # sized ones filled in
+    assert resolved.train_config().lr == 0.5
+    # resolving a resolved config changes nothing (the run folder is found from either)
+    assert resolved.resolved(CPU) == resolved
+
+
+def test_sized_settings_are_resolved_for_the_images_and_the_backbone():
+    rotation = PretrainConfig(method="rotation").resolved(CPU).settings
+    # RotNet's 4096-wide head × width 0.25; a 2-pixel shift (a twelfth of 28 px, at least 2)
+    assert (rotation["hidden"], rotation["crop_padding"]) == (1024, 2)
+    large = PretrainConfig(method="rotation", image_size=96, width=0.125).resolved(CPU).settings
+    assert (large["hidden"], large["crop_padding"]) == (512, 8)
+    simclr = PretrainConfig(method="simclr").resolved(CPU).settings
+    # grey 28 px: strength 0.5 (brightness and contrast 0.4), no blur; AlexNet's pool5 at width 0.25 has 1024 values
+    assert (simclr["jitter_strength"], simclr["blur_p"], simclr["hidden"]) == (0.5, 0.0, 1024)
+    given = PretrainConfig(method="simclr", settings={"hidden": 77, "blur_p": 0.3}).resolved(CPU).settings
+    assert (given["hidden"], given["blur_p"]) == (77, 0.3)
+
+
+def test_editing_a_default_in_the_code_changes_the_hash(monkeypatch):
+    from sslab.pretext import SimCLRSettings, SimCLRTask
+
+    def folder(config):
+        return store.config_hash(asdict(config.resolved(CPU)))
+
+    before = folder(PretrainConfig(method="simclr"))
+    assert folder(PretrainConfig(method="simclr", settings={"temperature": 0.5})) == before  # the default, given
+
+    @dataclass
+    class EditedSimCLRSettings(SimCLRSettings):
+        temperature: float = 0.2  # the block's default, edited
+
+    monkeypatch.setattr(SimCLRTask, "settings_class", EditedSimCLRSettings)
+    edited = PretrainConfig(method="simclr").resolved(CPU)
+    assert edited.settings["temperature"] == 0.2
+    assert folder(PretrainConfig(method="simclr")) != before
+    # the old default given explicitly finds the old runs again
+    assert folder(PretrainConfig(method="simclr", settings={"temperature": 0.5})) == before
+
+
+def test_settings_round_trip_through_config_json_and_load_run(tmp_path):
+    config = _tiny(settings={"batch_size": 32, "rotations": 2, "hidden": 48, "milestones": [0.5], "schedule": "step",
+                             "degrees": 0, "weight_decay": 0})
+    run = _pretrain(config, tmp_path)
+    resolved = config.resolved(CPU)
+    stored = json.loads((run.path / "config.json").read_text())["settings"]
+    assert stored == {**resolved.settings, "milestones": [0.5]}  # JSON has no tuples
+    assert (stored["rotations"], stored["degrees"], stored["weight_decay"]) == (2, 0.0, 0.0)
+    loaded = load_run(run.path)
+    assert loaded.config == resolved == run.config
+    task = loaded.load_task()
+    assert task.settings == resolved.task_settings()
+    assert task.rotations == 2 and task.head.net[-1].out_features == 2 and task.head.net[0][0].out_features == 48
+    # the 2-way task's test metrics come back from the loaded weights
+    splits, _ = unlabeled_pool(loaded.config)
+    again = evaluate_task(task, splits.test.images[:EVAL], precision=loaded.config.precision)
+    assert again["test_rot_acc"] == pytest.approx(run.summary["test_rot_acc"], abs=1e-5)
+
+
+def test_random_init_has_no_settings_and_ignores_the_training_ones():
+    resolved = PretrainConfig(method="random-init", settings={"lr": 0.3}, epochs=4).resolved(CPU)
+    assert resolved.settings == {} and resolved.epochs == 0 and resolved.lr is None

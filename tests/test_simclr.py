@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sslab.augment import SimCLRAugment, gaussian_blur, hue_shift, random_grayscale, simclr_augment
 from sslab.models import BackboneConfig
-from sslab.pretext import NTXentLoss, SimCLRTask, build_task, nt_xent_loss
+from sslab.pretext import NTXentLoss, SimCLRSettings, SimCLRTask, build_task, nt_xent_loss
 from sslab.pretext import simclr as simclr_module
 from sslab.pretext.simclr import nt_xent_logits
 
@@ -132,6 +132,16 @@ def test_view_settings_follow_the_image():
     assert (cifar.brightness, cifar.saturation, cifar.hue, cifar.grayscale_p, cifar.blur_p) == (0.4, 0.4, 0.1, 0.2, 0.0)
     large = simclr_augment(96, 3)  # strength 1, blur with a kernel of about a tenth of the image
     assert (large.brightness, large.hue, large.blur_p, large.blur_kernel) == (0.8, 0.2, 0.5, 11)
+    grey = simclr_augment(96, 1)  # grey at any size: brightness and contrast 0.4; blur from 64 px
+    assert (grey.brightness, grey.contrast, grey.blur_p, grey.blur_kernel) == (0.4, 0.4, 0.5, 11)
+
+
+def test_view_settings_given_replace_the_sized_ones():
+    views = simclr_augment(32, 3, strength=0.25, crop_scale=0.5, jitter_p=0.3, grayscale_p=0.0, blur_p=0.2, flip=False)
+    assert (views.brightness, views.contrast, views.saturation, views.hue) == (0.2, 0.2, 0.2, 0.05)
+    assert (views.scale, views.jitter_p, views.grayscale_p, views.flip) == ((0.5, 1.0), 0.3, 0.0, False)
+    assert (views.blur_p, views.blur_kernel) == (0.2, 5)  # 2·round(0.05·32 = 1.6) + 1
+    assert simclr_augment(96, 3, blur_p=0.0).blur_kernel == 0
 
 
 def test_gaussian_blur_matches_torchvision_per_image():
@@ -201,16 +211,17 @@ def test_task_defaults_and_bad_temperature():
     assert [(fc.in_features, fc.out_features) for fc in linears] == [(task.backbone.out_dim, task.backbone.out_dim),
                                                                   (task.backbone.out_dim, 128)]
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in task.head.modules()) == 1
-    small = SimCLRTask(TINY, temperature=0.2, projection_dim=32, hidden=64)
+    small = SimCLRTask(TINY, SimCLRSettings(temperature=0.2, projection_dim=32, hidden=64))
     assert small.project(torch.rand(4, 1, 28, 28)).shape == (4, 32)
     with pytest.raises(ValueError, match=r"temperature=-1 is not allowed"):
-        SimCLRTask(TINY, temperature=-1)
+        SimCLRTask(TINY, SimCLRSettings(temperature=-1))
 
 
 def test_task_loss_falls_on_a_tiny_set():
     torch.manual_seed(0)
     # Milder views than the defaults, so 40 steps on 16 images are enough to learn to match them.
-    task = build_task("simclr", TINY, augment=SimCLRAugment(scale=(0.4, 1.0), brightness=0.2, contrast=0.2))
+    # (crops keeping 40-100 % of the area, brightness and contrast 0.8 × 0.25 = 0.2)
+    task = build_task("simclr", TINY, {"crop_scale": 0.4, "jitter_strength": 0.25})
     optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
     images = _patterns(16)
 

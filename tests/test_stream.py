@@ -153,7 +153,8 @@ def test_fit_on_streamed_data_trains_exactly_as_on_resident_data(device, tmp_pat
 @pytest.mark.slow
 def test_pretrain_over_its_data_budget_streams_and_gets_the_same_run(tmp_path, capfd):
     from sslab.pretrain import PretrainConfig, pretrain
-    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=64, width=0.125, batch_size=16)
+    config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=64, width=0.125,
+                            settings={"batch_size": 16})
     try:
         resident = pretrain(config, device="cpu", out=str(tmp_path / "a"), progress=False)
     except FileNotFoundError:

@@ -13,7 +13,8 @@ import torch
 
 from .. import store
 from ..pretrain import Run
-from ..train import FitResult, TrainConfig, fit, make_deterministic
+from ..checkpoint import FitResult
+from ..train import TrainConfig, fit, make_deterministic
 from .batched_heads import train_heads
 from .cells import (Cell, EvalConfig, cell_folder, open_cell, protocol_key, repeat_to, stored_row)
 from ..models import knn_predict

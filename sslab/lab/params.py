@@ -9,16 +9,16 @@ from typing import Optional
 
 import torch
 
-from ..checks import (MAX_COUNT, MAX_STEPS, check_bool, check_choice, check_choice_list, check_int, check_int_list,
-                      fail)
+from ..checks import (MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_bool, check_choice, check_choice_list, check_int,
+                      check_int_list, fail)
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, PROTOCOLS, EvalConfig
 from ..evaluate.selection import SELECTIONS
 from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
-from ..pretext import TASKS
+from ..pretext import TASKS, setting_names
 from ..precision import PRECISIONS, resolve_precision
-from ..pretrain import METHODS, RANDOM_INIT, PretrainConfig
+from ..pretrain import METHODS, RANDOM_INIT, PretrainConfig, settings_by_method
 from ..train import make_deterministic, resolve_device
 
 SCORES = tuple(SCORE_FUNCTIONS)
@@ -31,7 +31,8 @@ def _name(parameter: str) -> str:
 def _check_limit(value) -> Optional[int]:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
         return None
-    return check_int(_name("limit"), value, 2, " (unlabeled images used for pretraining), or None for all")
+    return check_int(_name("limit"), value, 2, " (unlabeled images used for pretraining), or None for all",
+                     maximum=MAX_COUNT)
 
 
 def _check_dataset(value) -> str:
@@ -56,6 +57,27 @@ def _check_out(value) -> Optional[str]:
     return value or None
 
 
+def _setting_name(setting: str) -> str:
+    return f"{_name('pretext_settings')}: {setting}"
+
+
+def _check_pretext_settings(value) -> dict:
+    """A dict of pretext-task settings (name → value, e.g. ``{"triplet_weight": 10}``), each
+    applied to every method that has it; papermill's ``-p`` hands it over as YAML text."""
+    if isinstance(value, str):
+        import yaml
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+        value = {} if value is None else value
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        fail(_name("pretext_settings"), value, "a dict of pretext-task settings, e.g. {'triplet_weight': 10} "
+                                               "(the names: sslab/pretext/<task>.py)")
+    settings_by_method(tuple(TASKS), value, _setting_name)  # each name some task has, each value in range
+    return dict(value)
+
+
 def _choice(parameter: str, choices):
     return lambda value: check_choice(_name(parameter), value, choices)
 
@@ -64,8 +86,9 @@ def _choice(parameter: str, choices):
 CHECKS = {
     "dataset": _check_dataset,
     "methods": lambda v: check_choice_list(_name("methods"), v, tuple(TASKS), "pretext tasks"),
-    "epochs": lambda v: check_int(_name("epochs"), v, 1, " (pretraining epochs)"),
+    "epochs": lambda v: check_int(_name("epochs"), v, 1, " (pretraining epochs)", maximum=MAX_EPOCHS),
     "limit": _check_limit,
+    "pretext_settings": _check_pretext_settings,
     "device": _check_device,
     "interactive": lambda v: check_bool(_name("interactive"), v),
     "labels": lambda v: check_int(_name("labels"), v, 1, " (labeled images per class)"),
@@ -107,6 +130,8 @@ class LabSettings:
     seeds: tuple = (0,)
     layer: str = "auto"
     backbone: str = "alexnet"
+    # pretext-task settings, name → value, each applied to every method that has it (sslab/pretext/<task>.py)
+    pretext_settings: dict = field(default_factory=dict)
     head: str = "mlp"
     points: int = 2000
     vae_latent: bool = True
@@ -125,10 +150,13 @@ class LabSettings:
 
     def pretrain_config(self, method: str) -> PretrainConfig:
         """The one pretraining config of ``method`` that every notebook (and
-        ``python -m sslab curve --pretrain-epochs E --limit L``) derives from the same parameters."""
-        return PretrainConfig(method=check_choice("method", method, METHODS), dataset=self.dataset,
-                              epochs=self.epochs, limit=self.limit,
-                              precision=self.precision, backbone=self.backbone)
+        ``python -m sslab curve --pretrain-epochs E --limit L --set NAME=VALUE``) derives from the same
+        parameters."""
+        check_choice("method", method, METHODS)
+        names = () if method == RANDOM_INIT else setting_names(method)
+        settings = {name: value for name, value in self.pretext_settings.items() if name in names}
+        return PretrainConfig(method=method, dataset=self.dataset, epochs=self.epochs, limit=self.limit,
+                              precision=self.precision, backbone=self.backbone, settings=settings)
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
@@ -189,6 +217,8 @@ def check_notebook_params(**params) -> LabSettings:
     except ValueError:
         fail(_name("layer"), settings.layer, f"auto or a layer of {settings.backbone}: "
                                               f"{', '.join(LAYERS_BY_ARCH[settings.backbone])}")
+    if settings.pretext_settings:  # each name must be a setting of a method the notebook pretrains
+        settings_by_method(settings.run_methods, settings.pretext_settings, _setting_name)
     if "device" not in params:
         settings.device = resolve_device("auto")
     if settings.deterministic:

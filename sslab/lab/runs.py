@@ -52,10 +52,11 @@ def _class_examples(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor
 
 @torch.no_grad()
 def rotation_predictions(run: Run, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
-    """Test images (one per class first) shown at 0/90/180/270° with the rotation the
-    pretrained net predicts: ``images`` N×4×C×H×W (float, [0, 1]), ``predicted`` N×4 (0-3),
-    ``confidence`` N×4 (softmax probability of the prediction)."""
-    from ..augment import rotate4, to_float
+    """Test images (one per class first) shown at the R angles the run was trained on (R = its
+    setting ``rotations``: 0/90/180/270°, or 0/180°) with the rotation the pretrained net
+    predicts: ``images`` N×R×C×H×W (float, [0, 1]), ``predicted`` N×R (0 … R−1), ``confidence``
+    N×R (softmax probability of the prediction), ``angles`` (the R angles in degrees)."""
+    from ..augment import to_float
     if run.method != "rotation":
         raise ValueError(f"run={run.path.name!r} is a {run.method} run; rotation examples need a rotation run")
     n = n or settings.examples
@@ -63,14 +64,14 @@ def rotation_predictions(run: Run, settings: LabSettings, n: Optional[int] = Non
     index = _class_examples(test.labels, n, seed)
     task = run.load_task(settings.device)
     x = to_float(test.images[index].to(settings.device))
-    rotated, _ = rotate4(x)
+    rotated, _ = task.rotate(x)
     probs = torch.softmax(task.logits(rotated).float(), dim=1).cpu()
     predicted = probs.argmax(1)
     confidence = probs.max(1).values
-    k = len(index)
-    images = rotated.cpu().reshape(4, k, *x.shape[1:]).transpose(0, 1)
-    return {"images": images.numpy(), "predicted": predicted.reshape(4, k).T.numpy(),
-            "confidence": confidence.reshape(4, k).T.numpy()}
+    k, r = len(index), task.rotations
+    images = rotated.cpu().reshape(r, k, *x.shape[1:]).transpose(0, 1)
+    return {"images": images.numpy(), "predicted": predicted.reshape(r, k).T.numpy(),
+            "confidence": confidence.reshape(r, k).T.numpy(), "angles": [360 // r * i for i in range(r)]}
 
 
 @torch.no_grad()
@@ -119,11 +120,13 @@ def pretext_sentence(runs: dict) -> str:
     for method, run in runs.items():
         s = run.summary
         if "test_rot_acc" in s:
-            parts.append(f"{method} predicts {100 * s['test_rot_acc']:.1f}% of test rotations (chance 25%)")
+            rotations = run.config.settings.get("rotations", 4)
+            parts.append(f"{method} predicts {100 * s['test_rot_acc']:.1f}% of test rotations "
+                         f"(chance {100 / rotations:.0f}%)")
         elif "test_recon" in s:
             text = f"{method} reconstructs test images with {s['test_recon']:.1f} summed squared error per image"
             if "test_triplet" in s:
-                text += f" (triplet loss {s['test_triplet']:.3f}, margin 0.5)"
+                text += f" (triplet loss {s['test_triplet']:.3f}, margin {run.config.settings['margin']:g})"
             parts.append(text)
         elif "test_contrastive_acc" in s:
             candidates = 2 * EVAL_BATCH - 1  # the other views of a test batch
@@ -137,8 +140,9 @@ def pretext_sentence(runs: dict) -> str:
 
 @torch.no_grad()
 def rotation_accuracy_by_class(run: Run, settings: LabSettings, n: int = 2000) -> dict:
-    """Class name → fraction of the 4 rotations predicted right, on ``n`` test images (stratified)."""
-    from ..augment import rotate4, to_float
+    """Class name → fraction of the rotations (the run's angles) predicted right, on ``n`` test
+    images (stratified)."""
+    from ..augment import to_float
     from ..embed import stratified_sample
     test = settings.splits.test
     index = torch.from_numpy(stratified_sample(test.labels, n, seed=0))
@@ -146,9 +150,9 @@ def rotation_accuracy_by_class(run: Run, settings: LabSettings, n: int = 2000) -
     right = torch.zeros(test.num_classes)
     total = torch.zeros(test.num_classes)
     for chunk in index.split(500):
-        rotated, target = rotate4(to_float(test.images[chunk].to(settings.device)))
+        rotated, target = task.rotate(to_float(test.images[chunk].to(settings.device)))
         ok = (task.logits(rotated).argmax(1) == target).float().cpu()
-        classes = test.labels[chunk].repeat(4)
+        classes = test.labels[chunk].repeat(task.rotations)
         right.index_add_(0, classes, ok)
         total.index_add_(0, classes, torch.ones_like(ok))
     return {name: float(right[i] / total[i]) for i, name in enumerate(test.classes) if total[i] > 0}

@@ -8,17 +8,76 @@ paper (its global batch of 4096 spans many accelerators).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..augment import SimCLRAugment, simclr_augment
-from ..models import BackboneConfig
-from .base import PretextTask
+from ..augment import SimCLRAugment, simclr_augment, simclr_blur_p, simclr_jitter_strength
+from ..checks import MAX_COUNT, check_bool, check_int, check_number
+from ..models import BackboneConfig, backbone_out_dim
+from .base import PretextTask, TaskSettings, check_optional_int, check_optional_number, check_probability
 
 # The seed of train=False's two views: every evaluation of the same weights sees the same pairs.
 EVAL_VIEW_SEED = 0
+
+
+@dataclass
+class SimCLRSettings(TaskSettings):
+    """Every setting of SimCLR pretraining (``--set NAME=VALUE``; see :class:`TaskSettings`)."""
+
+    # -- optimiser: SGD momentum 0.9 with cosine decay, the best of Adam 1e-3/3e-3 and SGD 0.06/0.3 (batch 256)
+    # and SGD 0.12 (batch 512) by kNN accuracy after 3 epochs on 20k Fashion-MNIST images (CPU, width 0.25)
+    optimizer: str = "sgd"  # sgd, adam or adamw
+    lr: float = 0.06  # peak learning rate (that comparison's best)
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = True  # Nesterov momentum
+    weight_decay: float = 5e-4  # L2 penalty on every weight
+    batch_size: int = 256  # source images per step, two views of each (every other view is a negative)
+    schedule: str = "cosine"  # cosine decay per step (the paper's); step: ×gamma at the milestones; constant
+    milestones: tuple = (0.24, 0.48, 0.71)  # fractions of the run where `step` multiplies by gamma
+    gamma: float = 0.1  # the step schedule's factor
+    warmup_epochs: float = 0.0  # epochs of linear warm-up to the peak
+    # -- the task (Chen et al. 2020)
+    temperature: float = 0.5  # τ of NT-Xent: cosine similarities are divided by it (the paper's CIFAR-10 value)
+    projection_dim: int = 128  # size of the projection the loss reads (the paper's)
+    hidden: Optional[int] = None  # the projection MLP's hidden width; None: the backbone's output size, at most 2048
+    # -- the two views (appendix A; sslab.augment.simclr_augment)
+    crop_scale: float = 0.08  # smallest fraction of the area a random resized crop keeps (the paper's 8 %)
+    flip: bool = True  # horizontal flip with probability 0.5
+    jitter_strength: Optional[float] = None  # s: brightness/contrast/saturation 0.8·s, hue 0.2·s; None: 1.0 for
+    # colour images from 64 px (the paper's ImageNet value), 0.5 otherwise (its CIFAR-10 value)
+    jitter_p: float = 0.8  # probability of the colour jitter (the paper's)
+    grayscale_p: float = 0.2  # probability of a greyscale view, colour images only (the paper's)
+    blur_p: Optional[float] = None  # probability of a Gaussian blur; None: 0.5 from 64 px, none below (the paper's)
+
+    def _check_task(self, name) -> dict:
+        return dict(temperature=check_number(name("temperature"), self.temperature),
+                    projection_dim=check_int(name("projection_dim"), self.projection_dim, 1, maximum=MAX_COUNT),
+                    hidden=check_optional_int(name("hidden"), self.hidden, 1, "the backbone's output size"),
+                    crop_scale=check_number(name("crop_scale"), self.crop_scale, 0, 1),
+                    flip=check_bool(name("flip"), self.flip),
+                    # up to 1.25: brightness and contrast factors 1 ± 0.8·s must stay ≥ 0
+                    jitter_strength=check_optional_number(name("jitter_strength"), self.jitter_strength, 0, 1.25,
+                                                          "0.5 or 1.0 by image size", low_open=False),
+                    jitter_p=check_probability(name("jitter_p"), self.jitter_p),
+                    grayscale_p=check_probability(name("grayscale_p"), self.grayscale_p),
+                    blur_p=check_optional_number(name("blur_p"), self.blur_p, 0, 1, "0.5 from 64 px, 0 below",
+                                                 low_open=False))
+
+    def sized_to(self, backbone: BackboneConfig) -> "SimCLRSettings":
+        size, channels = backbone.image_size, backbone.in_channels
+        return replace(self, hidden=self.hidden or min(2048, backbone_out_dim(backbone)),
+                       jitter_strength=(simclr_jitter_strength(size, channels) if self.jitter_strength is None
+                                        else self.jitter_strength),
+                       blur_p=simclr_blur_p(size) if self.blur_p is None else self.blur_p)
+
+    def augment(self, backbone: BackboneConfig) -> SimCLRAugment:
+        return simclr_augment(backbone.image_size, backbone.in_channels, self.jitter_strength, self.crop_scale,
+                              self.jitter_p, self.grayscale_p, self.blur_p, self.flip)
 
 
 class _AllGather(torch.autograd.Function):
@@ -150,21 +209,20 @@ class SimCLRTask(PretextTask):
     with :data:`EVAL_VIEW_SEED` on the images' device, so the same weights always give the same
     numbers; it never gathers across processes (under torchrun rank 0 evaluates alone).
 
-    ``hidden``: the projection's hidden width; default the backbone's ``out_dim`` (the paper's
-    choice, 2048 for its ResNet-50), capped at 2048 for the AlexNet's wide flattened pool5.
+    ``settings.hidden``: the projection's hidden width; default the backbone's ``out_dim`` (the
+    paper's choice, 2048 for its ResNet-50), capped at 2048 for the AlexNet's wide flattened pool5.
     """
 
     name = "simclr"
+    settings_class = SimCLRSettings
+    images_per_sample = 2  # the two views
 
-    def __init__(self, backbone_config: BackboneConfig, augment: SimCLRAugment | None = None,
-                 temperature: float = 0.5, projection_dim: int = 128, hidden: int | None = None):
-        super().__init__(backbone_config,
-                         augment or simclr_augment(backbone_config.image_size, backbone_config.in_channels))
-        if not temperature > 0:
-            raise ValueError(f"temperature={temperature!r} is not allowed; allowed: a number > 0")
-        self.temperature = temperature
-        hidden = hidden or min(2048, self.backbone.out_dim)
-        self.head = ProjectionHead(self.backbone.out_dim, hidden, projection_dim)
+    def __init__(self, backbone_config: BackboneConfig, settings: SimCLRSettings | None = None):
+        settings = (settings or self.settings_class()).checked().sized_to(backbone_config)
+        super().__init__(backbone_config, settings.augment(backbone_config))
+        self.settings = settings
+        self.temperature = settings.temperature
+        self.head = ProjectionHead(self.backbone.out_dim, settings.hidden, settings.projection_dim)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Float images → N×projection_dim projections."""
