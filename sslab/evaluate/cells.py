@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import integrity, store
-from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number
+from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number, fail
 from ..data import DatasetSplits
 from ..models import ALL_LAYERS, resolve_layer
 from ..precision import PRECISIONS, resolve_precision
@@ -75,6 +75,9 @@ class EvalConfig:
     lp_alpha: float = 0.99
     lp_gamma: float = 3.0
     lp_iterations: int = 20
+    # the weights w of the probe against the graph (test scores w · probe + (1 − w) · graph), the
+    # best on the validation images; (0.0,): the graph alone
+    lp_probe_weights: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     # selftrain: rounds of (teacher labels the pool → a student trains on labeled + pseudo-labeled)
     st_rounds: int = 1
     st_per_class: int = 1000  # the teacher's most confident pseudo-labels per class (class-balanced)
@@ -82,6 +85,11 @@ class EvalConfig:
     st_steps: int = 600
     st_lr: float = 1e-3
     st_labeled_fraction: float = 0.25  # the labeled images' share of every batch
+    # the teacher: labelprop, probe, agree (both, where they agree) or auto (the best on the validation images)
+    st_teacher: str = "auto"
+    # the test prediction: the student's graph, its head, both, or auto (the best on the validation
+    # images of those and the first teacher's own)
+    st_predict: str = "auto"
     # fixmatch: steps of fm_batch labeled and fm_mu × fm_batch unlabeled images; threshold τ, weight λ_u
     fm_steps: int = 1000
     fm_batch: int = 32
@@ -98,6 +106,8 @@ class EvalConfig:
         check_choice("head", self.head, HEADS)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("selection", self.selection, SELECTIONS)
+        check_choice("st_teacher", self.st_teacher, ("auto", "agree", "labelprop", "probe"))
+        check_choice("st_predict", self.st_predict, ("auto", "graph", "head", "both"))
         check_number("select_purity", self.select_purity, 0.0, 1.0, high_open=True)
         for name in ("probe_epochs", "scratch_epochs", "finetune_epochs"):
             check_int(name, getattr(self, name), 1, maximum=MAX_EPOCHS)
@@ -119,6 +129,10 @@ class EvalConfig:
             check_number(name, getattr(self, name))
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
+        weights = self.lp_probe_weights
+        if (not isinstance(weights, (tuple, list)) or not weights
+                or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1 for w in weights)):
+            fail("lp_probe_weights", weights, "a non-empty list of numbers in [0, 1], e.g. (0.0, 0.5, 1.0)")
         return self
 
     def resolved(self, device, arch: str = "alexnet") -> "EvalConfig":
@@ -156,12 +170,13 @@ CELL_FIELDS = {
     "probe": ("head",) + _SHARED + _PROBE,
     "scratch": _SHARED + ("scratch_epochs", "scratch_lr", "scratch_patience"),
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
+    # labelprop weighs the graph against the probe (lp_probe_weights): the probe's settings count too
     "labelprop": ("layer", "grid", "selection", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha",
-                  "lp_gamma", "lp_iterations"),
+                  "lp_gamma", "lp_iterations", "lp_probe_weights", "hidden", "batch_size", "samples_per_epoch",
+                  "weight_decay") + _PROBE,
 }
-CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("hidden", "batch_size", "weight_decay", "st_rounds",
-                                                       "st_per_class", "st_threshold", "st_steps", "st_lr",
-                                                       "st_labeled_fraction")
+CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_class", "st_threshold", "st_steps",
+                                                       "st_lr", "st_labeled_fraction", "st_teacher", "st_predict")
 CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch", "fm_mu", "fm_threshold",
                                                          "fm_weight", "fm_lr", "fm_ema")
 

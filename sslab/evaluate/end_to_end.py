@@ -4,17 +4,15 @@ pretrained backbone with its probe head)."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from .. import store
 from ..models import BackboneConfig, build_backbone, pooled_dim
 from ..train import TrainConfig
-from .cells import Cell, EvalConfig, cell_folder, cell_provenance, open_cell, protocol_key, repeat_to
+from .cells import Cell, EvalConfig, open_cell, repeat_to
 from .heads import FeatureHead, ImageClassifier, predict, trainable_spread
-from .probe import probe_cell, validator
+from .probe import trained_probe, validator
 
 
 def scratch_cell(like, budget: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
@@ -61,16 +59,7 @@ def classifier_from_probe(cell: Cell) -> ImageClassifier:
     """The cell's run's backbone with the mlp head of its probe cell at this budget and seed (trained
     first if missing): how fine-tuning and FixMatch start, the head already reading the backbone's
     features."""
-    probe_cfg = replace(cell.cfg, head="mlp")
-    probe_cell(cell.run, cell.budget, cell.seed, device=cell.device, out=cell.out, config=probe_cfg,
-               deterministic=cell.deterministic)
-    feats = cell.features("train")
-    head = FeatureHead(feats.shape[1], cell.splits.train.num_classes, "mlp", cell.cfg.hidden).to(cell.device)
-    # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
-    # copied or merged store no longer has), and the head that cell recorded making.
-    key = protocol_key("probe", cell.run, cell.budget, cell.seed, probe_cfg)
-    head.load_state_dict(store.load_torch(cell_folder(key, cell.out) / "head.pt", map_location=cell.device,
-                                          expect=cell_provenance("head", key))["head"])
+    head = trained_probe(cell)
     head.std.copy_(trainable_spread(head.std))
     return ImageClassifier(cell.run.load_backbone(cell.device), head, cell.cfg.layer, cell.cfg.grid).to(cell.device)
 

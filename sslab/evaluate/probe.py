@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,7 +16,7 @@ from ..pretrain import Run
 from ..checkpoint import FitResult
 from ..train import TrainConfig, fit, make_deterministic
 from .batched_heads import train_heads
-from .cells import (Cell, EvalConfig, cell_folder, open_cell, protocol_key, repeat_to, stored_row)
+from .cells import Cell, EvalConfig, cell_folder, cell_provenance, open_cell, protocol_key, repeat_to, stored_row
 from ..models import knn_predict
 from .heads import FeatureHead, predict
 from .metrics import topk_accuracy
@@ -171,3 +171,42 @@ def probe_row(probe: Probe, result: FitResult, seconds: float) -> dict:
     cell = probe.cell
     scores = predict(probe.model, cell.features("test"), precision=cell.cfg.precision)
     return cell.row(scores, cell.cfg.head, result.epochs_run, seconds, result.history)
+
+
+def trained_probe(cell: Cell) -> FeatureHead:
+    """The mlp head of the probe cell at ``cell``'s run, budget, seed and labeled images (computed
+    first if missing), loaded from the head that cell recorded making, in eval mode: what
+    fine-tuning and FixMatch start from, and what label propagation and self-training weigh
+    against the graph."""
+    probe_cfg = replace(cell.cfg, head="mlp")
+    probe_cell(cell.run, cell.budget, cell.seed, device=cell.device, out=cell.out, config=probe_cfg,
+               deterministic=cell.deterministic)
+    head = FeatureHead(cell.features("train").shape[1], cell.splits.train.num_classes, "mlp",
+                       cell.cfg.hidden).to(cell.device)
+    # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
+    # copied or merged store no longer has), and the head that cell recorded making.
+    key = protocol_key("probe", cell.run, cell.budget, cell.seed, probe_cfg)
+    head.load_state_dict(store.load_torch(cell_folder(key, cell.out) / "head.pt", map_location=cell.device,
+                                          expect=cell_provenance("head", key))["head"])
+    return head.eval()
+
+
+def probe_probabilities(head: FeatureHead, features: torch.Tensor, precision: str) -> torch.Tensor:
+    """The probe's class probabilities (softmax of its logits) for frozen features N×D."""
+    return predict(head, features, precision=precision).softmax(1)
+
+
+def chosen_on_validation(candidates: dict, val_labels: torch.Tensor) -> tuple:
+    """``(name, validation accuracy)`` of the candidate whose class scores classify the validation
+    images best: ``candidates`` maps a name to its validation scores (V×classes), in order of
+    preference — a tie goes to the earlier one, and without validation images (V = 0) the first
+    is taken (accuracy None)."""
+    if len(val_labels) == 0:
+        return next(iter(candidates)), None
+    best, best_accuracy = None, -1.0
+    for name, scores in candidates.items():
+        accuracy = float((scores.argmax(1) == val_labels).float().mean())
+        if accuracy > best_accuracy:
+            best, best_accuracy = name, accuracy
+    return best, best_accuracy
+

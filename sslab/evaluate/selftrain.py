@@ -1,21 +1,25 @@
 """The selftrain protocol: pseudo-label self-training (Lee, ICML workshops 2013, "Pseudo-Label";
-Xie et al., CVPR 2020, "Self-training with Noisy Student") with label propagation as the
-teacher (Iscen et al., CVPR 2019, who alternate the two).
+Xie et al., CVPR 2020, "Self-training with Noisy Student") with label propagation, the probe, or
+their agreement as the teacher (Iscen et al., CVPR 2019, alternate the graph with the network).
 
-Each round: the teacher — label propagation over the run's unlabeled pool (:mod:`.labelprop`)
-— labels the pool; its ``st_per_class`` most confident images of each class (class-balanced,
-above ``st_threshold``) join the budget's labeled images; a student (the run's backbone with a
-fresh head) trains end to end on them under strong augmentation (flip + shift + RandAugment,
-the student's noise), the labeled images a fixed share ``st_labeled_fraction`` of every batch;
-then label propagation in the student's own feature space gives the next round's teacher and,
-after the last round, the test predictions (inductive, as in labelprop). Students train in
-:func:`sslab.train.fit` (resumable, early stopping on the validation images); a finished
-round's student is kept in the cell's folder, so an interrupted cell goes on from there.
+The teacher labels the pool; the validation images choose it (``st_teacher`` auto) among the
+graph (:mod:`.labelprop`), the budget's probe head, and their agreement — their mean class
+scores, where both predict the same class. Its ``st_per_class`` most confident images of each
+class (class-balanced, above ``st_threshold``) join the budget's labeled images; a student (the
+run's backbone with a fresh head) trains end to end on them under strong augmentation (flip +
+shift + RandAugment, the student's noise), the labeled images a fixed share
+``st_labeled_fraction`` of every batch; label propagation in the student's own feature space gives
+the next round's teacher. The test prediction is chosen on the validation images (``st_predict``
+auto) among the student's graph (inductive, as in labelprop), its head, both, and the first
+teacher's own prediction — so a student that learned less than its teacher knew does not replace
+it. Students train in :func:`sslab.train.fit` (resumable, early stopping on the validation images);
+a finished round's student is kept in the cell's folder, so an interrupted cell goes on from there.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,11 +30,11 @@ from ..models import extract_features, pooled_dim
 from ..train import TrainConfig
 from .cells import Cell, EvalConfig, cell_provenance, open_cell, repeat_to
 from .fixmatch import weak_view
-from .heads import FeatureHead, ImageClassifier, trainable_spread
 from .graph import build_pool_graph, propagate_cell
+from .heads import FeatureHead, ImageClassifier, predict, trainable_spread
 from .labelprop import labelprop_of
-from .pool import pool_keep, pool_rows
-from .probe import validator
+from .pool import pool_keep, pool_of, pool_rows
+from .probe import chosen_on_validation, probe_probabilities, trained_probe, validator
 
 
 def select_balanced(probs: torch.Tensor, confidence: torch.Tensor, per_class: int, threshold: float = 0.0) -> tuple:
@@ -75,36 +79,113 @@ def selftrain_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None,
 def compute_selftrain(cell: Cell) -> dict:
     cfg, dev, splits = cell.cfg, cell.device, cell.splits
     t0 = time.perf_counter()
-    teacher, (train_idx, val_idx) = labelprop_of(cell)
-    classes, n_lab = splits.train.num_classes, len(train_idx)
-    test_y = splits.test.labels.to(dev)
-    first_teacher = float((teacher.query_scores[1].argmax(1) == test_y).float().mean())
+    result, (train_idx, val_idx) = labelprop_of(cell)
+    classes = splits.train.num_classes
+    val_y, test_y = splits.train.labels[val_idx].to(dev), splits.test.labels.to(dev)
     split, rows = pool_rows(cell.run)
-    pool_source = getattr(splits, split).images
     keep = pool_keep(rows if split == "train" else None, len(rows), (train_idx, val_idx), "cpu")
-    pool = pool_source[rows[keep]]
+    pool = getattr(splits, split).images[rows[keep]]
     pool_truth = splits.train.labels[rows[keep]] if split == "train" else None
+    candidates = teachers(cell, result, keep, val_idx)
+    name, _ = chosen_on_validation({t: candidates[t].val for t in teacher_order(cfg.st_teacher)}, val_y)
+    teacher = candidates[name]
     images, y = splits.train.images, splits.train.labels
-    history = []
+    history, student = [], None
     for round_ in range(cfg.st_rounds):
-        probs = teacher.probs[n_lab:]
-        chosen, pseudo = select_balanced(probs, propagation_confidence(probs), cfg.st_per_class, cfg.st_threshold)
+        chosen, pseudo = select_balanced(teacher.pool, teacher.confidence, cfg.st_per_class, cfg.st_threshold)
         chosen = chosen.cpu()
         student = train_student(cell, round_, images[train_idx].to(dev), y[train_idx].to(dev), pool[chosen].to(dev),
                                 pseudo.to(dev), images[val_idx].to(dev), y[val_idx].to(dev))
-        teacher = student_propagation(student, cfg, dev, pool, images[train_idx], y[train_idx],
-                                      [images[val_idx], splits.test.images], classes)
-        history.append({"round": round_ + 1, "pseudo_labels": len(chosen),
+        propagated = student_propagation(student, cfg, dev, pool, images[train_idx], y[train_idx],
+                                         [images[val_idx], splits.test.images], classes)
+        history.append({"round": round_ + 1, "teacher": name, "pseudo_labels": len(chosen),
                         "pseudo_acc": None if pool_truth is None else
                         float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
-                        "val_acc": float((teacher.query_scores[0].argmax(1).cpu() == y[val_idx]).float().mean())
-                        if len(val_idx) else None})
-    row = cell.row(teacher.query_scores[1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
-    row["teacher_top1"] = first_teacher
+                        "val_acc": _accuracy(propagated.query_scores[0], val_y)})
+        teacher, name = graph_teacher(propagated, 0), "student graph"
+    # The test prediction: the student's graph, its head, both, or — when the student does worse
+    # on the validation images — the first teacher's own prediction.
+    head_val, head_test = (predict(student, x.to(dev), precision=cfg.precision).softmax(1)
+                           for x in (images[val_idx], splits.test.images))
+    first = candidates[history[0]["teacher"]]
+    graph_val, graph_test = propagated.query_scores
+    finals = {"student graph": (graph_val, graph_test),
+              "student both": ((head_val + graph_val) / 2, (head_test + graph_test) / 2),
+              "student head": (head_val, head_test), "teacher": (first.val, first.test)}
+    finals = {k: finals[k] for k in prediction_order(cfg.st_predict)}
+    predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y)
+    row = cell.row(finals[predicted_by][1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
+    row.update(teacher=history[0]["teacher"], teacher_top1=_accuracy(first.test, test_y), predicted_by=predicted_by,
+               val_acc=val_acc, student_graph_top1=_accuracy(propagated.query_scores[1], test_y),
+               student_head_top1=_accuracy(head_test, test_y))
     row = cell.finish(row, (train_idx, val_idx))
     for round_ in range(cfg.st_rounds):
         store.remove(cell.folder / f"student-{round_ + 1}.pt")
     return row
+
+
+TEACHERS = ("agree", "labelprop", "probe")
+PREDICTIONS = ("student graph", "student both", "student head", "teacher")
+
+
+def teacher_order(setting: str) -> tuple:
+    """The teachers ``st_teacher`` lets the validation images choose from, in order of preference
+    (a tie, or no validation images, takes the first): all three for ``auto``, else the one."""
+    return TEACHERS if setting == "auto" else (setting,)
+
+
+def prediction_order(setting: str) -> tuple:
+    """The test predictions ``st_predict`` lets the validation images choose from, preferred first."""
+    return PREDICTIONS if setting == "auto" else ({"graph": "student graph", "head": "student head",
+                                                   "both": "student both"}[setting],)
+
+
+@dataclass
+class Teacher:
+    """A teacher's class scores for the kept pool images (P×C, pool order) with how confident it is
+    of each (P; below 0: never pseudo-labeled), and for the validation and test images."""
+
+    pool: torch.Tensor
+    confidence: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def graph_teacher(propagated, labeled: int) -> Teacher:
+    """Label propagation as a teacher: its distributions over the pool nodes (after the ``labeled``
+    labeled nodes) and their certainty :func:`propagation_confidence`."""
+    probs = propagated.probs[labeled:]
+    return Teacher(probs, propagation_confidence(probs), *propagated.query_scores)
+
+
+def teachers(cell: Cell, result, keep: torch.Tensor, val_idx: torch.Tensor) -> dict:
+    """The three teachers a self-training cell can learn from: ``labelprop`` (the graph, as in
+    Iscen et al.), ``probe`` (the budget's probe head on the frozen features, confidence its largest
+    probability) and ``agree`` (their mean, keeping only pool images where both predict the same
+    class: pseudo-labels two different classifiers vouch for)."""
+    graph = graph_teacher(result, len(result.probs) - len(result.pool_rows))
+    if cell.cfg.st_teacher == "labelprop":
+        return {"labelprop": graph}
+    head, precision, dev = trained_probe(cell), cell.cfg.precision, cell.device
+    pool_features, _ = pool_of(cell.run, cell.cfg, dev)
+    on_pool = probe_probabilities(head, pool_features[keep.to(pool_features.device)], precision)
+    probe = Teacher(on_pool, on_pool.max(1).values,
+                    probe_probabilities(head, cell.features("train")[val_idx.to(dev)], precision),
+                    probe_probabilities(head, cell.features("test"), precision))
+    return {"labelprop": graph, "probe": probe, "agree": agreement(graph, probe)}
+
+
+def agreement(first: Teacher, second: Teacher) -> Teacher:
+    """Two teachers' mean class scores, confident (the mean's largest probability) only where both
+    predict the same class; elsewhere confidence −1, so the image is never pseudo-labeled."""
+    mean = (first.pool + second.pool) / 2
+    agree = first.pool.argmax(1) == second.pool.argmax(1)
+    confidence = torch.where(agree, mean.max(1).values, torch.full_like(mean[:, 0], -1.0))
+    return Teacher(mean, confidence, (first.val + second.val) / 2, (first.test + second.test) / 2)
+
+
+def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
+    return float((scores.argmax(1) == labels).float().mean()) if len(labels) else None
 
 
 def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.Tensor, pseudo_images: torch.Tensor,
