@@ -1,0 +1,85 @@
+"""Self-training's teachers and choices against hand computations: the agreement teacher, the
+choice on the validation images, and a cell that records which teacher and which prediction it
+used; label propagation weighed against the probe."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sslab import evaluate as ev
+from sslab.evaluate.probe import chosen_on_validation
+from sslab.evaluate.selftrain import (PREDICTIONS, TEACHERS, Teacher, agreement, prediction_order, select_balanced,
+                                      teacher_order)
+
+
+def _teacher(pool: list) -> Teacher:
+    probs = torch.tensor(pool)
+    return Teacher(probs, probs.max(1).values, probs[:1], probs[:1])
+
+
+def test_agreement_keeps_the_mean_where_both_teachers_predict_the_same_class():
+    graph = _teacher([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.1, 0.1, 0.8]])
+    probe = _teacher([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.45, 0.5, 0.05], [0.2, 0.2, 0.6]])
+    both = agreement(graph, probe)
+    torch.testing.assert_close(both.pool, (graph.pool + probe.pool) / 2)
+    # rows 0 and 3 agree (classes 0 and 2): confidence = the mean's largest probability, by hand
+    torch.testing.assert_close(both.confidence, torch.tensor([0.7, -1.0, -1.0, 0.7]))
+    chosen, labels = select_balanced(both.pool, both.confidence, per_class=5)
+    assert sorted(zip(chosen.tolist(), labels.tolist())) == [(0, 0), (3, 2)]  # never a row they disagree on
+
+
+def test_the_validation_images_choose_and_a_tie_or_no_validation_takes_the_first():
+    val_y = torch.tensor([0, 1, 1, 0])
+    right_three = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # 3 of 4
+    right_all = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    assert chosen_on_validation({"a": right_three, "b": right_all}, val_y) == ("b", 1.0)
+    assert chosen_on_validation({"a": right_all, "b": right_all.clone()}, val_y) == ("a", 1.0)
+    assert chosen_on_validation({"a": right_three, "b": right_all}, val_y[:0]) == ("a", None)
+
+
+def test_auto_lets_every_teacher_and_prediction_compete_and_a_setting_fixes_one():
+    assert teacher_order("auto") == TEACHERS and teacher_order("probe") == ("probe",)
+    assert prediction_order("auto") == PREDICTIONS and prediction_order("head") == ("student head",)
+    assert TEACHERS[0] == "agree" and PREDICTIONS[0] == "student graph"  # what no validation image can choose
+
+
+@pytest.fixture(scope="module")
+def noise_run(tmp_path_factory, make_noise_run):
+    return make_noise_run(tmp_path_factory.mktemp("selftrain"), 20)
+
+
+CFG = ev.EvalConfig(val_per_class=2, lp_k=4, lp_pca=8, st_per_class=3, st_steps=2, batch_size=8, probe_epochs=3,
+                    precision="fp32", layer="conv4")
+
+
+@pytest.mark.parametrize("teacher, predict", [("auto", "auto"), ("probe", "head"), ("labelprop", "graph")])
+def test_a_selftrain_cell_records_its_teacher_and_what_predicted_the_test_images(noise_run, tmp_path, teacher, predict):
+    row = ev.selftrain_cell(noise_run, 2, device="cpu", out=str(tmp_path),
+                            config=replace(CFG, st_teacher=teacher, st_predict=predict))
+    assert row["teacher"] in (TEACHERS if teacher == "auto" else (teacher,))
+    assert row["history"][0]["teacher"] == row["teacher"]
+    assert row["predicted_by"] in prediction_order(predict)
+    named = {"student graph": "student_graph_top1", "student head": "student_head_top1", "teacher": "teacher_top1"}
+    if row["predicted_by"] in named:  # the row's top-1 is the chosen prediction's
+        assert row["top1"] == pytest.approx(row[named[row["predicted_by"]]])
+
+
+def test_labelprop_weighs_the_probe_against_the_graph(noise_run, tmp_path):
+    out = str(tmp_path)
+    graph = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=replace(CFG, lp_probe_weights=(0.0,)))
+    assert graph["probe_weight"] == 0.0 and graph["top1"] == graph["graph_top1"]
+    probe = ev.probe_cell(noise_run, 2, device="cpu", out=out, config=CFG)
+    only_probe = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=replace(CFG, lp_probe_weights=(1.0,)))
+    assert only_probe["probe_weight"] == 1.0 and only_probe["top1"] == pytest.approx(probe["top1"])
+    chosen = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=CFG)
+    assert chosen["probe_weight"] in CFG.lp_probe_weights and chosen["graph_top1"] == graph["graph_top1"]
+    assert len({graph["run"], only_probe["run"], chosen["run"]}) == 3  # the weights are part of the key
+
+
+@pytest.mark.parametrize("field, value", [("st_teacher", "oracle"), ("st_predict", "test"),
+                                          ("lp_probe_weights", (1.5,)), ("lp_probe_weights", ())])
+def test_bad_teacher_prediction_and_weight_settings_are_one_line(field, value):
+    with pytest.raises(ValueError, match=rf"^{field}=.* is not (allowed|known); allowed: "):
+        replace(ev.EvalConfig(), **{field: value}).validate()
