@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-scratch", dest="scratch", action="store_false", default=None,
                    help="skip the scratch baseline (leaves out scratch)")
     _pretrain_args(p, prefix="pretrain-")
+    p.add_argument("--sweep", default=None, metavar="NAME=V1,V2,...",
+                   help="pretrain one run per value of one pretext setting (each method that has it) and evaluate "
+                        "them all in one table, e.g. --sweep triplet_weight=0,1,5,20; rows name each run by the "
+                        "settings it changed, e.g. siamese-vae [triplet_weight=5.0]")
     p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining runs")
     p.add_argument("--name", default=None, help="table name under outputs/tables/ (default: from the settings)")
     p.add_argument("--shard", default=None, help="I/N: compute only this share of the cells (e.g. 0/4)")
@@ -191,6 +195,31 @@ def pretext_settings(args, methods) -> dict:
                              f"one value per setting")
         values[key], given_by[key] = parse_value(text), f"--set {key}"
     return settings_by_method(methods, values, lambda key: given_by.get(key, f"--set {key}"))
+
+
+def swept_settings(args, methods, settings: dict) -> dict:
+    """``{method: [the settings of each run]}`` for ``--sweep NAME=V1,V2,...``: one run per value
+    for each method that has the setting, one run (no change) for the others; each value checked
+    like ``--set``'s, and a setting given to both is an error."""
+    from .pretext import parse_value
+    from .pretrain import settings_by_method
+    if args.sweep is None:
+        return {method: [{}] for method in methods}
+    key, equals, text = args.sweep.partition("=")
+    key = key.strip()
+    values = [parse_value(v.strip()) for v in text.split(",") if v.strip()]
+    if not equals or not key or len(values) < 2:
+        raise ValueError(f"--sweep={args.sweep!r} is not allowed; allowed: NAME=V1,V2,... with two values or more, "
+                         f"e.g. --sweep triplet_weight=0,1,5,20")
+    if any(key in given for given in settings.values()) or any(s.startswith(f"{key}=") for s in args.settings):
+        raise ValueError(f"--sweep={args.sweep!r} is not allowed: {key} is also set by --set; allowed: one of the two")
+    runs = {method: [] for method in methods}
+    for value in values:
+        checked = settings_by_method(methods, {key: value}, lambda name: f"--sweep {name}")
+        for method in methods:
+            if key in checked[method]:
+                runs[method].append(checked[method])
+    return {method: chosen or [{}] for method, chosen in runs.items()}
 
 
 def cmd_pretrain(args) -> int:
@@ -304,11 +333,12 @@ def cmd_curve(args) -> int:
     cfg = _eval_config(args)
     settings = pretext_settings(args, methods)
     device = resolve_device(args.device)
+    sweep = swept_settings(args, methods, settings)
     configs = [PretrainConfig(method=method, dataset=args.dataset, epochs=args.epochs, limit=args.limit,
                               image_size=args.image_size, width=args.width, seed=args.pretrain_seed,
                               data_root=args.data_root, precision=args.precision, backbone=args.backbone,
-                              settings=settings[method])
-               for method in methods]
+                              settings={**settings[method], **swept})
+               for method in methods for swept in sweep[method]]
     for config in configs:  # every pretraining setting (epochs, limit, …) before the dataset is read
         config.resolved(device)
     check_budgets_fit(args.dataset, load_dataset(args.dataset, args.data_root, args.image_size).train.labels, budgets,

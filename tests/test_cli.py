@@ -184,3 +184,44 @@ def test_curve_refuses_a_setting_no_listed_method_has_before_any_work(tmp_path, 
     assert err.startswith("error: --set temperature=0.2 is not allowed; allowed: a setting of rotation, vae: ")
     assert "triplet_weight" not in err and "latent" in err and "rotations" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_sweep_gives_one_run_per_value_to_each_method_that_has_the_setting():
+    from sslab.cli import pretext_settings, swept_settings
+    args = build_parser().parse_args(["curve", "--methods", "siamese-vae,rotation", "--sweep", "triplet_weight=0,5,20",
+                                      "--set", "margin=1"])
+    settings = pretext_settings(args, ["siamese-vae", "rotation"])
+    assert swept_settings(args, ["siamese-vae", "rotation"], settings) == {
+        "siamese-vae": [{"triplet_weight": 0.0}, {"triplet_weight": 5.0}, {"triplet_weight": 20.0}],
+        "rotation": [{}],
+    }
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("triplet_weight=5", "--sweep='triplet_weight=5' is not allowed; allowed: NAME=V1,V2,... with two values or more"),
+    ("triplet_weight=0,-1", "--sweep triplet_weight=-1 is not allowed; allowed: a number ≥ 0"),
+    ("margin=0,1", "--sweep='margin=0,1' is not allowed: margin is also set by --set; allowed: one of the two"),
+    ("temperature=0.1,0.5", "--sweep temperature=0.1 is not allowed; allowed: a setting of siamese-vae: "),
+])
+def test_a_bad_sweep_is_one_line_before_any_work(tmp_path, capsys, sweep, message):
+    code, out, err = sslab_here(capsys, "curve", "--methods", "siamese-vae", "--sweep", sweep, "--set", "margin=1",
+                                "--device", "cpu", "--out", str(tmp_path))
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_runs_that_differ_in_one_setting_are_told_apart_by_their_label(tmp_path):
+    from sslab.evaluate.curve import run_labels
+    from sslab.pretrain import PretrainConfig, pretrain
+
+    def run(method, **settings):
+        return pretrain(PretrainConfig(method=method, epochs=1, limit=64, width=0.125, settings=settings),
+                        device="cpu", out=str(tmp_path), progress=False, eval_limit=16)
+    swept = [run("siamese-vae", triplet_weight=w, margin=1) for w in (0, 20)]
+    alone = run("rotation", lr=0.1)
+    assert run("siamese-vae", triplet_weight=5).path == run("siamese-vae").path  # the default, given, is the default
+    labels = run_labels([*swept, alone])
+    assert list(labels) == ["siamese-vae [triplet_weight=0.0]", "siamese-vae [triplet_weight=20.0]", "rotation"]
+    assert labels["rotation"] is alone and labels["siamese-vae [triplet_weight=20.0]"] is swept[1]
+    with pytest.raises(ValueError, match="two runs of rotation with the same settings"):
+        run_labels([alone, alone])

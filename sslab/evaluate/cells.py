@@ -318,7 +318,8 @@ class Cell:
 
     @property
     def method(self) -> str:
-        return self.key["method"]
+        """What the cell's rows call its method: the run's method, ``scratch`` for the scratch baseline."""
+        return "scratch" if self.protocol == "scratch" else self.run.method
 
     @property
     def splits(self) -> DatasetSplits:

@@ -2,6 +2,7 @@
 cell by cell in the run store, collected into one :class:`~.table.ResultTable`."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Optional, Sequence
 
@@ -67,11 +68,39 @@ def cell_key(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig) -
 
 
 def compute_cell(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig, device, out,
-                 deterministic: bool = False, progress: bool = False) -> dict:
+                 deterministic: bool = False, progress: bool = False, label: Optional[str] = None) -> dict:
     """The result row of one cell of a sweep, computed now or found in the store (a scratch cell
-    is shaped like ``run``)."""
-    return open_cell(protocol, run, budget, seed, device=device, out=out, config=cfg, progress=progress,
-                     deterministic=deterministic).computed(COMPUTE[protocol])
+    is shaped like ``run``; ``label``: what the row calls the run's method, see :func:`run_labels`)."""
+    row = open_cell(protocol, run, budget, seed, device=device, out=out, config=cfg, progress=progress,
+                    deterministic=deterministic).computed(COMPUTE[protocol])
+    return labelled(row, label)
+
+
+def labelled(row: dict, label: Optional[str]) -> dict:
+    """``row`` as a table shows it: a sweep's run named by its ``label`` (scratch stays scratch)."""
+    return row if label is None or row["protocol"] == "scratch" else {**row, "method": label}
+
+
+def run_labels(runs) -> dict:
+    """``{label: run}``: each run by its method, and where several runs share a method (a sweep of
+    one setting), by its method and the task settings in which they differ — ``siamese-vae
+    [triplet_weight=5.0]`` — so their rows stay apart in one table."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run.method, []).append(run)
+    labels = {}
+    for method, group in groups.items():
+        differ = sorted({k for r in group for k in r.config.settings
+                         if len({json.dumps(x.config.settings.get(k), sort_keys=True) for x in group}) > 1})
+        for run in group:
+            shown = ", ".join(f"{k}={run.config.settings.get(k)}" for k in differ)
+            label = f"{method} [{shown}]" if shown else method
+            if label in labels:
+                raise ValueError(f"pretrained_runs hold two runs of {label} with the same settings "
+                                 f"({labels[label].path.name} and {run.path.name}); allowed: one run per method and "
+                                 f"setting")
+            labels[label] = run
+    return labels
 
 
 def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Optional[str] = None,
@@ -102,7 +131,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
-    by_method = {r.method: r for r in runs}
+    by_method = run_labels(runs)
     cells = curve_cells(list(by_method), budgets, seeds, protocols)
     if shard is not None:
         index, count = shard
@@ -123,7 +152,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         if bar is not None:
             bar.set_postfix_str(f"{method} {protocol} k={budget} seed={seed}")
         rows.append(compute_cell(protocol, budget, seed, by_method.get(method, like), cfg, device, out,
-                                 deterministic))
+                                 deterministic, label=method))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -161,7 +190,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
     cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
-    by_method = {r.method: r for r in runs}
+    by_method = run_labels(runs)
     like = runs[0] if runs else None
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     rows, missing = [], []
@@ -170,7 +199,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         if cached is None:
             missing.append(f"{method} {protocol} labels={budget} seed={seed}")
         else:
-            rows.append(cached)
+            rows.append(labelled(cached, method))
     table = ResultTable(rows)
     if not missing:
         stem = name or default_table_name(runs, budgets, seeds, protocols, cfg)
