@@ -16,11 +16,13 @@ import numpy as np
 from .evaluate.table import ResultTable, series_name, series_order
 from .plot_style import method_color, pyplot
 from .plots_pretext import rotation_examples, training_curves, vae_gallery, view_pairs
+from .plots_selection import selection_curves, selection_grid
 
 # What the notebooks and the command line call, the pretraining figures included.
 __all__ = ["accuracy_bars", "confusion", "entries_table", "figures_dir", "finetune_comparison", "gain_bars",
            "label_curves", "per_class_bars", "plot_label_curves", "rotation_examples", "save_figure",
-           "save_label_curves", "semi_curves", "separation_bars", "spread_note", "training_curves", "umap_panels",
+           "save_label_curves", "selection_curves", "selection_grid", "semi_curves", "separation_bars", "spread_note",
+           "training_curves", "umap_panels",
            "vae_gallery", "view_pairs"]
 
 PROTOCOL_STYLES = {"probe": "-", "finetune": "-.", "scratch": "--", "labelprop": ":", "selftrain": (0, (5, 1)),

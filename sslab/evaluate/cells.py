@@ -355,7 +355,9 @@ class Cell:
                           self.splits.train.classes, epochs, seconds, history)
 
     def finish(self, row: dict, split: tuple, head_state: Optional[dict] = None) -> dict:
-        """Store the computed cell (:func:`finish_cell`) and drop its resume checkpoint."""
+        """Store the computed cell (:func:`finish_cell`; the row also says how many classes its
+        labeled images cover) and drop its resume checkpoint."""
+        row = {**row, "labeled_classes": int(self.splits.train.labels[split[0]].unique().numel())}
         row = finish_cell(self.folder, self.key, row, split, head_state)
         store.remove(self.folder / "checkpoint.pt")
         return row

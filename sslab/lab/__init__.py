@@ -5,10 +5,13 @@
   parameter files (:func:`load_params`);
 - :mod:`.runs`: the dataset, the pretrained runs, what each pretext task learned;
 - :mod:`.tables`: the sweeps as tables and one-sentence readings;
+- :mod:`.choosing`: which images to label — the selection sweep, the picks, their tables;
 - :mod:`.embeddings`: UMAP panels;  :mod:`.widgets`: figures and ipywidgets explorers;
 - :mod:`.notebooks`: ``python -m sslab.lab`` (``make lab``): run, time and publish the notebooks.
 """
 from ..evaluate import series_name
+from .choosing import (selection_frame, selection_gain_frame, selection_picks, selection_sentence, selection_sweep,
+                       validation_worth)
 from .embeddings import embeddings, separation_sentence
 from .notebooks import NOTEBOOKS, TABLES, headline, main, publish, published_notebook, run_notebooks
 from .params import CHECKS, SCORES, LabSettings, check_notebook_params, load_params
@@ -23,5 +26,6 @@ __all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", 
            "evaluate_budgets", "finetune_sentence", "gain_frame", "headline", "LabSettings", "load_params", "main",
            "NOTEBOOKS", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence", "publish",
            "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
-           "rotation_sentence", "run_notebooks", "SCORES", "semi_sentence", "separation_sentence", "series_name",
-           "show", "simclr_views", "TABLES", "umap_explorer", "vae_gallery", "vae_sentence"]
+           "rotation_sentence", "run_notebooks", "SCORES", "selection_frame", "selection_gain_frame", "selection_picks",
+           "selection_sentence", "selection_sweep", "semi_sentence", "separation_sentence", "series_name", "show",
+           "simclr_views", "TABLES", "umap_explorer", "validation_worth", "vae_gallery", "vae_sentence"]

@@ -110,6 +110,8 @@ CHECKS = {
                                     maximum=MAX_STEPS),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
     "selection": _choice("selection", SELECTIONS),
+    "selections": lambda v: check_choice_list(_name("selections"), v, SELECTIONS,
+                                              "ways of choosing the labeled images"),
     "val_per_class": lambda v: check_int(_name("val_per_class"), v, 0,
                                          " (labeled validation images per class; 0: none)", maximum=MAX_COUNT),
 }
@@ -145,6 +147,7 @@ class LabSettings:
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
     selection: str = EvalConfig.selection  # which images are labeled (see sslab.evaluate.selection)
+    selections: tuple = ("balanced",)  # the ways of choosing them a notebook compares
     val_per_class: int = EvalConfig.val_per_class  # 0: no validation images, every label counted
     given: tuple = ()  # the parameter names the notebook set (what frame() shows)
 
