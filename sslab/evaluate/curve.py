@@ -7,7 +7,8 @@ from dataclasses import asdict
 from typing import Optional, Sequence
 
 from .. import store
-from ..checks import check_choice_list
+from ..checks import MAX_COUNT, check_choice_list, check_int
+from ..parallel import Progress, default_workers, run_all
 from ..pretrain import Run, load_run
 from ..train import resolve_device
 from .cells import EvalConfig, check_budgets, check_seeds, open_cell, protocol_key, stored_row
@@ -107,7 +108,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
                 head: Optional[str] = None, protocols=None, scratch: Optional[bool] = None,
                 finetune: Optional[bool] = None, device="auto", out=None, config: Optional[EvalConfig] = None,
                 name: Optional[str] = None, progress: bool = True, shard: Optional[tuple] = None,
-                deterministic: bool = False, batch_probes: bool = True) -> ResultTable:
+                deterministic: bool = False, batch_probes: bool = True, workers: Optional[int] = None) -> ResultTable:
     """Accuracy against labels per class for each pretrained run, by each protocol.
 
     ``pretrained_runs``: Runs (or run folders) of one dataset and backbone. ``protocols``: from
@@ -118,7 +119,9 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     and ``.json`` and returns the :class:`ResultTable`. ``shard=(i, n)`` computes only every
     n-th cell starting at i. ``batch_probes``: train the probe heads the sweep needs together,
     in batched groups (:func:`probe_cells_together`; the same training as one at a time, to
-    rounding), before the cells are read in order.
+    rounding), before the cells are read in order. ``workers``: the cells still missing after the
+    probes are computed in that many worker processes of one thread each (:mod:`sslab.parallel`;
+    default ``SSLAB_WORKERS``, else 1: all here), the longest first.
     """
     if name is not None:
         store.check_file_name("name", name)
@@ -138,16 +141,21 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         cells = cells[index::count]
     like = runs[0] if runs else None
     if batch_probes:
-        # Every probe head this sweep needs (fine-tuning starts from the mlp probe) trains in
-        # batched groups first; the loop below then finds those cells stored.
+        # Every probe head this sweep needs (fine-tuning and FixMatch start from the mlp probe,
+        # label propagation and self-training weigh it against the graph) trains in batched
+        # groups first; the loop below then finds those cells stored.
         needed = [(by_method[m], b, s, cfg.head if protocol == "probe" else "mlp")
-                  for m, protocol, b, s in cells if protocol in ("probe", "finetune")]
+                  for m, protocol, b, s in cells if protocol != "scratch"]
         probe_cells_together(needed, cfg, device, out, deterministic)
+    workers = default_workers() if workers is None else check_int("workers", workers, 1, maximum=MAX_COUNT)
+    if workers > 1:
+        _compute_in_workers(cells, by_method, like, cfg, device, out, deterministic, workers)
     rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(cells), desc="label curve", unit="cell", leave=False)
+    report = Progress(f"{len(cells)} cells", len(cells)) if workers == 1 else None
     for method, protocol, budget, seed in cells:
         if bar is not None:
             bar.set_postfix_str(f"{method} {protocol} k={budget} seed={seed}")
@@ -155,6 +163,8 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
                                  deterministic, label=method))
         if bar is not None:
             bar.update(1)
+        if report is not None:
+            report.done(f"{method} {protocol} k={budget} seed={seed}")
     if bar is not None:
         bar.close()
     table = ResultTable(rows)
@@ -162,6 +172,42 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         stem = name or default_table_name(runs, budgets, seeds, protocols, cfg)
         table.path = table.save(store.outputs_root(out) / "tables" / stem)[0]
     return table
+
+
+# The order the workers take the missing cells in: the longest first, so the last to finish is short.
+COST_ORDER = ("fixmatch", "selftrain", "finetune", "scratch", "labelprop", "probe")
+# Cells of these protocols take a second or two once their run's graph and features are loaded:
+# one job computes all of a run's, so each worker process does not load them again.
+GROUPED = ("labelprop", "probe")
+
+
+def compute_cells(cells: Sequence[tuple]) -> list:
+    """:func:`compute_cell` of each ``(protocol, budget, seed, run, cfg, device, out, deterministic)``, in order."""
+    return [compute_cell(*cell) for cell in cells]
+
+
+def _compute_in_workers(cells: list, by_method: dict, like: Run, cfg: EvalConfig, device, out, deterministic: bool,
+                        workers: int) -> None:
+    """Every missing cell of ``cells`` computed (and stored) by ``workers`` worker processes: each
+    long cell a job of its own, the quick ones of a run one job together; the longest first."""
+    dev = resolve_device(device)
+    missing = [(method, protocol, budget, seed) for method, protocol, budget, seed in cells
+               if stored_row(cell_key(protocol, budget, seed, by_method.get(method, like), cfg), out) is None]
+    missing.sort(key=lambda c: COST_ORDER.index(c[1]))
+    jobs, names, grouped = [], [], {}
+    for method, protocol, budget, seed in missing:
+        cell = (protocol, budget, seed, by_method.get(method, like), cfg, dev, out, deterministic)
+        if protocol in GROUPED:
+            grouped.setdefault(method, []).append(cell)
+        else:
+            jobs.append((compute_cells, ([cell],), {}))
+            names.append(f"{method} {protocol} k={budget} seed={seed}")
+    for method, group in grouped.items():
+        jobs.append((compute_cells, (group,), {}))
+        names.append(f"{method}: {len(group)} quick cells")
+    described = {id(job): name for job, name in zip(jobs, names)}
+    run_all(jobs, workers, lambda job: described[id(job)], Progress(f"{len(cells)} cells, {workers} workers",
+                                                                     len(jobs)))
 
 
 def default_table_name(runs, budgets, seeds, protocols=DEFAULT_PROTOCOLS, config: Optional[EvalConfig] = None) -> str:

@@ -10,24 +10,36 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def pca_project(features: torch.Tensor, dims: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A map of N×D features to their ``dims`` principal components (fitted on ``features``), L2-
-    normalised so a dot product is a cosine similarity (Iscen et al. reduce and normalise their
-    descriptors before the k-NN graph). ``dims=None`` keeps the centred features."""
+@dataclass
+class Projection:
+    """Features → the space the graph lives in: centred by ``mean`` (1×D), onto the principal
+    components ``basis`` (D×d; None: all of them), L2-normalised so a dot product is a cosine
+    similarity (Iscen et al. reduce and normalise their descriptors before the k-NN graph)."""
+
+    mean: torch.Tensor
+    basis: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x.float() - self.mean.to(x.device)
+        return F.normalize(centred if self.basis is None else centred @ self.basis.to(x.device), dim=1)
+
+
+def pca_project(features: torch.Tensor, dims: Optional[int]) -> Projection:
+    """The projection of N×D features to their ``dims`` principal components, fitted on
+    ``features``; ``dims=None`` (or ≥ D) keeps the centred features."""
     fit = features.float()
     mean = fit.mean(0, keepdim=True)
     if dims is None or dims >= fit.shape[1]:
-        return lambda x: F.normalize(x.float() - mean, dim=1)
+        return Projection(mean)
     centred = fit - mean
     eigvals, eigvecs = torch.linalg.eigh((centred.T @ centred / max(1, fit.shape[0] - 1)).double())
-    basis = eigvecs[:, eigvals.argsort(descending=True)[:dims]].float()
-    return lambda x: F.normalize((x.float() - mean) @ basis, dim=1)
+    return Projection(mean, eigvecs[:, eigvals.argsort(descending=True)[:dims]].float())
 
 
 def knn_search(queries: torch.Tensor, bank: torch.Tensor, k: int, block: int = 4096,
@@ -77,7 +89,7 @@ class PoolGraph:
     ``project``: features → the (PCA, L2-normalised) space the graph lives in; ``nodes`` P×d: the
     projected pool; ``sims``, ``indices`` P×k: each pool image's k nearest other pool images."""
 
-    project: Callable[[torch.Tensor], torch.Tensor]
+    project: Projection
     nodes: torch.Tensor
     sims: torch.Tensor
     indices: torch.Tensor

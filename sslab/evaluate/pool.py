@@ -4,13 +4,16 @@ its images without a cell's labeled and validation images, its features and its 
 of a sweep)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .. import integrity, store
 from ..pretrain import Run, pool_index
 from .features import dataset_splits, run_features
-from .graph import build_pool_graph
+from .graph import PoolGraph, Projection, build_pool_graph
 
 _GRAPHS: dict = {}
 
@@ -41,15 +44,49 @@ def pool_images(run: Run, leave_out: tuple) -> torch.Tensor:
 
 
 def pool_graph(run: Run, cfg, dev) -> tuple:
-    """``(PoolGraph, pool rows into the train split or None)`` of the run's pool, built once per
-    process for a run, layer, precision and graph setting (every budget and seed reuses it)."""
+    """``(PoolGraph, pool rows into the train split or None)`` of the run's pool, built once for a
+    run, layer, precision and graph setting and kept in memory and in the run folder beside the
+    features: every budget, seed, protocol and notebook (and every worker process) reuses it."""
     key = (str(run.path), cfg.layer, cfg.grid, cfg.precision, cfg.lp_k, cfg.lp_pca, str(dev))
     if key not in _GRAPHS:
         while len(_GRAPHS) >= 4:  # a sweep goes through a few runs; memory stays bounded
             del _GRAPHS[next(iter(_GRAPHS))]
-        feats, rows = pool_of(run, cfg, dev)
-        _GRAPHS[key] = (build_pool_graph(feats, cfg.lp_k, cfg.lp_pca or None), rows)
+        split, rows = pool_rows(run)
+        weights = integrity.file_digest(Path(run.path) / "model.pt")
+        made_by = integrity.provenance("graph", model=weights, split=split, layer=cfg.layer, grid=cfg.grid,
+                                       precision=cfg.precision, k=cfg.lp_k, pca=cfg.lp_pca, pool=len(rows))
+        cache = Path(run.path) / (f"graph-{cfg.layer}-g{cfg.grid}-{torch.device(dev).type}-{cfg.precision}"
+                                  f"-k{cfg.lp_k}-pca{cfg.lp_pca}.pt")
+        graph = _cached_graph(cache, made_by)
+        if graph is None:
+            feats, _ = pool_of(run, cfg, dev)
+            graph = build_pool_graph(feats, cfg.lp_k, cfg.lp_pca or None)
+            try:
+                store.save_torch(cache, {"mean": graph.project.mean, "basis": graph.project.basis,
+                                         "nodes": graph.nodes, "sims": graph.sims, "indices": graph.indices},
+                                 provenance=made_by)
+            except (OSError, RuntimeError):  # a read-only or full store still works, only slower
+                pass
+        graph = PoolGraph(Projection(graph.project.mean.to(dev), None if graph.project.basis is None else
+                                     graph.project.basis.to(dev)), graph.nodes.to(dev), graph.sims.to(dev),
+                          graph.indices.to(dev))
+        _GRAPHS[key] = (graph, rows if split == "train" else None)
     return _GRAPHS[key]
+
+
+def _cached_graph(cache: Path, made_by: dict) -> Optional[PoolGraph]:
+    """The graph in ``cache`` if it is intact and was made from these weights and settings; None
+    otherwise (a stale, damaged or foreign cache is built again, never trusted)."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = store.load_torch(cache, expect=made_by)
+    except integrity.ForeignFile:
+        return None
+    except integrity.CorruptCheckpoint as exc:
+        print(f"rebuilding the graph cache: {str(exc).split('; ')[0]}", file=sys.stderr)
+        return None
+    return PoolGraph(Projection(saved["mean"], saved["basis"]), saved["nodes"], saved["sims"], saved["indices"])
 
 
 def pool_keep(rows: Optional[torch.Tensor], size: int, leave_out: tuple, device) -> torch.Tensor:

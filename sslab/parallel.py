@@ -1,0 +1,104 @@
+"""Independent work — pretraining runs, the cells of a sweep — in worker processes, one thread
+each. The lab's models are small: on a 2-core CPU one process on two threads leaves much of the
+second core idle (kernel launches, the optimiser, augmentation, Python), so two processes on one
+thread each finish a sweep sooner (docs/BENCHMARKS.md measures by how much). Every piece of work
+goes through the run store as it would in one process: each result is written under its own
+key and lock, so the main process then reads what the workers wrote.
+
+``workers`` (the ``SSLAB_WORKERS`` environment variable by default; 1: everything in this
+process, as before): how many worker processes. Workers are started with ``spawn`` (a clean
+interpreter: no torch thread pool or CUDA state copied from the parent) and run one thread.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Callable, Optional, Sequence
+
+from .checks import MAX_COUNT, check_int
+
+WORKERS_VARIABLE = "SSLAB_WORKERS"
+
+
+def default_workers() -> int:
+    """``SSLAB_WORKERS`` when set (checked), else 1."""
+    text = os.environ.get(WORKERS_VARIABLE)
+    if text is None or text == "":
+        return 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = text
+    return check_int(WORKERS_VARIABLE, value, 1, " (worker processes)", maximum=MAX_COUNT)
+
+
+def _one_thread() -> None:
+    import torch
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _call(function: Callable, args: tuple, kwargs: dict):
+    return function(*args, **kwargs)
+
+
+def run_all(jobs: Sequence[tuple], workers: int, describe: Optional[Callable] = None, report=None) -> list:
+    """Run ``jobs`` — ``(function, args, kwargs)`` of top-level, picklable functions — in
+    ``workers`` processes (longest first is the caller's order to choose) and return their
+    results in the jobs' order. With one worker, or one job, everything runs here. ``report``
+    (e.g. :class:`Progress`) hears of every job as it finishes (``describe(job)`` names it). The
+    first job that fails stops the others and its exception is raised here."""
+    jobs = list(jobs)
+    if workers <= 1 or len(jobs) <= 1:
+        results = []
+        for job in jobs:
+            results.append(_call(*job))
+            if report is not None:
+                report.done(describe(job) if describe else "")
+        return results
+    import multiprocessing
+    results: dict = {}
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        pending = {pool.submit(_call, *job): i for i, job in enumerate(jobs)}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = pending.pop(future)
+                    results[i] = future.result()
+                    if report is not None:
+                        report.done(describe(jobs[i]) if describe else "")
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return [results[i] for i in range(len(jobs))]
+
+
+class Progress:
+    """Lines that say how far a long piece of work is: ``what: 12/30 done (the last one), 95 s``.
+    They go to the process's own standard error (``sys.__stderr__``): in a notebook run by
+    ``make lab`` that is the terminal running it, so a long cell is a moving count there, not a
+    silent stretch. Off unless ``enabled`` (``make lab`` sets ``SSLAB_PROGRESS=1`` for its notebooks)."""
+
+    def __init__(self, what: str, total: int, enabled: Optional[bool] = None):
+        self.what, self.total, self.count = what, total, 0
+        self.enabled = os.environ.get("SSLAB_PROGRESS") == "1" if enabled is None else enabled
+        self.started = time.perf_counter()
+        if self.enabled and total:
+            self._say(f"{what}: {total} to do")
+
+    def done(self, name: str = "") -> None:
+        self.count += 1
+        if self.enabled:
+            self._say(f"{self.what}: {self.count}/{self.total} done{f' ({name})' if name else ''}, "
+                      f"{time.perf_counter() - self.started:.0f} s")
+
+    @staticmethod
+    def _say(text: str) -> None:
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(f"        {text}\n")
+        stream.flush()
