@@ -324,13 +324,15 @@ class Cell:
         return computed_once(self.key, self.out, lambda folder: compute(replace(self, folder=folder)))
 
     def train(self, model, data: tuple, train_config: TrainConfig, validate=None, param_groups=None,
-              desc: Optional[str] = None) -> FitResult:
+              desc: Optional[str] = None, validate_start: bool = False) -> FitResult:
         """:func:`sslab.train.fit` as every trained cell runs it: resumable from ``checkpoint.pt`` in
-        the cell's folder (written on the lab's clock, recording the cell), in the cell's precision."""
+        the cell's folder (written on the lab's clock, recording the cell), in the cell's precision.
+        ``validate_start``: the starting weights are a candidate too (fit's)."""
         return fit(model, data, train_config, self.device, param_groups=param_groups, validate=validate,
                    progress=self.progress, desc=desc or self.protocol, checkpoint=self.folder / "checkpoint.pt",
                    deterministic=self.deterministic, checkpoint_every=CHECKPOINT_EVERY_S, checkpoint_last=False,
-                   precision=self.cfg.precision, provenance=cell_provenance("checkpoint", self.key))
+                   precision=self.cfg.precision, provenance=cell_provenance("checkpoint", self.key),
+                   validate_start=validate_start)
 
     def row(self, scores: torch.Tensor, head: str, epochs: int, seconds: float, history=None) -> dict:
         """The result row of the test images' class scores (N×classes, in test-split order)."""
