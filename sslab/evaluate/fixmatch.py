@@ -68,13 +68,13 @@ def weak_view(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> t
 
 class SelfAdaptiveThreshold(nn.Module):
     """FreeMatch's self-adaptive threshold (Wang et al., ICLR 2023, "FreeMatch: Self-adaptive
-    Thresholding for Semi-supervised Learning", §3.2, eq. 5–9). Each step, from the softmax q of
+    Thresholding for Semi-supervised Learning", eq. 5–9). Each step, from the softmax q of
     the unlabeled batch's weak views (μB×C), with momentum λ:
 
-    - the global threshold τ_t = λ τ_{t−1} + (1 − λ) · mean_b max_c q_b(c), with τ_0 = 1/C (eq. 6);
+    - the global threshold τ_t = λ τ_{t−1} + (1 − λ) · mean_b max_c q_b(c), with τ_0 = 1/C;
     - the class-wise expectation p̃_t(c) = λ p̃_{t−1}(c) + (1 − λ) · mean_b q_b(c), with
-      p̃_0(c) = 1/C (eq. 7);
-    - the class thresholds τ_t(c) = p̃_t(c) / max_c′ p̃_t(c′) · τ_t (eq. 8–9), an image passing
+      p̃_0(c) = 1/C;
+    - the class thresholds τ_t(c) = p̃_t(c) / max_c′ p̃_t(c′) · τ_t, an image passing
       where max q ≥ τ_t(argmax q).
 
     The thresholds are updated with the batch before its mask is taken. τ_t and p̃_t are buffers
