@@ -102,12 +102,19 @@ class FitResult:
     seconds: float = 0.0
     resumed_from: int = 0
     first_loss: Optional[float] = None  # the run's first step: what check_divergence compares with
+    start_metric: Optional[float] = None  # the validation score of the starting weights (fit's validate_start)
+
+
+# The epoch early stopping records for the weights a run starts from (fit's validate_start): a
+# best_epoch of START_EPOCH with a best_metric is the start kept; without a best_metric, no score yet.
+START_EPOCH = -1
 
 
 @dataclass
 class EarlyStopping:
     """Stop after ``patience`` epochs without a better validation score (higher is better; 0:
-    never stop), keeping the best epoch's weights to restore at the end."""
+    never stop), keeping the best epoch's weights to restore at the end. The starting weights,
+    when scored, are epoch :data:`START_EPOCH`."""
 
     patience: int = 0
     best_metric: Optional[float] = None
@@ -141,7 +148,7 @@ def training_state(model, optimizer, generator, early: EarlyStopping, result: Fi
             "generator": generator.get_state(), "rng": _rng_state(device), "history": result.history,
             "best_epoch": early.best_epoch, "best_metric": early.best_metric, "best_state": early.best_state,
             "bad_epochs": early.bad_epochs, "stopped_early": early.should_stop, "config": asdict(cfg),
-            "first_loss": result.first_loss}
+            "first_loss": result.first_loss, "start_metric": result.start_metric}
 
 
 def resume(state: dict, model, optimizer, generator, early: EarlyStopping, result: FitResult, cfg, device) -> int:
@@ -156,6 +163,7 @@ def resume(state: dict, model, optimizer, generator, early: EarlyStopping, resul
     early.best_state, early.bad_epochs = state.get("best_state"), state["bad_epochs"]
     result.resumed_from = state["epoch"] + 1
     result.first_loss = state.get("first_loss")
+    result.start_metric = state.get("start_metric")
     # A run that had stopped early finishes as the first run would have.
     return cfg.epochs if state.get("stopped_early") else result.resumed_from
 

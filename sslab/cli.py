@@ -91,6 +91,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
     p.add_argument("--fm-steps", type=int, default=1000,
                    help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
+    p.add_argument("--fm-threshold-mode", default="freematch",
+                   help="fixmatch: the confidence threshold, fixed (τ = 0.95, FixMatch's) or freematch "
+                        "(FreeMatch's self-adaptive threshold, per class)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,14 +309,16 @@ def parse_shard(text):
 def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
+    from .evaluate.cells import FM_THRESHOLD_MODES
     from .evaluate.selection import SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
+    check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
-                      precision=args.precision,
-                      st_steps=args.st_steps, fm_steps=args.fm_steps).validate()
+                      precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
+                      fm_threshold_mode=args.fm_threshold_mode).validate()
 
 
 def cmd_curve(args) -> int:

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from . import store
-from .checkpoint import Checkpointer, EarlyStopping, FitResult, resume, start_metrics, training_state
+from .checkpoint import (START_EPOCH, Checkpointer, EarlyStopping, FitResult, resume, start_metrics,
+                         training_state)
 from .checks import check_choice
 from .precision import autocast
 
@@ -157,7 +158,8 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
         checkpoint: Optional[Path] = None, metrics_path: Optional[Path] = None,
         progress: bool = True, desc: str = "train", images_per_sample: int = 1,
         deterministic: bool = False, distributed=None, checkpoint_every: float = 0.0,
-        checkpoint_last: bool = True, precision: str = "fp32", provenance: Optional[dict] = None) -> FitResult:
+        checkpoint_last: bool = True, precision: str = "fp32", provenance: Optional[dict] = None,
+        validate_start: bool = False) -> FitResult:
     """Train ``model`` by minimising ``model.loss(*batch)["loss"]`` over ``data``.
 
     ``data``: tensors on ``device`` sharing their first dimension (each step passes one slice
@@ -174,6 +176,9 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     (:func:`sslab.precision.resolve_precision` turns the lab's ``auto`` into one of them).
     ``provenance``: what the checkpoint records of the run that writes it
     (:func:`sslab.integrity.provenance`); a checkpoint recording something else is refused.
+    ``validate_start``: the weights training starts from are a candidate too — validated before
+    the first epoch (``result.start_metric``), they are what early stopping starts from (epoch
+    −1), so with ``cfg.patience`` > 0 the run ends on them unless an epoch scores higher.
     """
     cfg.validate()
     if deterministic:
@@ -189,6 +194,10 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
     early, result = EarlyStopping(cfg.patience), FitResult()
     state = saver.load(distributed, model)
     start = resume(state, model, optimizer, generator, early, result, cfg, device) if state else 0
+    if validate_start and validate is not None and state is None:  # a resumed run has it in its checkpoint
+        result.start_metric = validation_metrics(model, validate, device, precision).get(monitor)
+        if result.start_metric is not None:
+            early.update(result.start_metric, START_EPOCH, lambda: clone_state(model))
     start_metrics(metrics_path if main else None, result.resumed_from, state is not None, result.history)
     if state and main:
         print(f"resuming {desc} from {checkpoint} after epoch {result.resumed_from} of {cfg.epochs}", file=sys.stderr)

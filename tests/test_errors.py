@@ -340,6 +340,13 @@ def test_curve_checks_budgets_against_the_dataset_before_pretraining(no_work, tm
     assert not (tmp_path / "out" / "runs").exists()
 
 
+def test_curve_checks_the_fixmatch_threshold_mode_before_pretraining(no_work, tmp_path, capsys):
+    err = cli(capsys, "curve", "--methods", "rotation", "--protocols", "probe,fixmatch", "--fm-threshold-mode",
+              "adaptive", "--out", str(tmp_path / "out"), "--no-progress")
+    assert err == "error: --fm-threshold-mode='adaptive' is not known; allowed: fixed, freematch\n"
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_curve_needs_a_method(no_work, tmp_path, capsys):
     err = cli(capsys, "curve", "--methods", ",", "--out", str(tmp_path))
     assert "--methods=','" in err and "rotation, vae, siamese-vae" in err
@@ -386,6 +393,8 @@ def test_probe_refuses_a_folder_that_is_not_a_complete_run(tmp_path, capsys):
      ["--protocols='probe,jigsaw'", "probe, finetune, labelprop, selftrain, fixmatch, scratch", "'jigsaw' is not one"]),
     (["--protocols", "probe,probe"], ["--protocols='probe,probe'", "without repeats"]),
     (["--seed", "-1"], ["--seed=-1", "an integer from 0 to"]),
+    (["--protocols", "fixmatch", "--fm-threshold-mode", "flexmatch"],
+     ["--fm-threshold-mode='flexmatch' is not known; allowed: fixed, freematch"]),
 ])
 def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expected, monkeypatch, tmp_path, capsys):
     from sslab.evaluate import cells, features
@@ -465,6 +474,8 @@ STEPS, COUNT = f"an integer from 1 to {MAX_STEPS}", f"an integer from 1 to {MAX_
     ("fm_mu", 0, COUNT), ("fm_mu", 2.5, COUNT), ("fm_batch", 0, COUNT), ("fm_steps", -1, STEPS),
     ("fm_steps", MAX_STEPS + 1, STEPS), ("fm_ema", 1.0, "a number in [0, 1)"), ("fm_ema", -0.5, "a number in [0, 1)"),
     ("fm_weight", 0.0, "a number > 0"), ("fm_lr", float("nan"), "a number > 0"),
+    ("fm_sat_momentum", 1.0, "a number in [0, 1)"), ("fm_sat_momentum", -0.1, "a number in [0, 1)"),
+    ("fm_sat_momentum", "0.9", "a number in [0, 1)"),
     ("st_rounds", 0, STEPS), ("st_per_class", 0, COUNT), ("st_steps", True, STEPS),
     ("st_threshold", 1.0, "a number in [0, 1)"), ("st_threshold", -0.2, "a number in [0, 1)"),
     ("st_labeled_fraction", 1.0, "a number in (0, 1)"), ("st_labeled_fraction", 0.0, "a number in (0, 1)"),
@@ -479,16 +490,27 @@ def test_bad_semi_supervised_settings_name_the_setting_the_value_and_what_is_all
     assert str(info.value) == f"{field}={value!r} is not allowed; allowed: {allowed}"
 
 
+@pytest.mark.parametrize("value", ["flexmatch", "Fixed", "", None, 0.95])
+def test_a_bad_fixmatch_threshold_mode_is_one_line_naming_the_modes(value):
+    from sslab.evaluate import EvalConfig
+    with pytest.raises(ValueError) as info:
+        EvalConfig(fm_threshold_mode=value).validate()
+    assert str(info.value) == f"fm_threshold_mode={value!r} is not known; allowed: fixed, freematch"
+
+
 def test_semi_supervised_settings_at_the_ends_of_their_ranges_are_allowed():
     from sslab.evaluate import EvalConfig
     EvalConfig(fm_threshold=0.0, fm_ema=0.0, st_threshold=0.0, st_labeled_fraction=0.999).validate()
+    EvalConfig(fm_threshold_mode="freematch", fm_sat_momentum=0.0).validate()
+    EvalConfig(fm_threshold_mode="fixed", fm_sat_momentum=0.999).validate()
     EvalConfig(fm_threshold=1.0, fm_mu=1, fm_batch=1, st_rounds=1, st_per_class=1).validate()
 
 
 @pytest.mark.parametrize("protocol, field, value", [("selftrain", "st_rounds", 0),
                                                     ("selftrain", "st_labeled_fraction", 1.0),
                                                     ("fixmatch", "fm_threshold", 1.5), ("fixmatch", "fm_ema", 1.0),
-                                                    ("fixmatch", "fm_mu", 0)])
+                                                    ("fixmatch", "fm_mu", 0),
+                                                    ("fixmatch", "fm_sat_momentum", 1.0)])
 def test_semi_supervised_cells_refuse_bad_settings_before_any_work(complete_run, protocol, field, value, monkeypatch,
                                                                    tmp_path):
     from sslab import evaluate as ev

@@ -1,7 +1,8 @@
 """The pieces of the selftrain and fixmatch protocols against hand computations: FixMatch's
 unlabeled loss (threshold, hard pseudo-label, mean over all images, no gradient to the weak
-view), the moving average of the weights, the FixMatch step, and self-training's
-class-balanced pseudo-label choice and its confidence 1 − H/log C."""
+view), FreeMatch's self-adaptive threshold, the moving average of the weights, the FixMatch
+step, the start kept when no epoch beats it, and self-training's class-balanced pseudo-label
+choice and its confidence 1 − H/log C."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sslab.evaluate.fixmatch import FixMatch, ModelEMA, fixmatch_unlabeled_loss
+from sslab.evaluate.fixmatch import FixMatch, ModelEMA, SelfAdaptiveThreshold, fixmatch_unlabeled_loss
 from sslab.evaluate.heads import FeatureHead, ImageClassifier
 from sslab.evaluate.selftrain import propagation_confidence, select_balanced
 from sslab.models import BackboneConfig, build_backbone, pooled_dim
@@ -92,6 +93,93 @@ def test_the_pseudo_label_is_hard_not_the_weak_views_distribution():
     soft = -sum(q * math.log(p) for q, p in zip(_softmax([1.0, 0.0, 0.0]), _softmax([0.0, 2.0, -1.0])))
     assert loss.item() == pytest.approx(hard, rel=1e-6)
     assert abs(hard - soft) > 0.1
+
+
+def test_one_threshold_per_class_all_at_tau_is_the_fixed_threshold():
+    weak, strong = torch.tensor(WEAK), torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    tau = weak.softmax(1)[0].max().item()
+    fixed = fixmatch_unlabeled_loss(weak, strong, tau)
+    per_class = fixmatch_unlabeled_loss(weak, strong, torch.full((3,), tau))
+    assert per_class[1].tolist() == fixed[1].tolist() == [float(a) for a in ABOVE_TAU]
+    assert per_class[0].item() == fixed[0].item()
+
+
+# ---------------------------------------------------------------- FreeMatch's self-adaptive threshold
+
+# Two steps' weak-view logits of 4 unlabeled images, 3 classes, and λ = 0.5. Worked through below:
+# step 1 leaves image 3 (0.378 on class 0) under τ_1(0) = τ_1 ≈ 0.498; at step 2 image 2 (0.452
+# on class 0, the least expected class) passes its class's τ_2(0) ≈ 0.409 though it is under the
+# global τ_2 = 0.600, and image 3 (0.576 on class 1, the most expected) is held to τ_2 itself.
+SAT_STEPS = [([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.3, 0.2, 0.0]], [1.0, 1.0, 1.0, 0.0]),
+             ([[0.0, 1.0, 3.0], [1.0, 4.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]], [1.0, 1.0, 1.0, 0.0])]
+
+
+def test_freematch_threshold_against_a_hand_computation_over_two_steps():
+    momentum, classes = 0.5, 3
+    sat = SelfAdaptiveThreshold(classes, momentum)
+    tau, expectation = 1 / 3, [1 / 3] * 3  # τ_0 and p̃_0: 1/C
+    assert sat.global_threshold.item() == pytest.approx(tau) and sat.class_expectation.tolist() == pytest.approx(
+        expectation)
+    for step, (logits, mask_by_hand) in enumerate(SAT_STEPS):
+        q = [_softmax(row) for row in logits]
+        # τ_t = λ τ_{t−1} + (1 − λ) mean_b max q_b;  p̃_t(c) = λ p̃_{t−1}(c) + (1 − λ) mean_b q_b(c)
+        tau = momentum * tau + (1 - momentum) * sum(max(row) for row in q) / len(q)
+        expectation = [momentum * e + (1 - momentum) * sum(row[c] for row in q) / len(q)
+                       for c, e in enumerate(expectation)]
+        class_tau = [e / max(expectation) * tau for e in expectation]  # τ_t(c)
+        mask = [float(max(row) >= class_tau[row.index(max(row))]) for row in q]
+
+        thresholds = sat.update(torch.tensor(logits).softmax(1))
+
+        assert sat.global_threshold.item() == pytest.approx(tau, rel=1e-6)
+        assert sat.class_expectation.tolist() == pytest.approx(expectation, rel=1e-6)
+        assert thresholds.tolist() == pytest.approx(class_tau, rel=1e-6)
+        assert mask == mask_by_hand, f"step {step + 1}: the worked numbers above are off"
+        strong = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+        loss, taken = fixmatch_unlabeled_loss(torch.tensor(logits), strong, thresholds)
+        assert taken.tolist() == mask_by_hand
+        pseudo = [row.index(max(row)) for row in q]
+        by_hand = sum(math.log(sum(math.exp(v) for v in row)) - row[label]
+                      for row, label, m in zip(strong.tolist(), pseudo, mask) if m) / 4
+        assert loss.item() == pytest.approx(by_hand, rel=1e-5)
+    assert tau == pytest.approx(0.600, abs=5e-4) and class_tau[0] == pytest.approx(0.409, abs=5e-4)
+    # The global threshold alone would have left image 2 of step 2 out.
+    assert max(_softmax(SAT_STEPS[1][0][2])) < tau
+
+
+def test_freematch_threshold_state_is_in_the_fixmatch_models_state_and_its_step_reports_tau(make_image_set):
+    labeled = make_image_set(n=6, classes=3, seed=0)
+    unlabeled = make_image_set(n=8, classes=3, seed=1).images
+    model = FixMatch(_classifier(), labeled.images, labeled.labels, batch=4, threshold=SelfAdaptiveThreshold(3, 0.9),
+                     weight=1.0, ema=0.5)
+    state = model.state_dict()
+    assert state["threshold.global_threshold"].item() == pytest.approx(1 / 3)
+    assert state["threshold.class_expectation"].tolist() == pytest.approx([1 / 3] * 3)
+    model.train()
+    torch.manual_seed(0)
+    first = model.loss(unlabeled)
+    second = model.loss(unlabeled)
+    assert first["tau"].item() != second["tau"].item()
+    assert second["tau"].item() == model.threshold.global_threshold.item()
+
+    # A model loaded from the state after one step (with the random state) takes the same second step.
+    torch.manual_seed(0)
+    straight = FixMatch(_classifier(), labeled.images, labeled.labels, batch=4,
+                        threshold=SelfAdaptiveThreshold(3, 0.9), weight=1.0, ema=0.5).train()
+    straight.loss(unlabeled)
+    saved, rng = {k: v.clone() for k, v in straight.state_dict().items()}, torch.get_rng_state()
+    expected = straight.loss(unlabeled)
+    resumed = FixMatch(_classifier(), labeled.images, labeled.labels, batch=4,
+                       threshold=SelfAdaptiveThreshold(3, 0.9), weight=1.0, ema=0.5).train()
+    resumed.load_state_dict(saved)
+    torch.set_rng_state(rng)
+    again = resumed.loss(unlabeled)
+    assert all(again[k].item() == expected[k].item() for k in ("loss", "mask", "tau"))
+    assert torch.equal(resumed.threshold.class_expectation, straight.threshold.class_expectation)
+
+    fixed = FixMatch(_classifier(), labeled.images, labeled.labels, batch=4, threshold=0.95, weight=1.0, ema=0.5)
+    assert not any(k.startswith("threshold.") for k in fixed.state_dict())
+    assert "tau" not in fixed.train().loss(unlabeled)  # a fixed τ is in the cell's key, not in each step
 
 
 # ---------------------------------------------------------------- ModelEMA
@@ -302,7 +390,7 @@ def test_fixmatch_trains_on_the_labeled_images_and_the_pool_without_them(noise_r
 
     monkeypatch.setattr(cells, "fit", fit)
     cfg = ev.EvalConfig(val_per_class=2, probe_epochs=1, fm_steps=4, fm_batch=2, fm_mu=3, fm_threshold=0.5,
-                        fm_weight=0.5, fm_ema=0.8, precision="fp32")
+                        fm_weight=0.5, fm_ema=0.8, precision="fp32", fm_threshold_mode="fixed")
     row = ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path), config=cfg)
 
     splits, (train_idx, val_idx) = _split(noise_run, cfg)
@@ -334,3 +422,125 @@ def test_trainable_spread_floors_each_spread_at_a_hundredth_of_their_mean():
     mean = float(std.mean())
     assert trainable_spread(std).tolist() == pytest.approx([0.01 * mean, 0.5, 2.0, 0.015, 0.015])
     assert trainable_spread(std)[1:].tolist() == std[1:].tolist()
+
+
+# ---------------------------------------------------------------- fixmatch cells: the start as a candidate, the key
+
+
+@pytest.fixture(scope="module")
+def brightness_run(tmp_path_factory):
+    """A random-init run on 3 classes told apart by brightness (noise in 0–59, 95–154, 190–249;
+    12 train and 3 test images per class, 16 px): even random features separate them, so the
+    probe head classifies the validation images perfectly."""
+    from PIL import Image
+
+    from sslab.pretrain import PretrainConfig, pretrain
+    root = tmp_path_factory.mktemp("brightness")
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("test", 3)):
+        for level, name in enumerate(("dark", "grey", "light")):
+            (root / "images" / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.randint(0, 60, (16, 16), generator=generator) + 95 * level).to(torch.uint8)
+                Image.fromarray(pixels.numpy(), "L").save(root / "images" / split / name / f"{i}.png")
+    return pretrain(PretrainConfig(method="random-init", dataset=f"folder:{root / 'images'}", image_size=16,
+                                   width=0.125), device="cpu", out=str(root / "out"), progress=False)
+
+
+# 12 steps of 2 labeled and 6 unlabeled images: the pool's 24 images are 4 steps an epoch, 3 epochs.
+SMALL_FIXMATCH = dict(val_per_class=2, probe_epochs=5, fm_steps=12, fm_batch=2, fm_mu=3, fm_ema=0.0,
+                      precision="fp32")
+
+
+def test_fixmatch_keeps_its_start_when_every_epoch_is_worse_on_validation(brightness_run, tmp_path):
+    from sslab import evaluate as ev
+    # lr 1 wrecks the weights (an average of decay 0 is the weights themselves) without diverging
+    cfg = ev.EvalConfig(**SMALL_FIXMATCH, fm_lr=1.0)
+    row = ev.fixmatch_cell(brightness_run, 2, device="cpu", out=str(tmp_path), config=cfg)
+    probe = ev.probe_cell(brightness_run, 2, device="cpu", out=str(tmp_path), config=cfg)
+
+    assert row["start_val_acc"] == 1.0  # the probe head on the backbone: all 6 validation images
+    assert len(row["history"]) == 3 and all(epoch["val_acc"] < 1.0 for epoch in row["history"])
+    assert row["kept"] == "start"
+    # What is tested is the start: the probe head, now reading the backbone's output directly.
+    assert row["confusion"] == probe["confusion"] and row["top1"] == probe["top1"]
+
+
+def test_fixmatch_keeps_the_epoch_that_beats_its_start_and_without_validation_its_last(brightness_run, tmp_path):
+    from dataclasses import replace
+
+    from sslab import evaluate as ev
+    from sslab.evaluate.fixmatch import kept
+    from sslab.train import FitResult
+    assert kept(FitResult(best_epoch=-1, best_metric=1.0), validated=True) == "start"
+    assert kept(FitResult(best_epoch=2, best_metric=1.0), validated=True) == 2
+    assert kept(FitResult(), validated=False) == "last"
+
+    cfg = replace(ev.EvalConfig(**SMALL_FIXMATCH, fm_lr=1.0), val_per_class=0)
+    row = ev.fixmatch_cell(brightness_run, 2, device="cpu", out=str(tmp_path), config=cfg)
+    assert row["kept"] == "last" and "start_val_acc" not in row and row["val_per_class"] == 0
+    assert all("val_acc" not in epoch for epoch in row["history"])
+
+
+def test_a_changed_threshold_mode_or_momentum_is_another_fixmatch_cell(brightness_run):
+    from dataclasses import replace
+
+    from sslab import evaluate as ev
+    from sslab.evaluate.cells import cell_folder, protocol_key
+    cfg = ev.EvalConfig(**SMALL_FIXMATCH)
+
+    def key(**changes):
+        return protocol_key("fixmatch", brightness_run, 2, 0, replace(cfg, **changes))
+
+    fixed, adaptive = key(fm_threshold_mode="fixed"), key(fm_threshold_mode="freematch")
+    assert fixed["fm_threshold_mode"] == "fixed" and adaptive["fm_threshold_mode"] == "freematch"
+    assert cell_folder(fixed, None) != cell_folder(adaptive, None)
+    assert cell_folder(key(fm_threshold_mode="freematch", fm_sat_momentum=0.9), None) != cell_folder(adaptive, None)
+    assert key(fm_threshold_mode="freematch") == adaptive  # and the same settings are the same cell
+
+
+def test_an_interrupted_freematch_cell_resumes_from_its_checkpoint_bit_for_bit(noise_run, monkeypatch, tmp_path):
+    """Killed during its third epoch, the cell goes on from the checkpoint of its second — the
+    threshold's τ_t and p̃_t included — and ends as the cell run straight through."""
+    from sslab import evaluate as ev
+    from sslab import store
+    from sslab.evaluate import cells, fixmatch
+    cfg = ev.EvalConfig(**SMALL_FIXMATCH, fm_threshold_mode="freematch", fm_sat_momentum=0.8)
+    straight = ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path / "straight"), config=cfg)
+    ev.probe_cell(noise_run, 2, device="cpu", out=str(tmp_path / "out"), config=cfg)  # stored before the kill
+
+    monkeypatch.setattr(cells, "CHECKPOINT_EVERY_S", 0)  # a checkpoint after every epoch
+    steps = []
+    real_loss = fixmatch.FixMatch.loss
+
+    def interrupted(self, unlabeled):
+        steps.append(self.threshold.global_threshold.item())
+        if len(steps) == 9:  # the first step of epoch 3
+            raise KeyboardInterrupt
+        return real_loss(self, unlabeled)
+
+    with monkeypatch.context() as during:
+        during.setattr(fixmatch.FixMatch, "loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path / "out"), config=cfg)
+    key = cells.protocol_key("fixmatch", noise_run, 2, 0, cells.open_cell("fixmatch", noise_run, 2, config=cfg,
+                                                                            device="cpu").cfg)
+    checkpoint = cells.cell_folder(key, str(tmp_path / "out")) / "checkpoint.pt"
+    assert store.load_torch(checkpoint)["epoch"] == 1  # after the second epoch
+    before_kill = steps[-1]  # τ_t after the 8 steps of epochs 1 and 2
+    steps.clear()
+
+    def counted(self, unlabeled):
+        steps.append(self.threshold.global_threshold.item())
+        return real_loss(self, unlabeled)
+
+    monkeypatch.setattr(fixmatch.FixMatch, "loss", counted)
+    resumed = ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path / "out"), config=cfg)
+    assert len(steps) == 4 and steps[0] == before_kill  # epoch 3 alone, from the checkpoint's τ_t
+
+    def result(row):
+        return ({k: row[k] for k in ("top1", "per_class", "confusion", "kept", "start_val_acc")},
+                [{k: v for k, v in epoch.items() if k not in ("seconds", "images_per_s")} for epoch in row["history"]])
+
+    assert result(resumed) == result(straight)
+    assert all(1 / 3 < epoch["tau"] <= 1 for epoch in straight["history"])  # from τ_0 = 1/C, up

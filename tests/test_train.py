@@ -211,6 +211,66 @@ def test_without_patience_training_runs_to_the_end():
     assert result.epochs_run == 4 and result.best_epoch == 0
 
 
+def test_validate_start_keeps_the_starting_weights_when_no_epoch_beats_them():
+    x, y, _ = _regression_data(n=64)
+    validate = ScriptedValidation([0.6, 0.5, 0.6, 0.4])  # the start, then epochs 0–2 (a tie is no better)
+    model = LinearRegression()
+    result = fit(model, (x, y), _config(epochs=3, patience=3), CPU, validate=validate, progress=False,
+                 validate_start=True)
+    assert result.start_metric == 0.6 and result.best_metric == 0.6 and result.best_epoch == -1
+    assert result.epochs_run == 3 and [row["val_acc"] for row in result.history] == [0.5, 0.6, 0.4]
+    assert not model.linear.weight.any(), "the starting weights (zeros) are restored"
+    assert validate.seen[3].any(), "the weights did move"
+
+
+def test_validate_start_gives_way_to_an_epoch_that_beats_it_and_counts_towards_patience():
+    x, y, _ = _regression_data(n=64)
+    validate = ScriptedValidation([0.4, 0.3, 0.7, 0.5])
+    model = LinearRegression()
+    result = fit(model, (x, y), _config(epochs=3, patience=3), CPU, validate=validate, progress=False,
+                 validate_start=True)
+    assert (result.start_metric, result.best_epoch, result.best_metric) == (0.4, 1, 0.7)
+    assert torch.equal(model.linear.weight, validate.seen[2])
+    # Patience 1: an epoch no better than the start is one without improvement.
+    validate = ScriptedValidation([0.9, 0.3, 0.95])
+    result = fit(LinearRegression(), (x, y), _config(epochs=2, patience=1), CPU, validate=validate,
+                 progress=False, validate_start=True)
+    assert result.epochs_run == 1 and result.best_epoch == -1
+    # Without it, the same scores start from the first epoch.
+    validate = ScriptedValidation([0.3, 0.95])
+    result = fit(LinearRegression(), (x, y), _config(epochs=2, patience=1), CPU, validate=validate, progress=False)
+    assert result.start_metric is None and result.best_epoch == 1 and len(validate.seen) == 2
+
+
+def test_validate_start_resumes_with_the_start_from_the_checkpoint(tmp_path):
+    """A resumed run does not score its resumed weights as a start: the start's score and weights
+    come back from the checkpoint, and the run ends as one run straight through."""
+    x, y, _ = _regression_data(n=96)
+    steps = batches_per_epoch(96, 32)
+    straight = LinearRegression()
+    fit(straight, (x, y), _config(epochs=3, patience=3), CPU, validate=ScriptedValidation([0.9, 0.5, 0.6, 0.7]),
+        progress=False, validate_start=True)
+    assert not straight.linear.weight.any()
+
+    class Interrupted(LinearRegression):
+        def loss(self, x, y):
+            if self.calls == 2 * steps:
+                raise KeyboardInterrupt
+            return super().loss(x, y)
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(Interrupted(), (x, y), _config(epochs=3, patience=3), CPU, validate=ScriptedValidation([0.9, 0.5, 0.6]),
+            checkpoint=checkpoint, progress=False, validate_start=True)
+    assert store.load_torch(checkpoint)["start_metric"] == 0.9
+    validate = ScriptedValidation([0.7])  # epoch 2 alone
+    resumed = LinearRegression()
+    result = fit(resumed, (x, y), _config(epochs=3, patience=3), CPU, validate=validate, checkpoint=checkpoint,
+                 progress=False, validate_start=True)
+    assert result.resumed_from == 2 and len(validate.seen) == 1
+    assert (result.start_metric, result.best_epoch) == (0.9, -1) and not resumed.linear.weight.any()
+
+
 def test_fit_resumes_from_its_checkpoint(tmp_path):
     """An interrupted run resumed from its checkpoint ends with the same weights as one run straight through."""
     x, y, _ = _regression_data(n=96)
