@@ -107,3 +107,22 @@ def test_bad_graph_settings_name_the_setting(field, value, allowed):
     with pytest.raises(ValueError, match=rf"{field}={value!r} is not allowed; allowed: {allowed}".replace("(", r"\(")
                        .replace(")", r"\)")):
         replace(EvalConfig(), **{field: value}).validate()
+
+
+def test_known_test_neighbours_give_the_same_scores_as_searching_every_node():
+    """A graph keeps the test images' nearest pool images (k + spare); a cell passes over its dropped
+    images in them instead of searching again — the same votes, also when a query loses more
+    neighbours than the spare ones and is searched in full."""
+    generator = torch.Generator().manual_seed(4)
+    pool_points = torch.randn(300, 6, generator=generator)
+    graph = graph_module.build_pool_graph(pool_points, k=5, pca=None)
+    queries = torch.randn(40, 6, generator=generator)
+    queries[0] = pool_points[:20].mean(0)  # a query among the images the cell drops
+    known = graph_module.knn_search(graph.project(queries), graph.nodes, 5 + 3)  # few spares: the fallback runs
+    keep = torch.ones(300, dtype=torch.bool)
+    keep[:20] = False
+    labeled_features, labels = pool_points[:4] + 0.01, torch.tensor([0, 1, 0, 1])
+    args = (graph, keep, labeled_features, labels, [queries], 2, 0.9, 3.0, 10)
+    plain = graph_module.propagate_cell(*args)
+    fast = graph_module.propagate_cell(*args, known_neighbours=[known])
+    torch.testing.assert_close(fast.query_scores[0], plain.query_scores[0], rtol=0, atol=1e-6)

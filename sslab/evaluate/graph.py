@@ -93,6 +93,9 @@ class PoolGraph:
     nodes: torch.Tensor
     sims: torch.Tensor
     indices: torch.Tensor
+    # the test images' nearest pool images (sims, pool positions; k + SPARE_NEIGHBOURS each): the
+    # same for every cell of the run, so each cell passes over its dropped images instead of searching
+    test_neighbours: Optional[tuple] = None
 
 
 def build_pool_graph(pool_features: torch.Tensor, k: int = 20, pca: Optional[int] = 128) -> PoolGraph:
@@ -123,12 +126,41 @@ def propagate(affinity: torch.Tensor, labels: torch.Tensor, classes: int, alpha:
 
 
 def inductive_scores(queries: torch.Tensor, nodes: torch.Tensor, node_probs: torch.Tensor, k: int = 20,
-                     gamma: float = 3.0) -> torch.Tensor:
+                     gamma: float = 3.0, neighbours: Optional[tuple] = None) -> torch.Tensor:
     """Class scores of images outside the graph: each query's ``k`` nearest nodes vote with their
-    propagated distributions weighted by max(0, cos)^γ. Queries Q×d, nodes N×d → Q×classes."""
-    sims, idx = knn_search(queries, nodes, k)
+    propagated distributions weighted by max(0, cos)^γ. Queries Q×d, nodes N×d → Q×classes.
+    ``neighbours``: the queries' k nearest nodes ``(sims, indices)`` when already known."""
+    sims, idx = knn_search(queries, nodes, k) if neighbours is None else neighbours
     scores = (sims.clamp(min=0).pow(gamma).unsqueeze(2) * node_probs[idx]).sum(1)
     return scores / scores.sum(1, keepdim=True).clamp(min=1e-30)
+
+
+# The queries whose pool neighbours a graph keeps (the test images: the same for every cell) keep
+# this many more than k, so a cell's dropped pool images (its labeled and validation images) can
+# be passed over without searching the whole pool again.
+SPARE_NEIGHBOURS = 64
+
+
+def cell_neighbours(queries: torch.Tensor, pool_neighbours: tuple, new_id: torch.Tensor, labeled_nodes: torch.Tensor,
+                    graph_nodes: torch.Tensor, kept: torch.Tensor, k: int) -> tuple:
+    """The k nearest of a cell's nodes (its L labeled images first, then its kept pool images) for
+    projected ``queries``, from their nearest pool images known in advance (``pool_neighbours``:
+    sims and pool positions, k + spare per query) and their similarity to the labeled images — the
+    same as :func:`knn_search` over all the cell's nodes. ``new_id``: each pool position's node
+    index in the cell (−1: dropped). A query with fewer than k kept pool images among its known
+    neighbours is searched in full."""
+    sims, positions = pool_neighbours
+    ids = new_id[positions]
+    sims = sims.masked_fill(ids < 0, -math.inf)
+    lab_s, lab_i = (knn_search(queries, labeled_nodes, k) if len(labeled_nodes) else
+                    (sims[:, :0], positions[:, :0]))
+    best_s, pos = torch.cat([lab_s, sims], 1).topk(k, dim=1)
+    best_i = torch.cat([lab_i, ids.clamp(min=0)], 1).gather(1, pos)
+    short = ~torch.isfinite(best_s).all(1)
+    if short.any():  # too many of its known neighbours were dropped: the full search for these rows
+        nodes = torch.cat([labeled_nodes, graph_nodes[kept]])
+        best_s[short], best_i[short] = knn_search(queries[short], nodes, k)
+    return best_s, best_i
 
 
 @dataclass
@@ -144,10 +176,13 @@ class Propagated:
 
 
 def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch.Tensor, labeled: torch.Tensor,
-                   queries: list, classes: int, alpha: float, gamma: float, iterations: int) -> Propagated:
+                   queries: list, classes: int, alpha: float, gamma: float, iterations: int,
+                   known_neighbours: Optional[list] = None) -> Propagated:
     """Join the L labeled images to the pool images ``keep`` (P bool), propagate, and score
     ``queries`` (raw feature sets) inductively. Pool edges to dropped images are removed; each
-    labeled image links to its k nearest kept pool images, and W's symmetry links them back."""
+    labeled image links to its k nearest kept pool images, and W's symmetry links them back.
+    ``known_neighbours[i]``: query set i's nearest pool images, when the graph keeps them
+    (:func:`cell_neighbours`; None: searched)."""
     k = graph.indices.shape[1]
     labeled_nodes = graph.project(labeled_features)
     kept = keep.nonzero().squeeze(1)
@@ -164,5 +199,11 @@ def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch
     labels = torch.cat([labeled, torch.full((len(kept),), -1, dtype=torch.long, device=keep.device)])
     probs = propagate(affinity, labels, classes, alpha, iterations)
     nodes = torch.cat([labeled_nodes, graph.nodes[kept]])
-    scores = [inductive_scores(graph.project(q), nodes, probs, k, gamma) for q in queries]
+    known = known_neighbours or [None] * len(queries)
+    scores = []
+    for q, pool_neighbours in zip(queries, known):
+        projected = graph.project(q)
+        neighbours = None if pool_neighbours is None else \
+            cell_neighbours(projected, pool_neighbours, new_id, labeled_nodes, graph.nodes, kept, k)
+        scores.append(inductive_scores(projected, nodes, probs, k, gamma, neighbours))
     return Propagated(probs, nodes, kept, scores)

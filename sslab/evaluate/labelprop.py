@@ -69,5 +69,5 @@ def labelprop_of(cell: Cell) -> tuple:
     y = cell.splits.train.labels.to(dev)
     result = propagate_cell(graph, keep, feats[train_idx.to(dev)], y[train_idx.to(dev)],
                             [feats[val_idx.to(dev)], cell.features("test")], cell.splits.train.num_classes,
-                            cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations)
+                            cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations, [None, graph.test_neighbours])
     return result, (train_idx, val_idx)

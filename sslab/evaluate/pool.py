@@ -13,7 +13,7 @@ import torch
 from .. import integrity, store
 from ..pretrain import Run, pool_index
 from .features import dataset_splits, run_features
-from .graph import PoolGraph, Projection, build_pool_graph
+from .graph import SPARE_NEIGHBOURS, PoolGraph, Projection, build_pool_graph, knn_search
 
 _GRAPHS: dict = {}
 
@@ -61,15 +61,18 @@ def pool_graph(run: Run, cfg, dev) -> tuple:
         if graph is None:
             feats, _ = pool_of(run, cfg, dev)
             graph = build_pool_graph(feats, cfg.lp_k, cfg.lp_pca or None)
+            test = run_features(run, "test", cfg.layer, cfg.grid, dev, precision=cfg.precision)
+            graph.test_neighbours = knn_search(graph.project(test), graph.nodes, cfg.lp_k + SPARE_NEIGHBOURS)
             try:
                 store.save_torch(cache, {"mean": graph.project.mean, "basis": graph.project.basis,
-                                         "nodes": graph.nodes, "sims": graph.sims, "indices": graph.indices},
-                                 provenance=made_by)
+                                         "nodes": graph.nodes, "sims": graph.sims, "indices": graph.indices,
+                                         "test_sims": graph.test_neighbours[0],
+                                         "test_indices": graph.test_neighbours[1]}, provenance=made_by)
             except (OSError, RuntimeError):  # a read-only or full store still works, only slower
                 pass
         graph = PoolGraph(Projection(graph.project.mean.to(dev), None if graph.project.basis is None else
                                      graph.project.basis.to(dev)), graph.nodes.to(dev), graph.sims.to(dev),
-                          graph.indices.to(dev))
+                          graph.indices.to(dev), tuple(t.to(dev) for t in graph.test_neighbours))
         _GRAPHS[key] = (graph, rows if split == "train" else None)
     return _GRAPHS[key]
 
@@ -86,7 +89,8 @@ def _cached_graph(cache: Path, made_by: dict) -> Optional[PoolGraph]:
     except integrity.CorruptCheckpoint as exc:
         print(f"rebuilding the graph cache: {str(exc).split('; ')[0]}", file=sys.stderr)
         return None
-    return PoolGraph(Projection(saved["mean"], saved["basis"]), saved["nodes"], saved["sims"], saved["indices"])
+    return PoolGraph(Projection(saved["mean"], saved["basis"]), saved["nodes"], saved["sims"], saved["indices"],
+                     (saved["test_sims"], saved["test_indices"]))
 
 
 def pool_keep(rows: Optional[torch.Tensor], size: int, leave_out: tuple, device) -> torch.Tensor:
