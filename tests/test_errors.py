@@ -582,3 +582,20 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
     assert code == 0
     assert computed == [(p, 2, 0, complete_run.path) for p in ("labelprop", "selftrain", "fixmatch")]
     assert [line.split()[1] for line in out] == ["labelprop", "selftrain", "fixmatch"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--labels", "2", "--protocols", "fixmatch", "--fm-steps", "99999999999999999999"],
+     f"--fm-steps=99999999999999999999 is not allowed; allowed: an integer from 1 to {MAX_STEPS}"),
+    (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-steps", "10000001"],
+     f"--st-steps=10000001 is not allowed; allowed: an integer from 1 to {MAX_STEPS}"),
+    (["evaluate", "--labels", "99999999999999999999"],
+     f"--labels=99999999999999999999 is not allowed; allowed: an integer from 1 to {MAX_COUNT}"),
+])
+def test_step_and_count_flags_have_an_upper_bound_that_names_itself(complete_run, argv, message, tmp_path, capsys):
+    """--fm-steps 99999999999999999999 was accepted: a run of 10^16 hours."""
+    code = main([argv[0], "--run", str(complete_run.path), *argv[1:], "--out", str(tmp_path / "cells"), "--device",
+                 "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "cells").exists()
