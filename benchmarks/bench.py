@@ -21,7 +21,7 @@ from sslab.checks import HelpFormatter, Parser, check_choice_list, check_int_lis
 from sslab.pretext import TASKS
 from sslab.train import resolve_device
 
-from .step import BenchConfig, format_rows, max_rss_mib, quick_config, run_bench
+from .step import BenchConfig, format_rows, max_rss_mib, quick_config, measure_steps
 from .study import StudyConfig, StudyInterrupted, format_study, quick_study, study_from_params, time_study
 
 
@@ -138,7 +138,7 @@ def cmd_bench(args) -> int:
     _busy_note(device, info)
     print(f"bench on {_describe(info)}: {len(config.methods) * len(config.sizes)} configurations, "
           f"{config.warmup} warm-up + {config.steps} timed steps each", file=sys.stderr, flush=True)
-    rows = run_bench(config, device)
+    rows = measure_steps(config, device)
     info["max_rss_mib"] = max_rss_mib()
     if hasattr(os, "getloadavg"):
         info["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)

@@ -341,7 +341,7 @@ def _split(n: int, parts: int) -> list:
     return [range(n)[i::parts] for i in range(parts)]
 
 
-def run_bench(config: BenchConfig, device="auto", progress: bool = True) -> list:
+def measure_steps(config: BenchConfig, device="auto", progress: bool = True) -> list:
     """Every method × size of ``config`` → :class:`BenchRow` list."""
     config.validate()
     dev = resolve_device(device)

@@ -4,7 +4,7 @@
         [--limit N] [--device auto] [--data-root DIR] [--json PATH]
 
 Runs `pretrain` twice with the same config into two fresh temporary stores: once with the pool
-resident on the device (no data budget), once with `data_budget=0`, so every image streams
+resident on the device (no memory limit), once with `pool_memory=0`, so every image streams
 from pinned host memory in chunks (at 96 px, Fashion-MNIST's 60 000 grey images are 553 MB:
 two chunks of at most 512 MiB). Prints the images per second of each (the fit's own clock,
 `train_seconds` in the run summary), their ratio, and how far the two runs' final weights are
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, budget in (("resident", None), ("streamed", 0)):
-            run = pretrain(config, device=dev, out=str(Path(tmp) / name), progress=False, data_budget=budget)
+            run = pretrain(config, device=dev, out=str(Path(tmp) / name), progress=False, pool_memory=budget)
             s = run.summary
             seen = s["images"] * s["epochs_run"] * (4 if args.method == "rotation" else 1)
             result[name] = {"train_seconds": s["train_seconds"], "images_per_second": seen / s["train_seconds"],

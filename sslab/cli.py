@@ -64,7 +64,7 @@ def _pretrain_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument("--knn-monitor", action="store_true",
                    help="after every pretraining epoch, write the kNN top-1 of the backbone's features (100 labeled "
                         "train images per class classifying 20 others) into metrics.jsonl as knn_acc")
-    p.add_argument("--data-budget", type=float, default=None, metavar="GB",
+    p.add_argument("--pool-memory", type=float, default=None, metavar="GB",
                    help="device memory the unlabeled images may take (default: half the free memory on CUDA); "
                         "a larger pool streams from pinned host memory in chunks, with the same result")
 
@@ -234,7 +234,7 @@ def cmd_pretrain(args) -> int:
                             precision=args.precision, backbone=args.backbone,
                             settings=pretext_settings(args, [args.method])[args.method])
     run = pretrain(config, device=args.device, out=args.out, force=args.force, progress=args.progress,
-                   deterministic=args.deterministic, sync_bn=args.sync_bn, data_budget=args.data_budget,
+                   deterministic=args.deterministic, sync_bn=args.sync_bn, pool_memory=args.pool_memory,
                    compile=args.compile, checkpoint_every=args.checkpoint_every, knn_monitor=args.knn_monitor)
     if is_main_process():  # under torchrun, rank 0 speaks for all
         print(describe(run))
@@ -367,7 +367,7 @@ def cmd_curve(args) -> int:
         runs = []
         for config in configs:
             runs.append(pretrain(config, device=args.device, out=args.out, progress=args.progress,
-                                 deterministic=args.deterministic, data_budget=args.data_budget,
+                                 deterministic=args.deterministic, pool_memory=args.pool_memory,
                                  compile=args.compile, checkpoint_every=args.checkpoint_every,
                                  knn_monitor=args.knn_monitor))
             print(f"pretrained {config.method}: {runs[-1].path}", file=sys.stderr)

@@ -262,7 +262,7 @@ class _RunOptions:
     progress: bool
     deterministic: bool
     eval_limit: int
-    device_budget: Optional[int]  # bytes the pool may take on the device; None: the device's default
+    pool_memory: Optional[int]  # bytes the pool may take on the device; None: the device's default
     compile_loss: bool
     checkpoint_every: float  # seconds between checkpoints (0: every epoch)
     knn_monitor: bool = False  # kNN top-1 on labeled validation images after every epoch
@@ -270,7 +270,7 @@ class _RunOptions:
 
 def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, force: bool = False,
              progress: bool = True, deterministic: bool = False, eval_limit: int = 10000,
-             sync_bn: bool = False, data_budget: Optional[float] = None, compile: bool = False,
+             sync_bn: bool = False, pool_memory: Optional[float] = None, compile: bool = False,
              checkpoint_every: float = CHECKPOINT_EVERY_S, knn_monitor: bool = False) -> Run:
     """Pretrain ``config.method`` unless a complete run with the same config exists (then it is
     returned as is; ``force=True`` trains again into a fresh folder and replaces it only once
@@ -280,7 +280,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     :mod:`sslab.distributed`; ``sync_bn``: SyncBatchNorm across them, CUDA only): rank 0 does
     everything below, the other ranks train beside it, and every rank returns the same Run.
 
-    ``data_budget``: GB of device memory the unlabeled images may take (default: half of what
+    ``pool_memory``: GB of device memory the unlabeled images may take (default: half of what
     is free on CUDA, no limit on the CPU); a larger pool stays in pinned host memory and is
     streamed to the device chunk by chunk (:mod:`sslab.stream`) — same batches, same result.
 
@@ -294,7 +294,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     default-layer features, a bank of 100 labeled train images per class classifying 20 others
     per class, goes into metrics.jsonl as ``knn_acc`` (the curve contrastive-learning libraries
     watch; a second or two per epoch on a CPU). It changes no weight, so it is not in the config."""
-    budget = check_data_budget(data_budget)
+    memory = check_pool_memory(pool_memory)
     check_checkpoint_every(checkpoint_every)
     check_bool("compile", compile)
     check_bool("sync_bn", sync_bn)
@@ -307,7 +307,7 @@ def pretrain(config: PretrainConfig, device="auto", out: Optional[str] = None, f
     if compile and ddp is not None:
         raise ValueError("compile=True is not allowed under torchrun; allowed: one process, or compile=False")
     folder = run_folder(config, out)
-    options = _RunOptions(progress, deterministic, eval_limit, budget, compile, checkpoint_every, knn_monitor)
+    options = _RunOptions(progress, deterministic, eval_limit, memory, compile, checkpoint_every, knn_monitor)
     if ddp is not None:
         return ddp.pretrain(lambda: _pretrain_in_store(config, dev, folder, force, options, ddp),
                             lambda work: _train_into(config, dev, work, folder, options, ddp))
@@ -339,15 +339,15 @@ def _say_if_trained_differently(run: Run, ddp) -> Run:
     return run
 
 
-def check_data_budget(data_budget) -> Optional[int]:
-    """``data_budget`` in GB → bytes (None stays None: the device's own default)."""
-    if data_budget is None:
+def check_pool_memory(pool_memory) -> Optional[int]:
+    """``pool_memory`` in GB → bytes (None stays None: the device's own default)."""
+    if pool_memory is None:
         return None
-    if (isinstance(data_budget, bool) or not isinstance(data_budget, (int, float)) or not data_budget >= 0
-            or not math.isfinite(data_budget * 2 ** 30)):
-        raise ValueError(f"data_budget={data_budget!r} is not allowed; allowed: a finite number of GB ≥ 0 "
+    if (isinstance(pool_memory, bool) or not isinstance(pool_memory, (int, float)) or not pool_memory >= 0
+            or not math.isfinite(pool_memory * 2 ** 30)):
+        raise ValueError(f"pool_memory={pool_memory!r} is not allowed; allowed: a finite number of GB ≥ 0 "
                          f"(0 streams everything from host memory), or None for half the free device memory")
-    return int(data_budget * 2 ** 30)
+    return int(pool_memory * 2 ** 30)
 
 
 def _pretrain_in_store(config: PretrainConfig, dev: torch.device, folder: Path, force: bool, options: _RunOptions,
@@ -395,12 +395,12 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
         store.write_json(work / "config.json", asdict(config))
     # Under torchrun the pool stays in host memory; each rank copies its shard of every epoch to its device.
     if ddp is None:
-        # On the device when the pool fits the budget; otherwise streamed from pinned host memory.
-        allowed = stream.device_budget(dev) if options.device_budget is None else options.device_budget
+        # On the device when the pool fits its memory limit; otherwise streamed from pinned host memory.
+        allowed = stream.pool_memory_default(dev) if options.pool_memory is None else options.pool_memory
         data = stream.place((pool.images,), dev, allowed)
         if isinstance(data, stream.StreamedData):
             print(f"streaming {len(pool)} images ({stream.nbytes((pool.images,)) / 2 ** 30:.3g} GB) from host "
-                  f"memory in chunks: over the device budget of {allowed / 2 ** 30:.3g} GB", file=sys.stderr)
+                  f"memory in chunks: over the device memory limit of {allowed / 2 ** 30:.3g} GB", file=sys.stderr)
     else:
         data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())

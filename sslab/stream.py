@@ -1,7 +1,7 @@
-"""Training data larger than the device's memory budget: kept on the host and streamed to the
+"""Training data larger than the device's memory limit: kept on the host and streamed to the
 device in large chunks, the copy of the next chunk overlapping training on the current one.
 
-:func:`place` puts a dataset's tensors on the device when they fit in a byte budget and
+:func:`place` puts a dataset's tensors on the device when they fit in a memory limit and
 otherwise returns a :class:`StreamedData`. ``StreamedData.batches(batch_indices)`` yields
 exactly ``tuple(t[index] for t in tensors)`` for each index tensor, on the device, in order —
 the batches ``fit`` takes from device-resident data — so training on streamed data sees the
@@ -25,7 +25,7 @@ def nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def device_budget(device, fraction: float = 0.5) -> int:
+def pool_memory_default(device, fraction: float = 0.5) -> int:
     """Bytes of ``device`` memory a dataset may take: ``fraction`` of what is free now on CUDA;
     unlimited elsewhere (host memory is where the data already is)."""
     if not 0 < fraction <= 1:
@@ -164,14 +164,14 @@ def _copies_finish_before_buffers_are_freed(copy_stream, device):
             torch.cuda.current_stream(device).wait_stream(copy_stream)
 
 
-def place(tensors: Sequence[torch.Tensor], device, budget_bytes: Optional[int] = None,
+def place(tensors: Sequence[torch.Tensor], device, limit_bytes: Optional[int] = None,
           chunk_bytes: int = 512 << 20) -> Union[tuple, StreamedData]:
-    """The tensors on ``device`` when they fit in ``budget_bytes`` (default: half the free device
+    """The tensors on ``device`` when they fit in ``limit_bytes`` (default: half the free device
     memory), otherwise a :class:`StreamedData` over their host copies."""
     device = torch.device(device)
-    budget = device_budget(device) if budget_bytes is None else budget_bytes
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget_bytes={budget_bytes!r} is not allowed; allowed: an integer ≥ 0")
-    if nbytes(tensors) <= budget:
+    limit = pool_memory_default(device) if limit_bytes is None else limit_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit_bytes={limit_bytes!r} is not allowed; allowed: an integer ≥ 0")
+    if nbytes(tensors) <= limit:
         return tuple(t.to(device) for t in tensors)
     return StreamedData([t.cpu() for t in tensors], device, chunk_bytes)

@@ -205,7 +205,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
                       cfg.batch_size * plan.world * images_per_sample)
     for epoch in range(start, cfg.epochs):
         try:
-            seconds, sums = run_epoch(model, step_model, data, plan, optimizer, cfg, generator, epoch, device,
+            seconds, sums = train_epoch(model, step_model, data, plan, optimizer, cfg, generator, epoch, device,
                                       distributed, bar, precision)
         except RuntimeError as exc:  # an update too large for float32 fails in the optimiser
             raise overflow_divergence(exc, desc, epoch, cfg.lr, saver, bar) from exc
@@ -266,7 +266,7 @@ class EpochPlan:
         return ((epoch_data, index) for index in torch.tensor_split(order, self.steps))
 
 
-def run_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainConfig, generator, epoch: int, device,
+def train_epoch(model, step_model, data, plan: EpochPlan, optimizer, cfg: TrainConfig, generator, epoch: int, device,
               distributed, bar: "ProgressBar", precision: str = "fp32") -> tuple:
     """Train one epoch of ``model`` (through ``step_model``, its DDP wrapper under torchrun); returns
     (seconds, the mean of every metric over its steps, averaged over processes)."""

@@ -21,7 +21,7 @@ def tiny(**changes) -> step.BenchConfig:
 
 
 def test_rotation_row_on_cpu_has_positive_rates_ratio_and_flops():
-    rows = step.run_bench(tiny(), "cpu", progress=False)
+    rows = step.measure_steps(tiny(), "cpu", progress=False)
     assert len(rows) == 1
     row = rows[0]
     assert (row.method, row.size, row.channels) == ("rotation", 28, 1)
@@ -37,7 +37,7 @@ def test_rotation_row_on_cpu_has_positive_rates_ratio_and_flops():
 
 
 def test_colour_sizes_and_each_method_get_their_own_row():
-    rows = step.run_bench(tiny(methods=("vae", "siamese-vae"), sizes=(32,), steps=1, warmup=0), "cpu",
+    rows = step.measure_steps(tiny(methods=("vae", "siamese-vae"), sizes=(32,), steps=1, warmup=0), "cpu",
                            progress=False)
     assert [(r.method, r.size, r.channels, r.views) for r in rows] == [("vae", 32, 3, 1), ("siamese-vae", 32, 3, 1)]
     # The siamese task encodes a second (positive) view, so it costs more FLOPs per image than the VAE.

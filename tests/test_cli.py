@@ -17,7 +17,7 @@ needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                                          reason="needs the Debian package dataset-fashion-mnist")
 PRETRAIN_FLAGS = ["--method", "--dataset", "--epochs", "--limit", "--batch-size", "--lr", "--image-size", "--width",
                   "--seed", "--force", "--device", "--data-root", "--out", "--deterministic", "--no-progress",
-                  "--data-budget", "--compile", "--checkpoint-every", "--schedule", "--set"]
+                  "--pool-memory", "--compile", "--checkpoint-every", "--schedule", "--set"]
 
 
 def sslab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

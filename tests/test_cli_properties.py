@@ -83,8 +83,8 @@ def test_curve_list_options_accept_or_refuse_in_one_line(option, value, stop_bef
 
 @PROPERTY
 @given(option=st.sampled_from(["--lr", "--epochs", "--limit", "--width", "--batch-size", "--seed", "--image-size",
-                               "--checkpoint-every", "--data-budget"]), value=NUMBER_TEXT)
-@example(option="--data-budget", value="1e300")  # found by this test: an OverflowError traceback once
+                               "--checkpoint-every", "--pool-memory"]), value=NUMBER_TEXT)
+@example(option="--pool-memory", value="1e300")  # found by this test: an OverflowError traceback once
 @example(option="--lr", value="1e39")
 def test_pretrain_number_options_accept_or_refuse_in_one_line(option, value, stop_before_work, capsys):
     result = run_command(["pretrain", f"{option}={value}", "--device", "cpu", "--out", str(stop_before_work),
@@ -133,7 +133,7 @@ def test_pretrain_settings_accept_or_refuse_in_one_line(method, name, value, sto
                                   ["curve", "--methods", "rotation,jigsaw"], ["pretrain", "--lr", "nan"],
                                   ["pretrain", "--lr", "1e400"], ["pretrain", "--epochs", "1e3"],
                                   ["pretrain", "--width", "-0"], ["curve", "--name", "a\nb"],
-                                  ["pretrain", "--data-budget", "1e300"], ["pretrain", "--data-budget", "inf"]])
+                                  ["pretrain", "--pool-memory", "1e300"], ["pretrain", "--pool-memory", "inf"]])
 def test_known_bad_values_are_refused_in_one_line(argv, stop_before_work, capsys):
     """Examples the properties above stand for, kept so a regression names its case."""
     assert run_command([*argv, "--out", str(stop_before_work)], capsys) != "accepted"

@@ -26,9 +26,9 @@ def _batches(n, batch, seed=1):
 
 def test_place_keeps_what_fits_on_the_device_and_streams_the_rest():
     images, labels = _data()
-    placed = place((images, labels), "cpu", budget_bytes=nbytes((images, labels)))
+    placed = place((images, labels), "cpu", limit_bytes=nbytes((images, labels)))
     assert isinstance(placed, tuple) and torch.equal(placed[0], images) and torch.equal(placed[1], labels)
-    streamed = place((images, labels), "cpu", budget_bytes=nbytes((images, labels)) - 1)
+    streamed = place((images, labels), "cpu", limit_bytes=nbytes((images, labels)) - 1)
     assert isinstance(streamed, StreamedData) and len(streamed) == len(images)
 
 
@@ -123,8 +123,8 @@ def test_bad_arguments_name_the_parameter():
         StreamedData((images,), "cpu", chunk_bytes=0)
     with pytest.raises(ValueError, match="first dimension"):
         StreamedData((images, labels[:5]), "cpu")
-    with pytest.raises(ValueError, match="budget_bytes=-1"):
-        place((images,), "cpu", budget_bytes=-1)
+    with pytest.raises(ValueError, match="limit_bytes=-1"):
+        place((images,), "cpu", limit_bytes=-1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,7 +151,7 @@ def test_fit_on_streamed_data_trains_exactly_as_on_resident_data(device, tmp_pat
 
 
 @pytest.mark.slow
-def test_pretrain_over_its_data_budget_streams_and_gets_the_same_run(tmp_path, capfd):
+def test_pretrain_over_its_pool_memory_streams_and_gets_the_same_run(tmp_path, capfd):
     from sslab.pretrain import PretrainConfig, pretrain
     config = PretrainConfig(method="vae", dataset="fashion-mnist", epochs=1, limit=64, width=0.125,
                             settings={"batch_size": 16})
@@ -160,14 +160,14 @@ def test_pretrain_over_its_data_budget_streams_and_gets_the_same_run(tmp_path, c
     except FileNotFoundError:
         pytest.skip("Fashion-MNIST is not installed here")
     capfd.readouterr()
-    streamed = pretrain(config, device="cpu", out=str(tmp_path / "b"), progress=False, data_budget=0)
+    streamed = pretrain(config, device="cpu", out=str(tmp_path / "b"), progress=False, pool_memory=0)
     assert "streaming 64 images" in capfd.readouterr().err
-    assert resident.path.name == streamed.path.name  # the budget is not part of the config
+    assert resident.path.name == streamed.path.name  # the memory limit is not part of the config
     weights = [store_load(run) for run in (resident, streamed)]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
-    with pytest.raises(ValueError, match=r"data_budget=-1 is not allowed; allowed: a finite number of GB ≥ 0"):
-        pretrain(config, device="cpu", out=str(tmp_path / "c"), data_budget=-1)
+    with pytest.raises(ValueError, match=r"pool_memory=-1 is not allowed; allowed: a finite number of GB ≥ 0"):
+        pretrain(config, device="cpu", out=str(tmp_path / "c"), pool_memory=-1)
     assert not (tmp_path / "c").exists()
 
 
