@@ -10,10 +10,11 @@ run's backbone with a fresh head) trains end to end on them under strong augment
 shift + RandAugment, the student's noise), the labeled images a fixed share
 ``st_labeled_fraction`` of every batch; label propagation in the student's own feature space gives
 the next round's teacher. The test prediction is chosen on the validation images (``st_predict``
-auto) among the student's graph (inductive, as in labelprop), its head, both, and the first
-teacher's own prediction — so a student that learned less than its teacher knew does not replace
-it. Students train in :func:`sslab.train.fit` (resumable, early stopping on the validation images);
-a finished round's student is kept in the cell's folder, so an interrupted cell goes on from there.
+auto) among the student's graph (inductive, as in labelprop), its head, both, the first
+teacher's own prediction and the probe's — so a student that learned less than its teachers knew
+does not replace them. Students train in :func:`sslab.train.fit` (resumable, early stopping on the
+validation images); a finished round's student is kept in the cell's folder, so an interrupted
+cell goes on from there.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def compute_selftrain(cell: Cell) -> dict:
                         "val_acc": _accuracy(propagated.query_scores[0], val_y)})
         teacher, name = graph_teacher(propagated, 0), "student graph"
     # The test prediction: the student's graph, its head, both, or — when the student does worse
-    # on the validation images — the first teacher's own prediction.
+    # on the validation images — the first teacher's own prediction, or the probe it started from.
     head_val, head_test = (predict(student, x.to(dev), precision=cfg.precision).softmax(1)
                            for x in (images[val_idx], splits.test.images))
     first = candidates[history[0]["teacher"]]
@@ -112,7 +113,9 @@ def compute_selftrain(cell: Cell) -> dict:
     finals = {"student graph": (graph_val, graph_test),
               "student both": ((head_val + graph_val) / 2, (head_test + graph_test) / 2),
               "student head": (head_val, head_test), "teacher": (first.val, first.test)}
-    finals = {k: finals[k] for k in prediction_order(cfg.st_predict)}
+    if "probe" in candidates:
+        finals["probe"] = (candidates["probe"].val, candidates["probe"].test)
+    finals = {k: finals[k] for k in prediction_order(cfg.st_predict) if k in finals}
     predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y)
     row = cell.row(finals[predicted_by][1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
     row.update(teacher=history[0]["teacher"], teacher_top1=_accuracy(first.test, test_y), predicted_by=predicted_by,
@@ -125,7 +128,7 @@ def compute_selftrain(cell: Cell) -> dict:
 
 
 TEACHERS = ("agree", "labelprop", "probe")
-PREDICTIONS = ("student graph", "student both", "student head", "teacher")
+PREDICTIONS = ("student graph", "student both", "student head", "teacher", "probe")
 
 
 def teacher_order(setting: str) -> tuple:
