@@ -28,6 +28,7 @@ from ..train import TrainConfig, fit, resolve_device
 from .features import dataset_splits, run_features
 from .heads import HEADS
 from .metrics import classification_metrics
+from .pool import pool_of
 from .selection import EMBEDDED, SELECTIONS, labeled_split, random_init_config
 
 
@@ -312,6 +313,8 @@ def repeat_to(n: int, samples: int, device) -> torch.Tensor:
 
 # ---------------------------------------------------------------- what every protocol's cell shares
 
+_POOL_STATISTICS: dict = {}
+
 @dataclass
 class Cell:
     """One evaluation cell as its protocol computes it: the run (for scratch, the run whose dataset
@@ -345,9 +348,20 @@ class Cell:
         every method of a seed), and the validation images (none when ``val_per_class`` is 0)."""
         return labeled_split(self)
 
-    def features(self, split: str = "train") -> torch.Tensor:
-        """The run's frozen features of a whole split at the cell's layer, grid and precision."""
-        return run_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, precision=self.cfg.precision)
+    def features(self, split: str = "train", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The run's frozen features of rows ``rows`` of a split (None: all of them) at the cell's
+        layer, grid and precision."""
+        return run_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, index=rows,
+                            precision=self.cfg.precision)
+
+    def pool_statistics(self) -> tuple:
+        """The mean and spread (floored at 1e-6) of every feature over the run's unlabeled pool: how
+        heads standardise their input, without a label involved."""
+        key = (str(self.run.path), self.cfg.layer, self.cfg.grid, self.cfg.precision, str(self.device))
+        if key not in _POOL_STATISTICS:
+            feats, _ = pool_of(self.run, self.cfg, self.device)
+            _POOL_STATISTICS[key] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
+        return _POOL_STATISTICS[key]
 
     def computed(self, compute) -> dict:
         """The cell's stored row, or ``compute(cell)``'s (computed once, under the cell's lock)."""

@@ -48,7 +48,7 @@ def compute_labelprop(cell: Cell) -> dict:
     probe_val = probe_test = None
     if any(w > 0 for w in weights):
         head = trained_probe(cell)
-        probe_val = probe_probabilities(head, cell.features("train")[split[1].to(cell.device)], cell.cfg.precision)
+        probe_val = probe_probabilities(head, cell.features("train", split[1]), cell.cfg.precision)
         probe_test = probe_probabilities(head, cell.features("test"), cell.cfg.precision)
     mixed = {w: (graph_val if w == 0 else w * probe_val + (1 - w) * graph_val) for w in weights}
     weight, val_acc = chosen_on_validation(mixed, val_y)
@@ -64,10 +64,10 @@ def labelprop_of(cell: Cell) -> tuple:
     test) features; self-training uses it as a teacher."""
     train_idx, val_idx = cell.labeled_split()
     graph, rows = pool_graph(cell.run, cell.cfg, cell.device)
-    feats, dev, cfg = cell.features("train"), cell.device, cell.cfg
+    dev, cfg = cell.device, cell.cfg
     keep = pool_keep(rows, len(graph.nodes), (train_idx, val_idx), dev)
     y = cell.splits.train.labels.to(dev)
-    result = propagate_cell(graph, keep, feats[train_idx.to(dev)], y[train_idx.to(dev)],
-                            [feats[val_idx.to(dev)], cell.features("test")], cell.splits.train.num_classes,
+    result = propagate_cell(graph, keep, cell.features("train", train_idx), y[train_idx.to(dev)],
+                            [cell.features("train", val_idx), cell.features("test")], cell.splits.train.num_classes,
                             cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations, [None, graph.test_neighbours])
     return result, (train_idx, val_idx)

@@ -31,8 +31,8 @@ def pool_rows(run: Run) -> tuple:
 def pool_of(run: Run, cfg, dev) -> tuple:
     """``(pool features P×D, pool rows into the train split or None)`` of ``run``'s pool."""
     split, rows = pool_rows(run)
-    feats = run_features(run, split, cfg.layer, cfg.grid, dev, precision=cfg.precision)
-    return feats[rows.to(feats.device)], (rows if split == "train" else None)
+    feats = run_features(run, split, cfg.layer, cfg.grid, dev, index=rows, precision=cfg.precision)
+    return feats, (rows if split == "train" else None)
 
 
 def pool_images(run: Run, leave_out: tuple) -> torch.Tensor:

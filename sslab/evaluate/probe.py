@@ -55,7 +55,7 @@ def _knn(cell: Cell) -> dict:
     train_idx, val_idx = cell.labeled_split()
     y = cell.splits.train.labels.to(cell.device)
     t0 = time.perf_counter()
-    scores = knn_predict(cell.features("train")[train_idx.to(cell.device)], y[train_idx.to(cell.device)],
+    scores = knn_predict(cell.features("train", train_idx), y[train_idx.to(cell.device)],
                          cell.features("test"), cell.splits.train.num_classes, cell.cfg.knn_k,
                          cell.cfg.knn_temperature)
     return cell.finish(cell.row(scores, "knn", 0, time.perf_counter() - t0), (train_idx, val_idx))
@@ -143,20 +143,17 @@ def new_probe(cell: Cell, stats: Optional[dict] = None) -> Probe:
     or with others (:func:`probe_cells_together`), so both start from the same weights and see the
     same data. ``stats`` caches each run's standardisation."""
     train_idx, val_idx = cell.labeled_split()
-    feats = cell.features("train")
-    stats = {} if stats is None else stats
-    if cell.run.path.name not in stats:
-        # Standardise with statistics of every train image's features: no labels involved.
-        stats[cell.run.path.name] = (feats.mean(0), feats.std(0).clamp(min=1e-6))
-    mean, std = stats[cell.run.path.name]
     dev = cell.device
-    y = cell.splits.train.labels.to(dev)
-    order = train_idx.to(dev)[repeat_to(len(train_idx), cell.cfg.samples_per_epoch, dev)]
+    train, val = cell.features("train", train_idx), cell.features("train", val_idx)
+    # Standardised with the pool's statistics: no labels involved.
+    mean, std = cell.pool_statistics()
+    y = cell.splits.train.labels
+    order = repeat_to(len(train_idx), cell.cfg.samples_per_epoch, dev)
     torch.manual_seed(cell.seed)
-    model = FeatureHead(feats.shape[1], cell.splits.train.num_classes, cell.cfg.head, cell.cfg.hidden, mean,
+    model = FeatureHead(train.shape[1], cell.splits.train.num_classes, cell.cfg.head, cell.cfg.hidden, mean,
                         std).to(dev)
-    val = val_idx.to(dev)
-    return Probe(cell, model, (feats[order], y[order]), (feats[val], y[val]), (train_idx, val_idx))
+    return Probe(cell, model, (train[order], y[train_idx].to(dev)[order]), (val, y[val_idx].to(dev)),
+                 (train_idx, val_idx))
 
 
 def head_train_config(cfg: EvalConfig, samples: int, seed: int = 0) -> TrainConfig:
@@ -181,7 +178,7 @@ def trained_probe(cell: Cell) -> FeatureHead:
     probe_cfg = replace(cell.cfg, head="mlp")
     probe_cell(cell.run, cell.budget, cell.seed, device=cell.device, out=cell.out, config=probe_cfg,
                deterministic=cell.deterministic)
-    head = FeatureHead(cell.features("train").shape[1], cell.splits.train.num_classes, "mlp",
+    head = FeatureHead(cell.features("test").shape[1], cell.splits.train.num_classes, "mlp",
                        cell.cfg.hidden).to(cell.device)
     # The probe's folder under this ``out`` (its row holds the path it was computed at, which a
     # copied or merged store no longer has), and the head that cell recorded making.

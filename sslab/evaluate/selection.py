@@ -198,7 +198,8 @@ def _choose(cell, embedding, labels: torch.Tensor) -> tuple:
         picked = torch.randperm(len(candidates), generator=generator)[:budget]
     else:
         graph, _ = pool_graph(embedding, cfg, cell.device)
-        points = graph.project(_train_features(embedding, cfg, cell.device)[candidates.to(cell.device)]).cpu()
+        points = graph.project(run_features(embedding, "train", cfg.layer, cfg.grid, cell.device, index=candidates,
+                                            precision=cfg.precision)).cpu()
         if cfg.selection == "typical":
             picked = select_typical(points, budget, cell.seed, cfg.select_k, cfg.select_min_cluster)
         else:
@@ -221,10 +222,6 @@ def candidate_images(run, labels: torch.Tensor, val: torch.Tensor) -> torch.Tens
     split, rows = pool_rows(run)
     candidates = rows if split == "train" else torch.arange(len(labels))
     return candidates[~torch.isin(candidates, val)]
-
-
-def _train_features(run, cfg, device) -> torch.Tensor:
-    return run_features(run, "train", cfg.layer, cfg.grid, device, precision=cfg.precision)
 
 
 def selection_run(cell):

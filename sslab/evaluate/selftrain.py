@@ -173,7 +173,7 @@ def teachers(cell: Cell, result, keep: torch.Tensor, val_idx: torch.Tensor) -> d
     pool_features, _ = pool_of(cell.run, cell.cfg, dev)
     on_pool = probe_probabilities(head, pool_features[keep.to(pool_features.device)], precision)
     probe = Teacher(on_pool, on_pool.max(1).values,
-                    probe_probabilities(head, cell.features("train")[val_idx.to(dev)], precision),
+                    probe_probabilities(head, cell.features("train", val_idx), precision),
                     probe_probabilities(head, cell.features("test"), precision))
     return {"labelprop": graph, "probe": probe, "agree": agreement(graph, probe)}
 
@@ -198,11 +198,11 @@ def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.
     labeled ones; kept as ``student-<round>.pt`` in the cell's folder once trained."""
     cfg, dev, seed = cell.cfg, cell.device, cell.seed
     saved = cell.folder / f"student-{round_ + 1}.pt"
-    feats = cell.features("train")
+    mean, std = cell.pool_statistics()
     torch.manual_seed(seed + 1000 * round_)
     backbone = cell.run.load_backbone(dev)
     head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), cell.splits.train.num_classes, "mlp", cfg.hidden,
-                       feats.mean(0), trainable_spread(feats.std(0).clamp(min=1e-6)))
+                       mean, trainable_spread(std))
     student = ImageClassifier(backbone, head, cfg.layer, cfg.grid, augment=StudentViews()).to(dev)
     made_by = cell_provenance(f"student {round_ + 1}", cell.key)
     if saved.is_file():
