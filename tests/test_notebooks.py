@@ -25,6 +25,7 @@ import pytest
 
 from sslab import lab, store
 from sslab.data import DEBIAN_FASHION_MNIST
+from sslab.evaluate import EvalConfig
 from sslab.lab.notebooks import OUTPUTS_NOTE
 from sslab.pretrain import load_run
 
@@ -147,6 +148,33 @@ def test_pretext_settings_reach_every_method_that_has_them_and_only_those():
     # papermill's -p hands a dict over as YAML text
     s = lab.check_notebook_params(methods=["rotation"], device="cpu", pretext_settings="{rotations: 2}")
     assert s.pretrain_config("rotation").resolved(s.device).settings["rotations"] == 2
+
+
+def test_lp_k_and_backbone_lr_scale_reach_the_evaluation_config():
+    s = lab.check_notebook_params(device="cpu", lp_k=5, backbone_lr_scale=0.5)
+    assert (s.eval_config().lp_k, s.eval_config().backbone_lr_scale) == (5, 0.5)
+    assert (s.frame().loc["lp_k", "value"], s.frame().loc["backbone_lr_scale", "value"]) == ("5", "0.5")
+    default = lab.check_notebook_params(device="cpu").eval_config()
+    assert (default.lp_k, default.backbone_lr_scale) == (EvalConfig.lp_k, EvalConfig.backbone_lr_scale)
+    with pytest.raises(ValueError, match=r"^parameter lp_k=0 is not allowed; allowed: an integer from 1 to"):
+        lab.check_notebook_params(lp_k=0)
+    with pytest.raises(ValueError, match=r"^parameter backbone_lr_scale=-0.1 is not allowed; allowed: a number in "
+                                         r"\[0, 10\] \(the backbone's learning rate over the head's"):
+        lab.check_notebook_params(backbone_lr_scale=-0.1)
+
+
+def test_pretrain_epochs_and_images_set_the_pretraining_under_names_of_their_own():
+    s = lab.check_notebook_params(device="cpu", methods=["rotation"], pretrain_epochs=2, pretrain_images=300)
+    assert (s.epochs, s.limit) == (2, 300) and s.pretrain_config("rotation").epochs == 2
+    shown = s.frame()["value"]
+    assert (shown["pretrain_epochs"], shown["pretrain_images"]) == ("2", "300") and "epochs" not in shown
+    assert lab.check_notebook_params(device="cpu", pretrain_images=None).limit is None
+    with pytest.raises(ValueError, match=r"^parameter pretrain_epochs=0 is not allowed; allowed: an integer from 1"):
+        lab.check_notebook_params(pretrain_epochs=0)
+    with pytest.raises(ValueError, match=r"^parameter pretrain_images=1 is not allowed"):
+        lab.check_notebook_params(pretrain_images=1)
+    with pytest.raises(TypeError, match="notebook parameters pretrain_epochs and epochs set the same setting"):
+        lab.check_notebook_params(pretrain_epochs=2, epochs=3)
 
 
 @pytest.mark.parametrize("params, message", [
