@@ -6,6 +6,8 @@
 - :mod:`.runs`: the dataset, the pretrained runs, what each pretext task learned;
 - :mod:`.tables`: the sweeps as tables and one-sentence readings;
 - :mod:`.embeddings`: UMAP panels;  :mod:`.widgets`: figures and ipywidgets explorers;
+- :mod:`.teaching`: the checks under each notebook's method page (the page's plain PyTorch against
+  the library on the same batch), and notebook 00's comparison with the lab;
 - :mod:`.notebooks`: ``python -m sslab.lab`` (``make lab``): run, time and publish the notebooks.
 """
 from ..evaluate import series_name
@@ -16,11 +18,18 @@ from .runs import (dataset_summary, pretext_sentence, pretrain_runs, rotation_ac
                    rotation_sentence, simclr_views, vae_gallery, vae_sentence)
 from .tables import (best_series, confusion_of, confusion_sentence, curve_sentence, evaluate_budgets, finetune_sentence,
                      gain_frame, pivot_frame, probe_sentence, references, results_frame, semi_sentence)
+from .teaching import (Handover, agree, agree_states, agreement, agreement_frame, agreement_sentence,
+                       check_finetune_step, check_fixmatch_mask, check_pretext_loss, check_probe_step,
+                       check_propagation, check_selection, handover, labeled_images, library_pretext_loss)
 from .widgets import budget_explorer, confusion_explorer, curve_explorer, show, umap_explorer
 
-__all__ = ["best_series", "budget_explorer", "check_notebook_params", "CHECKS", "confusion_explorer", "confusion_of",
+__all__ = ["agree", "agree_states", "agreement", "agreement_frame", "agreement_sentence", "best_series",
+           "budget_explorer", "check_finetune_step", "check_fixmatch_mask", "check_notebook_params",
+           "check_pretext_loss", "check_probe_step", "check_propagation", "check_selection", "CHECKS",
+           "confusion_explorer", "confusion_of",
            "confusion_sentence", "curve_explorer", "curve_sentence", "dataset_summary", "embeddings",
-           "evaluate_budgets", "finetune_sentence", "gain_frame", "headline", "LabSettings", "load_params", "main",
+           "evaluate_budgets", "finetune_sentence", "gain_frame", "Handover", "handover", "headline", "LabSettings",
+           "labeled_images", "library_pretext_loss", "load_params", "main",
            "NOTEBOOKS", "pivot_frame", "pretext_sentence", "pretrain_runs", "probe_sentence", "publish",
            "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
            "rotation_sentence", "run_notebooks", "SCORES", "semi_sentence", "separation_sentence", "series_name",
