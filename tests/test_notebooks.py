@@ -66,7 +66,7 @@ def test_notebook_layout_and_documented_typed_parameters(path):
     params = _parameters(path)
     assert set(COMMON) <= set(params)
     for name, p in params.items():
-        assert p["inferred_type_name"] in ("str", "int", "list", "bool", "dict"), name
+        assert p["inferred_type_name"] in ("str", "int", "float", "list", "bool", "dict"), name
         assert p["help"].strip(), f"{path.stem}: parameter {name} has no help comment"
     if path.stem in ("02_probe", "03_latent_umap", "04_label_curves"):
         assert params["interactive"]["default"] == "True"
@@ -76,6 +76,36 @@ def test_notebook_layout_and_documented_typed_parameters(path):
     assert all(f"{name}={name}" in check.source for name in params)
     # the defaults pass the check
     lab.check_notebook_params(**_defaults(path))
+
+
+# The check cells under each notebook's method pages (lab.check_…), and the notebook's variables a
+# try-it prompt may name besides its parameters (01's pages draw from `seed`).
+METHOD_CHECKS = {"01_pretext": 4, "02_probe": 1, "04_label_curves": 1, "05_finetune": 1, "06_semi_supervised": 3}
+PAGE_VARIABLES = {"01_pretext": {"seed"}}
+SKIP_MARKS = ("NBVAL_SKIP", "NBVAL_RAISES_EXCEPTION", "skip-execution", "raises-exception")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_teach_in_short_cells_with_checked_method_pages_and_try_it_prompts(path):
+    cells = _cells(path)
+    for cell in cells:
+        if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+            assert len(cell.source.splitlines()) <= 15, (path.stem, cell.source[:80])
+    checks = [i for i, c in enumerate(cells) if c.cell_type == "code" and "lab.check_" in c.source
+              and "lab.check_notebook_params(" not in c.source]
+    assert len(checks) == METHOD_CHECKS.get(path.stem, 0), path.stem
+    for i in checks:
+        check, page = cells[i], cells[i - 1]
+        # a check runs under nbval like any cell, prints its confirming lines, and follows its page
+        assert not any(mark in check.source or mark in check.metadata.get("tags", []) for mark in SKIP_MARKS)
+        assert "print(lab.check_" in check.source and len(check.source.splitlines()) <= 2
+        assert page.cell_type == "code" and "lab.check_" not in page.source
+    prompts = [c.source for c in cells if c.cell_type == "markdown" and c.source.startswith("## Try it")]
+    assert len(prompts) == 1 and cells[-1].source == prompts[0], path.stem
+    bullets = [line for line in prompts[0].splitlines() if line.startswith("- ")]
+    assert len(bullets) >= 3, path.stem
+    named = set(re.findall(r"[Ss]et `(\w+)` ", prompts[0]))
+    assert named and named <= set(_parameters(path)) | PAGE_VARIABLES.get(path.stem, set()), (path.stem, named)
 
 
 def test_every_notebook_derives_the_same_pretraining_configs():
