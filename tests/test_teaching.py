@@ -141,8 +141,8 @@ def test_each_pretext_page_computes_the_librarys_loss(method, settings):
 
 @pytest.mark.parametrize("method, wrong, term", [
     ("rotation", dict(right_order=False), "rotation loss"),  # labels 0,1,2,3,0,1,… for rotation-major copies
-    ("vae", dict(sample=False), "vae loss"),  # decodes μ: the library draws z = μ + σ·ε
-    ("vae", dict(mean_over_batch=False), "vae loss"),  # summed over the batch instead of averaged
+    ("vae", dict(sample=False), "vae reconstruction error"),  # decodes μ: the library draws z = μ + σ·ε
+    ("vae", dict(mean_over_batch=False), "vae reconstruction error"),  # summed over the batch, not averaged
     ("siamese-vae", dict(squared=False), "siamese-vae triplet loss"),  # distances, not squared distances
     ("simclr", dict(mask_self=False), "simclr loss"),  # each view a candidate for itself
 ])

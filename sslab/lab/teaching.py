@@ -136,8 +136,12 @@ def check_pretext_loss(task, images: torch.Tensor, page: dict, seed: int = 0) ->
     unknown = sorted(set(page) - set(library))
     if unknown:
         raise ValueError(f"page terms {unknown} are not allowed for {task.name}; allowed: {', '.join(library)}")
-    return "\n".join(agree(f"{task.name} {TERMS.get(name, name)}", value, library[name])
-                     for name, value in page.items())
+    # the loss's parts before the loss, and the loss before the shares it scores: a failure names the term
+    # that differs
+    order = ("recon", "kl", "triplet", "loss")
+    lines = {name: agree(f"{task.name} {TERMS.get(name, name)}", page[name], library[name])
+             for name in sorted(page, key=lambda name: order.index(name) if name in order else len(order))}
+    return "\n".join(lines[name] for name in page)
 
 
 # ---------------------------------------------------------------- 02 and 04: the probe
