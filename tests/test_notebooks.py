@@ -42,6 +42,7 @@ COMMON = ["dataset", "methods", "epochs", "limit", "pretext_settings", "device"]
 SCRATCH = ROOT / "notebooks" / "00_from_scratch.ipynb"
 SCRATCH_PARAMETERS = {"pretrain_epochs", "pretrain_images", "labels", "seeds", "deterministic"}
 LAB_NOTEBOOKS = [path for path in NOTEBOOKS if path != SCRATCH]
+PROBE, SEMI = ROOT / "notebooks" / "02_probe.ipynb", ROOT / "notebooks" / "06_semi_supervised.ipynb"
 
 
 def _cells(path):
@@ -790,7 +791,7 @@ def test_notebook_06_tables_and_sentence_are_the_semi_supervised_table(executed)
     nb = executed.notebook("06_semi_supervised")
     rows = _table_rows(executed, lab.TABLES["06_semi_supervised"])
     smoke = lab.load_params(SMOKE)
-    protocols = _defaults(NOTEBOOKS[-1])["protocols"]
+    protocols = _defaults(SEMI)["protocols"]
     assert {(r["method"], r["protocol"]) for r in rows} == {("scratch", "scratch")} | {
         (m, p) for m in [*smoke["methods"], "random-init"] for p in protocols if p != "scratch"}
     _check_pivot(nb, "table = lab.evaluate_budgets(runs, settings, protocols=", rows, "top1")
@@ -831,8 +832,8 @@ def test_papermill_batch_run_of_02_at_4_labels_per_class(tmp_path, shared_output
     assert params["labels"] != lab.load_params(SMOKE)["labels"]
     if not interactive:
         params["interactive"] = False
-    params = {k: v for k, v in params.items() if k in _parameters(NOTEBOOKS[1])}
-    papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters=params, cwd=str(tmp_path),
+    params = {k: v for k, v in params.items() if k in _parameters(PROBE)}
+    papermill.execute_notebook(str(PROBE), str(out), parameters=params, cwd=str(tmp_path),
                                progress_bar=False, kernel_name="python3", execution_timeout=600)
     nb = nbformat.read(out, as_version=4)
     table_cell = next(c for c in nb.cells if "results-table" in c.metadata.get("tags", []))
@@ -867,7 +868,7 @@ def test_a_bad_parameter_stops_in_the_check_cell_with_a_clear_error(tmp_path, mo
     monkeypatch.delenv("MPLBACKEND", raising=False)
     out = tmp_path / "bad.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as error:
-        papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters={"labels": "abc"},
+        papermill.execute_notebook(str(PROBE), str(out), parameters={"labels": "abc"},
                                    progress_bar=False, kernel_name="python3")
     assert error.value.ename == "ValueError"
     assert "labels='abc'" in error.value.evalue and "an integer ≥ 1" in error.value.evalue
