@@ -215,6 +215,10 @@ def test_the_probe_page_is_the_librarys_probe(noise):
     text = lab.check_probe_step(run, settings, 2, 0, images, labels, _probe_page(run, settings, images, labels))
     assert text.splitlines()[0].startswith("the page's conv4 features pooled to 4×4 = the library's")
     assert "probe loss" in text and "probe head after one step = the library's" in text
+    # the page is the study's mlp head whatever head the notebook's table uses
+    linear = lab.check_notebook_params(dataset=run.config.dataset, device="cpu", precision="fp32", head="linear")
+    linear.out = settings.out
+    assert lab.check_probe_step(run, linear, 2, 0, images, labels, _probe_page(run, settings, images, labels)) == text
     with pytest.raises(AssertionError, match="the page's probe head as it starts are not the library's layers"):
         lab.check_probe_step(run, settings, 2, 0, images, labels, _probe_page(run, settings, images, labels, bias=True))
     with pytest.raises(AssertionError, match="the page's probe head after one step: net.0.0.weight differs"):

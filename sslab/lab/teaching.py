@@ -146,10 +146,10 @@ def check_pretext_loss(task, images: torch.Tensor, page: dict, seed: int = 0) ->
 
 # ---------------------------------------------------------------- 02 and 04: the probe
 
-def _cell(protocol: str, run, budget: int, seed: int, settings: LabSettings):
+def _cell(protocol: str, run, budget: int, seed: int, settings: LabSettings, head: Optional[str] = None):
     from ..evaluate.cells import open_cell
-    return open_cell(protocol, run, budget, seed, config=settings.eval_config(), device=CPU, out=settings.out,
-                     deterministic=settings.deterministic)
+    return open_cell(protocol, run, budget, seed, head=head, config=settings.eval_config(), device=CPU,
+                     out=settings.out, deterministic=settings.deterministic)
 
 
 def labeled_images(run, budget: int, seed: int, settings: LabSettings) -> tuple:
@@ -163,15 +163,16 @@ def labeled_images(run, budget: int, seed: int, settings: LabSettings) -> tuple:
 
 def check_probe_step(run, settings: LabSettings, budget: int, seed: int, images: torch.Tensor,
                      labels: torch.Tensor, page: dict) -> str:
-    """A page's probe against the library's: its pooled features of ``images`` (``features``), its
-    head as it starts (``before``: the library's probe head of this cell under the same seed,
+    """A page's probe — the study's ``mlp`` head, whatever ``head`` the notebook's table uses —
+    against the library's: its pooled features of ``images`` (``features``), its head as it starts
+    (``before``: the library's probe head of this cell under the same seed,
     :func:`sslab.evaluate.probe.new_probe`), and one training step on the page's batch, standardised
     with the page's ``mean`` and ``std``: the same ``loss`` and the same weights ``after``."""
     from ..evaluate.heads import FeatureHead
     from ..evaluate.probe import head_train_config, new_probe
     from ..models import extract_features
     from ..train import lr_factor, make_optimizer, train_step
-    cell = _cell("probe", run, budget, seed, settings)
+    cell = _cell("probe", run, budget, seed, settings, head="mlp")
     cfg = cell.cfg
     features = extract_features(run.load_backbone(CPU), images, cfg.layer, cfg.grid, CPU, precision="fp32")
     lines = [agree(f"{cfg.layer} features pooled to {cfg.grid}×{cfg.grid}", page["features"], features)]
