@@ -131,7 +131,8 @@ def library_pretext_loss(task, images: torch.Tensor, seed: int = 0) -> dict:
 
 def check_pretext_loss(task, images: torch.Tensor, page: dict, seed: int = 0) -> str:
     """The page's loss (and each term it computed: ``recon``, ``kl``, ``triplet``) of ``task`` on
-    uint8 ``images`` against :func:`library_pretext_loss`, one line per term."""
+    ``images`` (uint8, or floats in [0, 1] as the pages hand them) against
+    :func:`library_pretext_loss`, one line per term."""
     library = library_pretext_loss(task, images, seed)
     unknown = sorted(set(page) - set(library))
     if unknown:
