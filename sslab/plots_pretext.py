@@ -92,19 +92,21 @@ def rotation_examples(examples: dict):
     return fig
 
 
-def view_pairs(views: dict):
-    """SimCLR's two augmented views of the same test images, one column per image: the image,
-    then view 1 and view 2. ``views``: the dict :func:`sslab.lab.simclr_views` returns
-    (``images``, ``first``, ``second``: N×C×H×W floats in [0, 1])."""
+def view_pairs(views: dict, rows=("test image", "view 1", "view 2"),
+               title: str = "SimCLR's two views of each image:\npulled together, other images' views pushed apart"):
+    """Images above two views of each, one column per image: by default SimCLR's, the image, then
+    view 1 and view 2; ``rows`` names the three rows and ``title`` says what they are (the siamese-
+    VAE's anchor, positive and negative, FixMatch's weak and strong views). ``views``: the dict
+    :func:`sslab.lab.simclr_views` returns (``images``, ``first``, ``second``: N×C×H×W floats in [0, 1])."""
     plt = pyplot()
-    rows = [("test image", views["images"]), ("view 1", views["first"]), ("view 2", views["second"])]
+    rows = list(zip(rows, (views["images"], views["first"], views["second"])))
     n = np.asarray(views["images"]).shape[0]
     fig, axes = plt.subplots(3, n, figsize=(1.1 * n + 1.6, 3.6), squeeze=False)
     for r, (label, images) in enumerate(rows):
         for i in range(n):
             _image(axes[r, i], np.asarray(images)[i])
         axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle("SimCLR's two views of each image:\npulled together, other images' views pushed apart", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

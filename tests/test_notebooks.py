@@ -1,7 +1,8 @@
 """The notebooks: documented typed parameters, checked values, the same pretraining config
-in every notebook, a real run of all six under nbval (smoke parameters, CPU) whose tables
-and sentences are checked against the rows and the run store it wrote, and a papermill batch
-run of 02 at 4 labels per class.
+in every notebook of the lab, a real run of all of them under nbval (smoke parameters, CPU) whose
+tables and sentences are checked against the rows and the run store it wrote, the checks under
+the method pages failing when a library loss is patched, notebook 00's plain code and its
+comparison with the lab, and a papermill batch run of 02 at 4 labels per class.
 
 The executions write under a temporary outputs folder (``SSLAB_OUTPUTS``, inherited by the
 kernels), never into the repository's outputs/.
@@ -25,6 +26,7 @@ import pytest
 
 from sslab import lab, store
 from sslab.data import DEBIAN_FASHION_MNIST
+from sslab.evaluate import EvalConfig
 from sslab.lab.notebooks import OUTPUTS_NOTE
 from sslab.pretrain import load_run
 
@@ -36,6 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = [ROOT / "notebooks" / f"{name}.ipynb" for name in lab.NOTEBOOKS]
 SMOKE = ROOT / "params" / "smoke.yml"
 COMMON = ["dataset", "methods", "epochs", "limit", "pretext_settings", "device"]
+# Notebook 00 trains in plain PyTorch, on the CPU and Fashion-MNIST alone: its parameters are its own.
+SCRATCH = ROOT / "notebooks" / "00_from_scratch.ipynb"
+SCRATCH_PARAMETERS = {"pretrain_epochs", "pretrain_images", "labels", "seeds", "deterministic"}
+LAB_NOTEBOOKS = [path for path in NOTEBOOKS if path != SCRATCH]
+PROBE, SEMI = ROOT / "notebooks" / "02_probe.ipynb", ROOT / "notebooks" / "06_semi_supervised.ipynb"
 
 
 def _cells(path):
@@ -63,9 +70,9 @@ def test_notebook_layout_and_documented_typed_parameters(path):
     tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     params = _parameters(path)
-    assert set(COMMON) <= set(params)
+    assert set(params) == SCRATCH_PARAMETERS if path == SCRATCH else set(COMMON) <= set(params)
     for name, p in params.items():
-        assert p["inferred_type_name"] in ("str", "int", "list", "bool", "dict"), name
+        assert p["inferred_type_name"] in ("str", "int", "float", "list", "bool", "dict"), name
         assert p["help"].strip(), f"{path.stem}: parameter {name} has no help comment"
     if path.stem in ("02_probe", "03_latent_umap", "04_label_curves"):
         assert params["interactive"]["default"] == "True"
@@ -77,15 +84,103 @@ def test_notebook_layout_and_documented_typed_parameters(path):
     lab.check_notebook_params(**_defaults(path))
 
 
+# The check cells under each notebook's method pages (lab.check_…), and the notebook's variables a
+# try-it prompt may name besides its parameters (01's pages draw from `seed`).
+METHOD_CHECKS = {"01_pretext": 4, "02_probe": 1, "04_label_curves": 1, "05_finetune": 1, "06_semi_supervised": 3,
+                 "07_selection": 1}
+PAGE_VARIABLES = {"01_pretext": {"seed"}}
+SKIP_MARKS = ("NBVAL_SKIP", "NBVAL_RAISES_EXCEPTION", "skip-execution", "raises-exception")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_teach_in_short_cells_with_checked_method_pages_and_try_it_prompts(path):
+    cells = _cells(path)
+    for cell in cells:
+        if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
+            assert len(cell.source.splitlines()) <= 15, (path.stem, cell.source[:80])
+    checks = [i for i, c in enumerate(cells) if c.cell_type == "code" and "lab.check_" in c.source
+              and "lab.check_notebook_params(" not in c.source]
+    assert len(checks) == METHOD_CHECKS.get(path.stem, 0), path.stem
+    for i in checks:
+        check, page = cells[i], cells[i - 1]
+        # a check runs under nbval like any cell, prints its confirming lines, and follows its page
+        assert not any(mark in check.source or mark in check.metadata.get("tags", []) for mark in SKIP_MARKS)
+        assert "print(lab.check_" in check.source and len(check.source.splitlines()) <= 2
+        assert page.cell_type == "code" and "lab.check_" not in page.source
+    prompts = [c.source for c in cells if c.cell_type == "markdown" and c.source.startswith("## Try it")]
+    assert len(prompts) == 1 and cells[-1].source == prompts[0], path.stem
+    bullets = [line for line in prompts[0].splitlines() if line.startswith("- ")]
+    assert len(bullets) >= 3, path.stem
+    named = set(re.findall(r"[Ss]et `(\w+)` ", prompts[0]))
+    assert named and named <= set(_parameters(path)) | PAGE_VARIABLES.get(path.stem, set()), (path.stem, named)
+
+
+def _scratch_cells(tag: str) -> list:
+    return [c for c in _cells(SCRATCH) if tag in c.metadata.get("tags", [])]
+
+
+def _code_lines(cells: list) -> int:
+    """Lines of code: neither blank nor a comment."""
+    return sum(1 for c in cells for line in c.source.splitlines() if line.strip() and not line.strip().startswith("#"))
+
+
+def test_notebook_00_trains_in_plain_pytorch_in_the_lines_it_says():
+    cells = _cells(SCRATCH)
+    plain, data = _scratch_cells("plain-pytorch"), _scratch_cells("plain-data")
+    check = next(i for i, c in enumerate(cells) if c.source.startswith("settings = lab.check_notebook_params("))
+    compare = next(i for i, c in enumerate(cells) if "probe_cell(" in c.source)
+    # every code cell between the parameters' check and the comparison with the lab is plain code
+    assert [c for c in cells[check + 1:compare] if c.cell_type == "code"] == data + plain and len(plain) >= 5
+    for cell in data + plain:
+        code = "\n".join(line.split("#")[0] for line in cell.source.splitlines())
+        assert not re.search(r"\b(sslab|lab|settings)\b", code), cell.source[:80]
+    said = re.search(r"(\d+) lines of code for the network, its pretraining and the probe, and (\d+) more that read "
+                     r"the dataset's files", cells[0].source)
+    assert said and (int(said.group(1)), int(said.group(2))) == (_code_lines(plain), _code_lines(data))
+    assert _code_lines(plain) <= 80
+
+
+def test_notebook_00_has_the_labs_settings_and_network():
+    import torch
+
+    from sslab.augment import default_augment
+    from sslab.models import DEFAULT_LAYER, BackboneConfig
+    from sslab.pretext import RotationSettings, RotationTask
+    from sslab.pretrain import DEFAULT_WIDTH
+    page: dict = {}
+    exec("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F", page)
+    for cell_id in ("settings", "network", "views"):
+        exec(next(c.source for c in _cells(SCRATCH) if c.id == cell_id), page)
+    rotation, cfg = RotationSettings(), EvalConfig()
+    assert page["width"] == DEFAULT_WIDTH["cpu"] and DEFAULT_LAYER["alexnet"] == "conv4"
+    assert (page["batch"], page["lr"], page["momentum"], page["weight_decay"]) == (
+        rotation.batch_size, rotation.lr, rotation.momentum, rotation.weight_decay)
+    assert (rotation.optimizer, rotation.nesterov, rotation.schedule, rotation.rotations) == ("sgd", True, "cosine", 4)
+    assert (page["shift"], page["degrees"], page["jitter"]) == (default_augment(28).padding, rotation.degrees,
+                                                                rotation.jitter)
+    assert (page["grid"], page["hidden"], page["val_per_class"], page["samples_per_epoch"]) == (
+        cfg.grid, cfg.hidden, cfg.val_per_class, cfg.samples_per_epoch)
+    assert (page["probe_lr"], page["probe_epochs"], page["patience"], page["probe_batch"], page["weight_decay"]) == (
+        cfg.probe_lr, cfg.probe_epochs, cfg.probe_patience, cfg.batch_size, cfg.weight_decay)
+    # the page's network is the lab's rotation task at this width, layer for layer
+    lab_task = RotationTask(BackboneConfig(1, 28, page["width"]))
+    lab.agree_states("network", {k: torch.zeros_like(v) for k, v in page["rotnet"].state_dict().items()},
+                     {k: torch.zeros_like(v) for k, v in lab_task.state_dict().items()})
+    views = page["augment"](torch.rand(6, 1, 28, 28))
+    assert views.shape == (6, 1, 28, 28) and 0 <= float(views.min()) <= float(views.max()) <= 1
+
+
 def test_every_notebook_derives_the_same_pretraining_configs():
     """02–05 find the runs 01 trained only if their parameters give the same configs."""
     configs = {}
-    for path in NOTEBOOKS:
+    for path in LAB_NOTEBOOKS:
         settings = lab.check_notebook_params(**{k: v for k, v in _defaults(path).items() if k in COMMON})
         configs[path.stem] = [settings.pretrain_config(m) for m in settings.methods]
     first = configs["01_pretext"]
-    assert all(c == first for name, c in configs.items() if name != "06_semi_supervised"), configs
-    assert configs["06_semi_supervised"] and all(c in first for c in configs["06_semi_supervised"])
+    subsets = ("06_semi_supervised", "07_selection")  # a few of 01's methods
+    assert all(c == first for name, c in configs.items() if name not in subsets), configs
+    for name in subsets:
+        assert configs[name] and all(c in first for c in configs[name]), name
 
 
 def test_smoke_and_full_params_are_valid_for_every_notebook():
@@ -147,6 +242,33 @@ def test_pretext_settings_reach_every_method_that_has_them_and_only_those():
     # papermill's -p hands a dict over as YAML text
     s = lab.check_notebook_params(methods=["rotation"], device="cpu", pretext_settings="{rotations: 2}")
     assert s.pretrain_config("rotation").resolved(s.device).settings["rotations"] == 2
+
+
+def test_lp_k_and_backbone_lr_scale_reach_the_evaluation_config():
+    s = lab.check_notebook_params(device="cpu", lp_k=5, backbone_lr_scale=0.5)
+    assert (s.eval_config().lp_k, s.eval_config().backbone_lr_scale) == (5, 0.5)
+    assert (s.frame().loc["lp_k", "value"], s.frame().loc["backbone_lr_scale", "value"]) == ("5", "0.5")
+    default = lab.check_notebook_params(device="cpu").eval_config()
+    assert (default.lp_k, default.backbone_lr_scale) == (EvalConfig.lp_k, EvalConfig.backbone_lr_scale)
+    with pytest.raises(ValueError, match=r"^parameter lp_k=0 is not allowed; allowed: an integer from 1 to"):
+        lab.check_notebook_params(lp_k=0)
+    with pytest.raises(ValueError, match=r"^parameter backbone_lr_scale=-0.1 is not allowed; allowed: a number in "
+                                         r"\[0, 10\] \(the backbone's learning rate over the head's"):
+        lab.check_notebook_params(backbone_lr_scale=-0.1)
+
+
+def test_pretrain_epochs_and_images_set_the_pretraining_under_names_of_their_own():
+    s = lab.check_notebook_params(device="cpu", methods=["rotation"], pretrain_epochs=2, pretrain_images=300)
+    assert (s.epochs, s.limit) == (2, 300) and s.pretrain_config("rotation").epochs == 2
+    shown = s.frame()["value"]
+    assert (shown["pretrain_epochs"], shown["pretrain_images"]) == ("2", "300") and "epochs" not in shown
+    assert lab.check_notebook_params(device="cpu", pretrain_images=None).limit is None
+    with pytest.raises(ValueError, match=r"^parameter pretrain_epochs=0 is not allowed; allowed: an integer from 1"):
+        lab.check_notebook_params(pretrain_epochs=0)
+    with pytest.raises(ValueError, match=r"^parameter pretrain_images=1 is not allowed"):
+        lab.check_notebook_params(pretrain_images=1)
+    with pytest.raises(TypeError, match="notebook parameters pretrain_epochs and epochs set the same setting"):
+        lab.check_notebook_params(pretrain_epochs=2, epochs=3)
 
 
 @pytest.mark.parametrize("params, message", [
@@ -302,7 +424,8 @@ def test_notebooks_run_under_nbval_with_the_smoke_parameters(nbval_run, shared_o
     # the kernels wrote into the temporary outputs folder: runs, figures (PNG + PDF), tables
     smoke = lab.load_params(SMOKE)
     figures = shared_outputs / "figures"
-    for stem in ("01_training_curves", "01_rotation_examples", "01_vae_gallery", "02_confusion_best",
+    for stem in ("01_training_curves", "01_rotation_examples", "01_vae_gallery", "01_siamese_triplets",
+                 "06_fixmatch_views", "02_confusion_best",
                  f"03_umap_{smoke['layer']}", "04_label_curves", "05_finetune", "06_semi_curves",
                  "06_gain_over_random_init"):
         assert (figures / f"{stem}.png").is_file() and (figures / f"{stem}.pdf").is_file(), stem
@@ -470,8 +593,9 @@ def test_notebook_01_reports_what_the_run_store_holds(executed, shared_outputs):
     nb = executed.notebook("01_pretext")
     smoke = lab.load_params(SMOKE)
     reported = _printed(nb, "runs = lab.pretrain_runs(")
-    runs = {load_run(p).method: load_run(p) for p in store.list_runs("pretrain", str(shared_outputs))}
-    runs.pop("random-init")  # notebook 06's untrained backbone: 01 pretrains only the pretext tasks
+    # 01's runs: not notebook 06's untrained backbone, nor the float32 rotation run notebook 00 compares with
+    runs = {run.method: run for run in map(load_run, store.list_runs("pretrain", str(shared_outputs)))
+            if f": {run.path.name} — " in reported}
     assert set(runs) == set(smoke["methods"])
     for method, run in runs.items():
         assert f": {run.path.name} — {method}: {smoke['limit']} images, {smoke['epochs']} epochs" in reported, method
@@ -484,6 +608,89 @@ def test_notebook_01_reports_what_the_run_store_holds(executed, shared_outputs):
         if method in runs:
             shown = float(re.search(rf"{method} reconstructs test images with (\d+\.\d) summed", sentence).group(1))
             assert abs(shown - runs[method].summary["test_recon"]) <= ROUNDED, method
+
+
+@pytest.mark.slow
+def test_notebook_00_compares_its_probe_with_the_labs_for_the_same_settings(executed, shared_outputs):
+    from sslab.evaluate import probe_cell
+    from sslab.evaluate.cells import open_cell, stored_row
+    nb = executed.notebook("00_from_scratch")
+    smoke, out = lab.load_params(SMOKE), str(shared_outputs)
+    page = [float(x) / 100 for x in re.findall(r"^seed \d+: (\d+\.\d)% top-1", _printed(nb, "def probe(seed):"), re.M)]
+    assert len(page) == len(smoke["seeds"])
+    # the lab's run: rotation with 00's pretraining, on the CPU's width, in float32 as the page computes
+    [run] = [r for r in map(load_run, store.list_runs("pretrain", out))
+             if r.method == "rotation" and r.config.precision == "fp32"]
+    assert (run.config.epochs, run.config.limit, run.config.width) == (smoke["pretrain_epochs"],
+                                                                       smoke["pretrain_images"], 0.25)
+    config = EvalConfig(precision="fp32")
+    assert all(stored_row(open_cell("probe", run, smoke["labels"], seed, config=config, device="cpu", out=out).key,
+                          out) for seed in smoke["seeds"])  # the notebook computed them: read back, not trained
+    library = [probe_cell(run, smoke["labels"], seed, config=config, device="cpu", out=out)["top1"]
+               for seed in smoke["seeds"]]
+    header, body = _shown_table(nb, "from sslab.evaluate import probe_cell")
+    shown = {line[0]: line[1:] for line in body}
+    for seed, p, q in zip(smoke["seeds"], page, library):
+        assert shown[f"seed {seed}"] == [f"{100 * p:.1f}", f"{100 * q:.1f}"], (seed, shown)
+    # the sentence is the one these numbers give (the page's known to the 0.1 % it prints)
+    sentence, expected = _printed(nb, "print(lab.agreement_sentence(").strip(), lab.agreement_sentence(page, library)
+    numbers = [[float(x) for x in re.findall(r"\d+\.\d", text)] for text in (sentence, expected)]
+    assert len(numbers[0]) == len(numbers[1]) and all(abs(a - b) <= 0.11 for a, b in zip(*numbers)), (sentence,
+                                                                                                   expected)
+    verdict = lab.agreement(page, library)
+    if abs(abs(verdict["difference"]) - verdict["spread"]) > 0.002:  # not on the edge, where rounding could tip it
+        assert sentence.split(": ")[-1] == expected.split(": ")[-1], (sentence, expected)
+
+
+# A library function patched in the notebook's kernel (a sitecustomize.py on its PYTHONPATH, which
+# Python imports at start-up): the notebook's check under the method page must stop the run.
+PATCHES = {
+    "siamese-triplet": ("01_pretext", {"methods": ["siamese-vae"]}, """
+import torch
+import sslab.pretext.siamese_vae as patched
+
+
+def triplet_loss(anchor, positive, negative, margin=0.5):  # distances where the study squares them
+    return torch.relu((anchor - positive).norm(dim=1) - (anchor - negative).norm(dim=1) + margin).mean()
+
+
+patched.triplet_loss = triplet_loss
+""", 'if "siamese-vae" in runs:\n    print(lab.check_pretext_loss(siamese', "the page's siamese-vae triplet loss "),
+    "propagation": ("06_semi_supervised", {"methods": ["rotation"], "protocols": ["probe"]}, """
+import sslab.evaluate.graph as patched
+
+propagate_as_written = patched.propagate
+
+
+def propagate(affinity, labels, classes, alpha=0.99, iterations=20):  # one step short
+    return propagate_as_written(affinity, labels, classes, alpha, iterations - 1)
+
+
+patched.propagate = propagate
+""", "print(lab.check_propagation(", "the page's propagated class distributions differs from the library's"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patch", PATCHES)
+def test_a_patched_library_function_stops_the_notebook_in_its_check(patch, tmp_path, monkeypatch):
+    name, changed, source, cell_start, message = PATCHES[patch]
+    (tmp_path / "patch").mkdir()
+    (tmp_path / "patch" / "sitecustomize.py").write_text(source)
+    for key, value in _kernel_env(tmp_path / "outputs").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "patch"), str(ROOT),
+                                                                   os.environ.get("PYTHONPATH")])))
+    path, out = ROOT / "notebooks" / f"{name}.ipynb", tmp_path / f"{name}.ipynb"
+    params = {k: v for k, v in {**lab.load_params(SMOKE), **changed}.items() if k in _parameters(path)}
+    with pytest.raises(papermill.PapermillExecutionError) as error:
+        papermill.execute_notebook(str(path), str(out), parameters=params, cwd=str(tmp_path), progress_bar=False,
+                                   kernel_name="python3", execution_timeout=600)
+    assert error.value.ename == "AssertionError" and message in error.value.evalue, error.value.evalue
+    failed = [c for c in nbformat.read(out, as_version=4).cells
+              if c.cell_type == "code" and any(o.output_type == "error" for o in c.outputs)]
+    assert len(failed) == 1 and failed[0].source.startswith(cell_start), failed[0].source
 
 
 @pytest.mark.slow
@@ -587,7 +794,7 @@ def test_notebook_06_tables_and_sentence_are_the_semi_supervised_table(executed)
     nb = executed.notebook("06_semi_supervised")
     rows = _table_rows(executed, lab.TABLES["06_semi_supervised"])
     smoke = lab.load_params(SMOKE)
-    protocols = _defaults(NOTEBOOKS[-1])["protocols"]
+    protocols = _defaults(SEMI)["protocols"]
     assert {(r["method"], r["protocol"]) for r in rows} == {("scratch", "scratch")} | {
         (m, p) for m in [*smoke["methods"], "random-init"] for p in protocols if p != "scratch"}
     _check_pivot(nb, "table = lab.evaluate_budgets(runs, settings, protocols=", rows, "top1")
@@ -628,8 +835,8 @@ def test_papermill_batch_run_of_02_at_4_labels_per_class(tmp_path, shared_output
     assert params["labels"] != lab.load_params(SMOKE)["labels"]
     if not interactive:
         params["interactive"] = False
-    params = {k: v for k, v in params.items() if k in _parameters(NOTEBOOKS[1])}
-    papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters=params, cwd=str(tmp_path),
+    params = {k: v for k, v in params.items() if k in _parameters(PROBE)}
+    papermill.execute_notebook(str(PROBE), str(out), parameters=params, cwd=str(tmp_path),
                                progress_bar=False, kernel_name="python3", execution_timeout=600)
     nb = nbformat.read(out, as_version=4)
     table_cell = next(c for c in nb.cells if "results-table" in c.metadata.get("tags", []))
@@ -664,7 +871,7 @@ def test_a_bad_parameter_stops_in_the_check_cell_with_a_clear_error(tmp_path, mo
     monkeypatch.delenv("MPLBACKEND", raising=False)
     out = tmp_path / "bad.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as error:
-        papermill.execute_notebook(str(NOTEBOOKS[1]), str(out), parameters={"labels": "abc"},
+        papermill.execute_notebook(str(PROBE), str(out), parameters={"labels": "abc"},
                                    progress_bar=False, kernel_name="python3")
     assert error.value.ename == "ValueError"
     assert "labels='abc'" in error.value.evalue and "an integer ≥ 1" in error.value.evalue
@@ -744,8 +951,8 @@ def test_headline_reads_the_table_notebook_04_wrote(isolated_outputs):
 
 
 def test_lab_command_rejects_unknown_notebooks_and_missing_params(capsys):
-    assert lab.main(["--notebooks", "07"]) == 2
-    assert "--notebooks='07' is not allowed" in capsys.readouterr().err
+    assert lab.main(["--notebooks", "08"]) == 2
+    assert "--notebooks='08' is not allowed" in capsys.readouterr().err
     assert lab.main(["--params", "params/nope.yml"]) == 2
     assert "params/nope.yml" in capsys.readouterr().err
 

@@ -211,3 +211,6 @@ def test_view_pairs_shows_each_image_above_its_two_views():
     shown = [ax.get_images()[0].get_array() for ax in axes]
     np.testing.assert_allclose(shown[5 + 2], views["first"][2, 0])  # row 2 = view 1, column 3 = image 2
     assert [axes[i].get_ylabel() for i in (0, 5, 10)] == ["test image", "view 1", "view 2"]
+    fig = plots.view_pairs(views, rows=("anchor", "positive", "negative"), title="a triplet")
+    assert [fig.get_axes()[i].get_ylabel() for i in (0, 5, 10)] == ["anchor", "positive", "negative"]
+    assert fig._suptitle.get_text() == "a triplet"

@@ -14,8 +14,8 @@ from ..checks import HelpFormatter, Parser
 from .params import CHECKS, load_params, parse_parameter
 from .tables import curve_sentence, gain_frame, pivot_frame, semi_sentence
 
-NOTEBOOKS = ("01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune", "06_semi_supervised",
-             "07_selection")
+NOTEBOOKS = ("00_from_scratch", "01_pretext", "02_probe", "03_latent_umap", "04_label_curves", "05_finetune",
+             "06_semi_supervised", "07_selection")
 # Table names under outputs/tables/ written by the notebooks (the last run of each wins).
 TABLES = {"02_probe": "nb02_probe", "04_label_curves": "nb04_label_curves", "05_finetune": "nb05_finetune",
           "06_semi_supervised": "nb06_semi_supervised", "07_selection": "nb07_selection"}

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from ..checks import (MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_bool, check_choice, check_choice_list, check_int,
-                      check_int_list, fail)
+                      check_int_list, check_number, fail)
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, PROTOCOLS, EvalConfig
@@ -28,11 +28,15 @@ def _name(parameter: str) -> str:
     return f"parameter {parameter}"
 
 
-def _check_limit(value) -> Optional[int]:
+def _check_limit(value, parameter: str = "limit") -> Optional[int]:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == 0):
         return None
-    return check_int(_name("limit"), value, 2, " (unlabeled images used for pretraining), or None for all",
+    return check_int(_name(parameter), value, 2, " (unlabeled images used for pretraining), or None for all",
                      maximum=MAX_COUNT)
+
+
+def _check_epochs(value, parameter: str = "epochs") -> int:
+    return check_int(_name(parameter), value, 1, " (pretraining epochs)", maximum=MAX_EPOCHS)
 
 
 def _check_dataset(value) -> str:
@@ -86,8 +90,10 @@ def _choice(parameter: str, choices):
 CHECKS = {
     "dataset": _check_dataset,
     "methods": lambda v: check_choice_list(_name("methods"), v, tuple(TASKS), "pretext tasks"),
-    "epochs": lambda v: check_int(_name("epochs"), v, 1, " (pretraining epochs)", maximum=MAX_EPOCHS),
+    "epochs": _check_epochs,
     "limit": _check_limit,
+    "pretrain_epochs": lambda v: _check_epochs(v, "pretrain_epochs"),
+    "pretrain_images": lambda v: _check_limit(v, "pretrain_images"),
     "pretext_settings": _check_pretext_settings,
     "device": _check_device,
     "interactive": lambda v: check_bool(_name("interactive"), v),
@@ -109,12 +115,21 @@ CHECKS = {
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
+    "lp_k": lambda v: check_int(_name("lp_k"), v, 1, " (neighbours of each image in label propagation's graph)",
+                                maximum=MAX_COUNT),
+    "backbone_lr_scale": lambda v: check_number(_name("backbone_lr_scale"), v, 0, 10, low_open=False,
+                                                what=" (the backbone's learning rate over the head's when "
+                                                     "fine-tuning; 0 freezes its weights)"),
     "selection": _choice("selection", SELECTIONS),
     "selections": lambda v: check_choice_list(_name("selections"), v, SELECTIONS,
                                               "ways of choosing the labeled images"),
     "val_per_class": lambda v: check_int(_name("val_per_class"), v, 0,
                                          " (labeled validation images per class; 0: none)", maximum=MAX_COUNT),
 }
+# Parameters that set a setting under a name of their own. Notebook 00 pretrains on the CPU in plain
+# PyTorch: the epochs and limit of a parameter file (params/full.yml's 30 epochs on every image, sized
+# for a GPU) must not reach it, so its parameters are called otherwise.
+ALIASES = {"pretrain_epochs": "epochs", "pretrain_images": "limit"}
 
 
 @dataclass
@@ -146,6 +161,8 @@ class LabSettings:
     random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
+    lp_k: int = EvalConfig.lp_k  # neighbours of each image in label propagation's k-NN graph
+    backbone_lr_scale: float = EvalConfig.backbone_lr_scale  # fine-tuning: the backbone's lr over the head's
     selection: str = EvalConfig.selection  # which images are labeled (see sslab.evaluate.selection)
     selections: tuple = ("balanced",)  # the ways of choosing them a notebook compares
     val_per_class: int = EvalConfig.val_per_class  # 0: no validation images, every label counted
@@ -163,7 +180,8 @@ class LabSettings:
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
-                          fm_steps=self.fm_steps, selection=self.selection, val_per_class=self.val_per_class)
+                          fm_steps=self.fm_steps, selection=self.selection, val_per_class=self.val_per_class,
+                          lp_k=self.lp_k, backbone_lr_scale=self.backbone_lr_scale)
 
     @property
     def run_methods(self) -> tuple:
@@ -196,7 +214,7 @@ class LabSettings:
         names = self.given or [f for f in asdict(self) if f != "given"]
         values = {}
         for name in names:
-            value = getattr(self, name)
+            value = getattr(self, ALIASES.get(name, name))
             values[name] = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
         values["device"] = str(self.device)
         config = self.pretrain_config(self.methods[0]).resolved(self.device)
@@ -213,7 +231,11 @@ def check_notebook_params(**params) -> LabSettings:
     unknown = sorted(set(params) - set(CHECKS))
     if unknown:
         raise TypeError(f"unknown notebook parameter(s): {', '.join(unknown)}; known: {', '.join(CHECKS)}")
-    checked = {name: CHECKS[name](value) for name, value in params.items()}
+    aliased = [name for name in ALIASES if name in params and ALIASES[name] in params]
+    if aliased:
+        raise TypeError(f"notebook parameters {aliased[0]} and {ALIASES[aliased[0]]} set the same setting; "
+                        f"allowed: one of them")
+    checked = {ALIASES.get(name, name): CHECKS[name](value) for name, value in params.items()}
     settings = LabSettings(**checked, given=tuple(params))
     try:  # a layer of another backbone (layer4 with alexnet) is refused here, not after pretraining
         settings.resolved_layer
