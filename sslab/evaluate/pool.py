@@ -89,7 +89,8 @@ def _cached_graph(cache: Path, made_by: dict) -> Optional[PoolGraph]:
     except integrity.CorruptCheckpoint as exc:
         print(f"rebuilding the graph cache: {str(exc).split('; ')[0]}", file=sys.stderr)
         return None
-    if any(not torch.is_tensor(saved.get(k)) for k in ("mean", "nodes", "sims", "indices", "test_sims", "test_indices")):
+    needed = ("mean", "nodes", "sims", "indices", "test_sims", "test_indices")
+    if any(not torch.is_tensor(saved.get(k)) for k in needed):
         return None  # written in another layout: built again
     return PoolGraph(Projection(saved["mean"], saved["basis"]), saved["nodes"], saved["sims"], saved["indices"],
                      (saved["test_sims"], saved["test_indices"]))
