@@ -90,6 +90,7 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
         if name in CHECKS:
             CHECKS[name](value)
     check_labels_fit(params, names, source)
+    lab_environment()
     output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []
@@ -112,6 +113,19 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
         announce(f"      done in {seconds:.0f} s → {dst}")
         done.append((name, dst, seconds))
     return done
+
+
+def lab_environment() -> None:
+    """What the notebooks' kernels inherit from ``make lab``: independent work (pretraining runs, a
+    sweep's long cells) in as many one-thread worker processes as there are CPU cores (at most
+    four; one on CUDA, where one process keeps the device busy), and progress lines on the
+    terminal for every long cell (:mod:`sslab.parallel`). Set either variable to override."""
+    import os
+
+    from ..parallel import WORKERS_VARIABLE
+    cores = 1 if torch.cuda.is_available() else min(4, os.cpu_count() or 1)
+    os.environ.setdefault(WORKERS_VARIABLE, str(cores))
+    os.environ.setdefault("SSLAB_PROGRESS", "1")
 
 
 def _local_kernels():

@@ -112,6 +112,7 @@ CHECKS = {
     "precision": _choice("precision", PRECISIONS),
     "protocols": lambda v: check_choice_list(_name("protocols"), v, PROTOCOLS, "protocols"),
     "random_init": lambda v: check_bool(_name("random_init"), v),
+    "random_init_protocols": lambda v: check_choice_list(_name("random_init_protocols"), v, PROTOCOLS, "protocols"),
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
@@ -159,6 +160,7 @@ class LabSettings:
     precision: str = "auto"
     protocols: tuple = ("probe", "scratch")
     random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
+    random_init_protocols: tuple = PROTOCOLS  # the protocols random-init gets (of those the notebook runs)
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
     lp_k: int = EvalConfig.lp_k  # neighbours of each image in label propagation's k-NN graph

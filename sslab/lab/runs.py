@@ -27,21 +27,36 @@ def dataset_summary(settings: LabSettings) -> str:
 def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print) -> dict:
     """Pretrain every method in ``settings.methods`` unless the run store already holds the same
     config (then it is reused), and add the random-init backbone when ``settings.random_init``;
-    returns ``{method: Run}`` and says which happened."""
+    returns ``{method: Run}`` and says which happened. The runs that are missing train side by
+    side in worker processes of one thread each when ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`)."""
+    from ..parallel import Progress, default_workers, run_all
+    configs = {method: settings.pretrain_config(method) for method in settings.run_methods}
+    missing = [method for method, config in configs.items()
+               if not store.is_complete(store.run_dir("pretrain", method, config.dataset,
+                                                      asdict(config.resolved(settings.device)), settings.out))]
+    options = dict(device=settings.device, out=settings.out, progress=progress, deterministic=settings.deterministic)
+    seconds = {}
+    if default_workers() > 1 and len(missing) > 1:
+        jobs = [(timed_pretrain, (configs[m],), options) for m in missing]
+        named = {id(job): m for job, m in zip(jobs, missing)}
+        for method, (_, took) in zip(missing, run_all(jobs, default_workers(), lambda job: f"pretrain {named[id(job)]}",
+                                                      Progress(f"{len(missing)} pretraining runs", len(missing)))):
+            seconds[method] = took
     runs = {}
-    for method in settings.run_methods:
-        config = settings.pretrain_config(method)
-        resolved = config.resolved(settings.device)
-        folder = store.run_dir("pretrain", method, config.dataset, asdict(resolved), settings.out)
-        reused = store.is_complete(folder)
-        started = time.perf_counter()
-        run = pretrain(config, device=settings.device, out=settings.out, progress=progress,
-                       deterministic=settings.deterministic)
+    for method, config in configs.items():
+        run, took = timed_pretrain(config, **options)
         if announce:
-            how = "reused" if reused else f"trained now in {time.perf_counter() - started:.0f} s"
+            how = f"trained now in {seconds.get(method, took):.0f} s" if method in missing else "reused"
             announce(f"{how}: {run.path.name} — {describe(run)}")
         runs[method] = run
     return runs
+
+
+def timed_pretrain(config, **options) -> tuple:
+    """``(the run pretrain(config) returns, its seconds)``: a job a worker process can run."""
+    started = time.perf_counter()
+    run = pretrain(config, **options)
+    return run, time.perf_counter() - started
 
 
 def _class_examples(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

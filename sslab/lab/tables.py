@@ -13,16 +13,31 @@ def evaluate_budgets(runs: dict, settings: LabSettings, budgets=None, scratch: b
                      finetune: bool = False, name: Optional[str] = None, protocols=None):
     """The label-budget sweep of ``runs`` at ``budgets`` (default ``settings.budgets``) × ``settings.seeds``
     through the run store (cells already computed are reused); returns the ResultTable.
-    ``protocols`` (e.g. ``settings.protocols``) replaces the probe + ``scratch`` + ``finetune`` choice."""
-    from ..evaluate import label_curve
+    ``protocols`` (e.g. ``settings.protocols``) replaces the probe + ``scratch`` + ``finetune`` choice;
+    the random-init run gets only those of them in ``settings.random_init_protocols``."""
+    from .. import store
+    from ..evaluate import ResultTable, label_curve
+    from ..pretrain import RANDOM_INIT
     budgets = budgets if budgets is not None else settings.budgets
     if protocols is not None:
         scratch = finetune = None
-    return label_curve(list(runs.values()), budgets=list(budgets), seeds=list(settings.seeds),
-                       layer=settings.layer, head=settings.head, protocols=protocols, scratch=scratch,
-                       finetune=finetune,
-                       device=settings.device, out=settings.out, config=settings.eval_config(), name=name,
-                       progress=False, deterministic=settings.deterministic)
+    common = dict(budgets=list(budgets), seeds=list(settings.seeds), layer=settings.layer, head=settings.head,
+                  device=settings.device, out=settings.out, config=settings.eval_config(), progress=False,
+                  deterministic=settings.deterministic)
+    untrained = [r for m, r in runs.items() if m == RANDOM_INIT]
+    fewer = [p for p in (protocols or ()) if p in settings.random_init_protocols and p != "scratch"]
+    if protocols is None or not untrained or len(untrained) == len(runs) or fewer == [p for p in protocols
+                                                                                      if p != "scratch"]:
+        return label_curve(list(runs.values()), protocols=protocols, scratch=scratch, finetune=finetune, name=name,
+                           **common)
+    pretrained = [r for m, r in runs.items() if m != RANDOM_INIT]
+    rows = label_curve(pretrained, protocols=protocols, **common).rows
+    if fewer:  # random-init from the same labeled images, with the protocols asked of it
+        rows += label_curve(untrained, protocols=fewer, **common).rows
+    table = ResultTable(rows)
+    if name:
+        table.path = table.save(store.outputs_root(settings.out) / "tables" / name)[0]
+    return table
 
 
 def _pm(mean, std, n: int = 2) -> str:
