@@ -85,12 +85,23 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def make_optimizer(param_groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``cfg`` names over ``param_groups``, in torch's fused form where it has one
+    (float parameters on the CPU or CUDA): one kernel per step instead of one per tensor — the same
+    update, 3–6× faster a step on the development CPU (docs/BENCHMARKS.md)."""
+    options = dict(fused=True) if fusable(param_groups) else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **options)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+
+
+def fusable(param_groups) -> bool:
+    """Whether every parameter of ``param_groups`` (a list of groups, or of tensors) is a float
+    tensor on the CPU or a CUDA device: what torch's fused optimisers take."""
+    params = [p for g in param_groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_factor(cfg: TrainConfig, progress: float, warmup: float) -> float:
@@ -209,6 +220,7 @@ def fit(model: nn.Module, data: tuple, cfg: TrainConfig, device: torch.device, *
                                       distributed, bar, precision)
         except RuntimeError as exc:  # an update too large for float32 fails in the optimiser
             raise overflow_divergence(exc, desc, epoch, cfg.lr, saver, bar) from exc
+        check_weights(model, desc, epoch, cfg.lr, saver, bar)
         row = epoch_row(cfg, plan, epoch, sums, seconds, images_per_sample)
         if result.first_loss is None:  # under torchrun the first epoch's mean, the same on every rank
             result.first_loss = bar.first_loss if distributed is None else row.get("loss")
@@ -331,6 +343,15 @@ def overflow_divergence(exc: RuntimeError, desc: str, epoch: int, lr: float, sav
     if "without overflow" not in str(exc):
         return exc
     return _diverged(f"{desc}: an update overflowed float32 in epoch {epoch + 1}", lr, saver, bar)
+
+
+def check_weights(model: nn.Module, desc: str, epoch: int, lr: float, saver: Optional[Checkpointer] = None,
+                  bar=None) -> None:
+    """Stop with :class:`TrainingDiverged` when an update left a weight infinite or NaN: a fused
+    optimiser step (one kernel) does not fail on an update too large for float32 as the per-tensor
+    one does, it writes inf — checked once an epoch, so the epoch is never stored."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point()):
+        raise _diverged(f"{desc}: an update overflowed float32 in epoch {epoch + 1}", lr, saver, bar)
 
 
 def _diverged(what: str, lr: float, saver: Optional["Checkpointer"], bar) -> TrainingDiverged:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import EarlyStopping, FitResult
 from ..precision import autocast
-from ..train import EpochPlan, EpochTimer, TrainConfig, check_divergence, epoch_row, step_lr, summarise
+from ..train import EpochPlan, EpochTimer, TrainConfig, check_divergence, epoch_row, fusable, step_lr, summarise
 
 BN_MOMENTUM_DEFAULT = 0.1
 
@@ -173,7 +173,9 @@ def train_heads(probes: Sequence[nn.Module], train: Sequence[tuple], val: Sequen
     model = StackedHeads(probes).to(device)
     x_train, y_train, x_val, y_val = (torch.stack([pair[i] for pair in pairs]).to(device)
                                       for pairs, i in ((train, 0), (train, 1), (val, 0), (val, 1)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 **(dict(fused=True) if fusable(params) else {}))
     plan = EpochPlan.make(train[0], cfg, None)  # fit's: the same steps per epoch and per-step schedule
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     results = [FitResult() for _ in range(count)]

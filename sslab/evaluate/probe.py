@@ -63,20 +63,22 @@ def _knn(cell: Cell) -> dict:
 
 def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto", out=None,
                          deterministic: bool = False) -> int:
-    """Compute the missing probe cells among ``items`` = [(run, budget, seed, head kind)] with
-    their heads trained together (:mod:`.batched_heads`), in groups of heads whose epochs have
-    the same steps; each cell is stored exactly as :func:`probe_cell` stores it, so a later
+    """Compute the missing probe cells among ``items`` = [(run, budget, seed, head kind)] — or
+    [(run, budget, seed, head kind, settings)] where the cells differ in settings that do not
+    change how a head trains, such as the selection of their labeled images — with their heads
+    trained together (:mod:`.batched_heads`), in groups of heads that train alike and whose epochs
+    have the same steps; each cell is stored exactly as :func:`probe_cell` stores it, so a later
     ``probe_cell`` (or a fine-tuning cell that needs the probe) finds it. ``knn`` cells are left
     to ``probe_cell``. The cells' locks are taken in a fixed order, so two processes never
     deadlock and never compute the same cell twice. Returns how many cells were computed."""
     if deterministic:
         make_deterministic()
     wanted = {}
-    for run, budget, seed, kind in items:
+    for run, budget, seed, kind, *settings in items:
         if kind == "knn":
             continue
-        cell = open_cell("probe", run, budget, seed, head=kind, device=device, out=out, config=cfg,
-                         deterministic=deterministic)
+        cell = open_cell("probe", run, budget, seed, head=kind, device=device, out=out,
+                         config=settings[0] if settings else cfg, deterministic=deterministic)
         if stored_row(cell.key, out) is None:
             cell.folder = cell_folder(cell.key, out)
             wanted[str(cell.folder)] = cell
@@ -93,14 +95,17 @@ def probe_cells_together(items: Sequence[tuple], cfg: EvalConfig, device="auto",
             if stored_row(cell.key, out) is not None:
                 continue  # another process computed it while we waited for its lock
             probe = new_probe(cell, stats)
-            # heads train together when their settings and their epochs' shapes are the same
-            shape = (repr(cell.cfg), len(probe.train[0]), len(probe.val[0]), probe.train[0].shape[1])
+            # heads train together when they train alike (the same schedule, head, precision) and
+            # their epochs have the same shapes
+            n = len(probe.train[0])
+            shape = (repr(head_train_config(cell.cfg, n)), cell.cfg.head, cell.cfg.hidden, cell.cfg.precision, n,
+                     len(probe.val[0]), probe.train[0].shape[1])
             groups.setdefault(shape, []).append((probe, cell))
         for shape, entries in groups.items():
             first = entries[0][1]
             started = time.perf_counter()
             results = train_heads([p.model for p, _ in entries], [p.train for p, _ in entries],
-                                  [p.val for p, _ in entries], head_train_config(first.cfg, shape[1]),
+                                  [p.val for p, _ in entries], head_train_config(first.cfg, shape[4]),
                                   [p.seed for p, _ in entries], first.device, precision=first.cfg.precision)
             share = (time.perf_counter() - started) / len(entries)
             for (probe, cell), result in zip(entries, results):

@@ -20,13 +20,21 @@ def selection_sweep(runs: dict, settings: LabSettings, selections: Optional[Sequ
     validation mode), written to ``outputs/tables/<name>``. Cells already computed are reused."""
     from .. import store
     from ..evaluate import label_curve
+    from ..evaluate.probe import probe_cells_together
+    configs = [replace(settings.eval_config(), selection=selection,
+                       val_per_class=settings.val_per_class if val_per_class is None else val_per_class)
+               for selection in selections or settings.selections]
+    protocols = list(protocols or settings.protocols)
+    # The probe heads of every selection train together: they differ only in their labeled images.
+    probe_cells_together([(run, budget, seed, config.head if "probe" in protocols else "mlp", config)
+                          for config in configs for run in runs.values() for budget in settings.budgets
+                          for seed in settings.seeds], configs[0], settings.device, settings.out,
+                         settings.deterministic)
     rows = []
-    for selection in selections or settings.selections:
-        config = replace(settings.eval_config(), selection=selection,
-                         val_per_class=settings.val_per_class if val_per_class is None else val_per_class)
+    for config in configs:
         table = label_curve(list(runs.values()), budgets=list(settings.budgets), seeds=list(settings.seeds),
-                            protocols=list(protocols or settings.protocols), device=settings.device, out=settings.out,
-                            config=config, progress=False, deterministic=settings.deterministic)
+                            protocols=protocols, device=settings.device, out=settings.out, config=config,
+                            progress=False, deterministic=settings.deterministic)
         rows += table.rows
     table = ResultTable(rows)
     if name:
