@@ -112,6 +112,11 @@ CHECKS = {
     "precision": _choice("precision", PRECISIONS),
     "protocols": lambda v: check_choice_list(_name("protocols"), v, PROTOCOLS, "protocols"),
     "random_init": lambda v: check_bool(_name("random_init"), v),
+    "sweep_setting": lambda v: v if isinstance(v, str) and v.isidentifier() else
+    fail(_name("sweep_setting"), v, "the name of a pretext setting, e.g. triplet_weight (sslab/pretext/<task>.py)"),
+    "sweep_values": lambda v: tuple(v) if isinstance(v, (list, tuple)) and len(v) >= 2 else
+    fail(_name("sweep_values"), v, "a list of two values or more, e.g. [0, 1, 5, 20]"),
+    "sweep_labels": lambda v: check_int(_name("sweep_labels"), v, 1, " (labeled images per class)", maximum=MAX_COUNT),
     "random_init_protocols": lambda v: check_choice_list(_name("random_init_protocols"), v, PROTOCOLS, "protocols"),
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
@@ -161,6 +166,9 @@ class LabSettings:
     protocols: tuple = ("probe", "scratch")
     random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
     random_init_protocols: tuple = PROTOCOLS  # the protocols random-init gets (of those the notebook runs)
+    sweep_setting: str = "triplet_weight"  # the pretext setting notebook 01 sweeps
+    sweep_values: tuple = (0, 1, 5, 20)
+    sweep_labels: int = 4  # labeled images per class of the sweep's probe
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
     lp_k: int = EvalConfig.lp_k  # neighbours of each image in label propagation's k-NN graph

@@ -186,3 +186,39 @@ def vae_sentence(runs: dict) -> str:
     return ("Test reconstruction error (summed squared error per image, lower is closer to the input): "
             + ", ".join(parts) + ".")
 
+
+
+def setting_sweep(settings: LabSettings, setting: str, values, budget: int = 4, name: Optional[str] = None):
+    """What one pretext setting does to the probe: for each method of ``settings.methods`` that has
+    ``setting``, one run per value of ``values`` (the other settings as the notebook gives them;
+    the value the run already has is its own run, reused), probed at ``budget`` labeled images per
+    class over ``settings.seeds``; returns the ResultTable, its rows naming each run by the setting
+    (``siamese-vae [triplet_weight=20.0]``). The missing runs pretrain side by side in worker
+    processes where ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`), as ``python -m sslab curve
+    --sweep NAME=V1,V2,...`` does."""
+    from dataclasses import replace
+
+    from .. import store as run_store
+    from ..evaluate import label_curve
+    from ..parallel import Progress, default_workers, run_all
+    from ..pretext import setting_names
+    from ..pretrain import RANDOM_INIT, settings_by_method
+    methods = [m for m in settings.methods if m != RANDOM_INIT and setting in setting_names(m)]
+    if not methods:
+        raise ValueError(f"setting={setting!r} is not allowed: no method of this notebook has it; allowed: a setting "
+                         f"of {', '.join(settings.methods)}")
+    configs = []
+    for value in values:
+        checked = settings_by_method(methods, {setting: value}, lambda n: f"parameter sweep_values ({n})")
+        for method in methods:
+            config = settings.pretrain_config(method)
+            configs.append(replace(config, settings={**config.settings, **checked[method]}))
+    options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
+    missing = [c for c in configs if not run_store.is_complete(
+        run_store.run_dir("pretrain", c.method, c.dataset, asdict(c.resolved(settings.device)), settings.out))]
+    run_all([(timed_pretrain, (c,), options) for c in missing], default_workers(), lambda job: "pretrain",
+            Progress(f"{len(missing)} pretraining runs", len(missing)))
+    runs = [timed_pretrain(c, **options)[0] for c in configs]
+    return label_curve(runs, budgets=[budget], seeds=list(settings.seeds), layer=settings.layer, head=settings.head,
+                       protocols=["probe"], device=settings.device, out=settings.out, config=settings.eval_config(),
+                       name=name, progress=False, deterministic=settings.deterministic)

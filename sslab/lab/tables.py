@@ -244,3 +244,21 @@ def semi_sentence(table, metric: str = "top1") -> str:
 
 def _gain_pp(gain: dict, metric: str) -> str:
     return f"{100 * gain[f'gain_{metric}_mean']:+.1f}{' ✓' if gain['resolved'] else ''}"
+
+
+def sweep_sentence(table, setting: str, metric: str = "top1") -> str:
+    """One sentence on a sweep of one pretext setting: each value's probe accuracy (mean ± std over
+    seeds) and the best value, per method."""
+    entries = [e for e in table.summary() if e[f"{metric}_mean"] is not None]
+    if not entries:
+        return "The sweep is empty."
+    parts = []
+    for base in dict.fromkeys(e["method"].split(" [")[0] for e in entries):
+        mine = [e for e in entries if e["method"].split(" [")[0] == base]
+        shown = ", ".join(f"{e['method'].split('=')[-1].rstrip(']') if '=' in e['method'] else '(default)'}: "
+                          f"{_pm(e[f'{metric}_mean'], e[f'{metric}_std'], e['n'])}" for e in mine)
+        best = max(mine, key=lambda e: e[f"{metric}_mean"])
+        parts.append(f"{base}, {setting} = {shown} — best {best['method']}")
+    budget = entries[0]["budget"]
+    return (f"Probe at {budget} labeled image{'s' if budget != 1 else ''} per class, {METRIC_WORDS[metric]} % "
+            f"(mean ± std over seeds): " + "; ".join(parts) + ".")
