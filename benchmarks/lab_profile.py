@@ -1,0 +1,96 @@
+"""Where `make lab`'s time goes, from a sampling profile of the whole run and its executed notebooks.
+
+    py-spy record --subprocesses --rate 20 --format raw -o profile.txt -- .venv/bin/python -m sslab.lab
+    python -m benchmarks.lab_profile profile.txt outputs/notebooks
+
+prints each notebook's wall time (papermill's record in the executed notebook) and how the CPU
+samples of the run (every process: the runner, each notebook's kernel, the worker processes)
+divide among the phases of the lab's work, each sample counted once, in the first phase whose
+function is on its stack (:data:`PHASES`, in order). With 2 cores a phase's CPU seconds are up to
+twice its wall seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+# (phase, the function names that mark it), the first match wins: a probe trained inside a
+# fine-tuning cell counts as fine-tuning.
+PHASES = (
+    ("FixMatch cells", ("compute_fixmatch",)),
+    ("self-training cells", ("compute_selftrain",)),
+    ("fine-tuning cells", ("compute_finetune",)),
+    ("scratch cells", ("compute_scratch",)),
+    ("pretraining (fit)", ("_train_into", "timed_pretrain")),
+    ("probe heads (batched and single)", ("train_heads", "compute_probe", "probe_cells_together")),
+    ("label propagation cells", ("compute_labelprop",)),
+    ("choosing labeled images", ("labeled_split", "selection_picks")),
+    ("frozen features", ("extract_features", "run_features")),
+    ("k-NN graph", ("pool_graph", "build_pool_graph")),
+    ("UMAP", ("umap_2d", "embed")),
+    ("pretext test metrics", ("evaluate_task",)),
+    ("method pages and their checks", ("check_pretext_loss", "check_probe_step", "check_finetune_step",
+                                       "check_fixmatch_mask", "check_propagation", "check_selection",
+                                       "check_typical", "handover")),
+    ("figures", ("savefig", "show", "print_figure")),
+    ("loading the dataset", ("load_dataset",)),
+    ("imports (kernel and worker start)", ("_find_and_load",)),
+)
+
+
+def phase_of(frames: list) -> str:
+    names = {frame.split(" (")[0] for frame in frames}
+    for phase, marks in PHASES:
+        if names.intersection(marks):
+            return phase
+    # code written in a notebook cell itself (00's plain PyTorch, the method pages): an IPython
+    # cell's frames, with no frame of the lab's package below them
+    cell = [i for i, frame in enumerate(frames) if "ipykernel_" in frame and "/sslab/" not in frame]
+    if cell and not any("/sslab/" in frame for frame in frames[cell[0]:]):
+        return "plain PyTorch in notebook cells (00, the method pages)"
+    return "other (Jupyter, papermill, waiting)"
+
+
+def profile(raw: Path, rate: float) -> dict:
+    """CPU seconds per phase from py-spy's raw output (one line per stack: frames; count)."""
+    seconds: dict = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            seconds[phase_of(stack.split(";"))] += int(count) / rate
+    return dict(seconds)
+
+
+def notebook_seconds(folder: Path) -> dict:
+    times = {}
+    for path in sorted(folder.glob("*.ipynb")):
+        meta = json.loads(path.read_text()).get("metadata", {}).get("papermill", {})
+        if meta.get("duration") is not None:
+            times[path.stem] = meta["duration"]
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("raw", type=Path, help="py-spy's --format raw output")
+    parser.add_argument("notebooks", type=Path, help="the folder of the executed notebooks (outputs/notebooks)")
+    parser.add_argument("--rate", type=float, default=20.0, help="py-spy's --rate (samples per second)")
+    args = parser.parse_args(argv)
+    times = notebook_seconds(args.notebooks)
+    print("| notebook | seconds |\n|---|---|")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds:.0f} |")
+    print(f"| **all notebooks** | **{sum(times.values()):.0f}** |\n")
+    phases = profile(args.raw, args.rate)
+    total = sum(phases.values())
+    print("| phase | CPU seconds | share |\n|---|---|---|")
+    for phase, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"| {phase} | {seconds:.0f} | {100 * seconds / total:.0f} % |")
+    print(f"| **all** | **{total:.0f}** | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
