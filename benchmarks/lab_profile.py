@@ -6,31 +6,33 @@
 prints each notebook's wall time (papermill's record in the executed notebook) and how the CPU
 samples of the run (every process: the runner, each notebook's kernel, the worker processes)
 divide among the phases of the lab's work, each sample counted once, in the first phase whose
-function is on its stack (:data:`PHASES`, in order). With 2 cores a phase's CPU seconds are up to
-twice its wall seconds.
+function is on its stack (:data:`PHASES`, in order). A sample is one process's main thread at one
+moment (torch's own threads are not Python's), so one process's seconds are wall seconds; worker
+processes running side by side add theirs, so the total can exceed the wall time.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
+import re
 from pathlib import Path
 
-# (phase, the function names that mark it), the first match wins: a probe trained inside a
-# fine-tuning cell counts as fine-tuning.
+# (phase, the function names that mark it), the first match wins: features and the graph wherever
+# they are computed, then a probe trained inside a fine-tuning cell counts as fine-tuning.
 PHASES = (
-    ("FixMatch cells", ("compute_fixmatch",)),
-    ("self-training cells", ("compute_selftrain",)),
-    ("fine-tuning cells", ("compute_finetune",)),
-    ("scratch cells", ("compute_scratch",)),
-    ("pretraining (fit)", ("_train_into", "timed_pretrain")),
-    ("probe heads (batched and single)", ("train_heads", "compute_probe", "probe_cells_together")),
-    ("label propagation cells", ("compute_labelprop",)),
-    ("choosing labeled images", ("labeled_split", "selection_picks")),
-    ("frozen features", ("extract_features", "run_features")),
-    ("k-NN graph", ("pool_graph", "build_pool_graph")),
-    ("UMAP", ("umap_2d", "embed")),
+    ("frozen features", ("extract_features",)),
+    ("k-NN graph", ("build_pool_graph",)),
     ("pretext test metrics", ("evaluate_task",)),
+    ("FixMatch cells", ("compute_fixmatch", "fixmatch_cell")),
+    ("self-training cells", ("compute_selftrain", "selftrain_cell")),
+    ("fine-tuning cells", ("compute_finetune", "finetune_cell")),
+    ("scratch cells", ("compute_scratch", "scratch_cell")),
+    ("pretraining (fit)", ("_train_into", "timed_pretrain")),
+    ("probe heads (batched and single)", ("train_heads", "compute_probe", "probe_cells_together", "probe_cell")),
+    ("label propagation cells", ("compute_labelprop", "labelprop_cell")),
+    ("choosing labeled images", ("labeled_split", "selection_picks")),
+    ("UMAP", ("umap_2d", "embed")),
     ("method pages and their checks", ("check_pretext_loss", "check_probe_step", "check_finetune_step",
                                        "check_fixmatch_mask", "check_propagation", "check_selection",
                                        "check_typical", "handover")),
@@ -40,26 +42,42 @@ PHASES = (
 )
 
 
+# Threads that wait (the kernels' event loops, heartbeat and output pipes): the sampler sees them
+# in a system call, but they take no CPU; their samples are left out.
+WAITING = {"EpollSelector.select", "OutStream._watch_pipe_fd", "Heartbeat.run", "ParentPollerUnix.run"}
+
+
 def phase_of(frames: list) -> str:
     names = {frame.split(" (")[0] for frame in frames}
+    if names & WAITING:
+        return WAIT
     for phase, marks in PHASES:
         if names.intersection(marks):
             return phase
-    # code written in a notebook cell itself (00's plain PyTorch, the method pages): an IPython
-    # cell's frames, with no frame of the lab's package below them
-    cell = [i for i, frame in enumerate(frames) if "ipykernel_" in frame and "/sslab/" not in frame]
-    if cell and not any("/sslab/" in frame for frame in frames[cell[0]:]):
+    # code written in a notebook cell itself (00's plain PyTorch, the method pages): below an
+    # IPython cell's frame ("<module> (<digits>.py:<line>)"), no frame of the lab's package
+    cells = [i for i, frame in enumerate(frames) if CELL_FRAME.match(frame)]
+    if cells and not any("sslab/" in frame for frame in frames[cells[0]:]):
         return "plain PyTorch in notebook cells (00, the method pages)"
     return "other (Jupyter, papermill, waiting)"
 
 
+CELL_FRAME = re.compile(r"^<module> \(\d+\.py:\d+\)$")
+
+
+WAIT = "waiting"
+
+
 def profile(raw: Path, rate: float) -> dict:
-    """CPU seconds per phase from py-spy's raw output (one line per stack: frames; count)."""
+    """CPU seconds per phase from py-spy's raw output (one line per stack: frames; count), the
+    waiting threads left out."""
     seconds: dict = collections.Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            seconds[phase_of(stack.split(";"))] += int(count) / rate
+            phase = phase_of(stack.split(";"))
+            if phase != WAIT:
+                seconds[phase] += int(count) / rate
     return dict(seconds)
 
 
@@ -85,7 +103,7 @@ def main(argv=None) -> int:
     print(f"| **all notebooks** | **{sum(times.values()):.0f}** |\n")
     phases = profile(args.raw, args.rate)
     total = sum(phases.values())
-    print("| phase | CPU seconds | share |\n|---|---|---|")
+    print("| phase | process-seconds | share |\n|---|---|---|")
     for phase, seconds in sorted(phases.items(), key=lambda kv: -kv[1]):
         print(f"| {phase} | {seconds:.0f} | {100 * seconds / total:.0f} % |")
     print(f"| **all** | **{total:.0f}** | |")

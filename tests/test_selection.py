@@ -146,6 +146,8 @@ def test_a_selection_never_reads_a_label(noise_run, monkeypatch, chosen):
         garbage = replace(real, train=replace(real.train, labels=labels))
         monkeypatch.setattr(cells, "dataset_splits", lambda config, s=garbage: s)
         selection._SPLITS.clear()
+        for kept in noise_run.path.glob("selection-*.pt"):  # chosen anew, not read back
+            kept.unlink()
         train, val = _cell(noise_run, chosen, val_per_class=0).labeled_split()
         assert len(val) == 0 and len(train) == 2 * real.train.num_classes
         picks.append(train.tolist())
@@ -192,3 +194,22 @@ def test_the_command_line_refuses_an_unknown_selection_before_any_work(noise_run
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --selection='best' is not known; allowed: balanced, uniform")
     assert err.count("\n") == 1 and not (tmp_path / "cells").exists()
+
+
+def test_a_choice_is_kept_in_the_runs_folder_and_read_back_by_another_process(noise_run, monkeypatch):
+    """Every protocol's cell (and a worker process, or the next notebook) reads the choice made
+    once; a kept choice that is damaged is made again."""
+    first = _cell(noise_run, "typical", val_per_class=0).labeled_split()
+    (kept,) = noise_run.path.glob("selection-*.pt")
+    selection._SPLITS.clear()  # as in another process
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the choice was made again")
+    with monkeypatch.context() as patch:
+        patch.setattr(selection, "select_typical", forbidden)
+        again = _cell(noise_run, "typical", val_per_class=0).labeled_split()
+    assert torch.equal(again[0], first[0])
+    selection._SPLITS.clear()
+    kept.write_bytes(kept.read_bytes()[:-20])  # damaged: made again, the same choice
+    assert torch.equal(_cell(noise_run, "typical", val_per_class=0).labeled_split()[0], first[0])
+

@@ -23,10 +23,12 @@ a label; the chosen images then get their dataset labels. The validation images 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .. import integrity, store
 from ..data import label_budget_split
 from .features import run_features
 from .pool import pool_graph, pool_rows
@@ -167,21 +169,46 @@ _SPLITS: dict = {}
 def labeled_split(cell) -> tuple:
     """``(train indices, validation indices)`` into the train split for a cell (an
     :class:`~.cells.Cell`): its budget's labeled images chosen by ``cfg.selection`` and the
-    study's validation images (none when ``val_per_class`` is 0). Computed once per process for
-    the same embedding, budget, seed and settings."""
+    study's validation images (none when ``val_per_class`` is 0). An embedded choice is made once
+    for the same embedding, budget, seed and settings, and kept in memory and in the embedding
+    run's folder: every protocol's cell (and every worker process, every notebook) reads it."""
     cfg = cell.cfg
     labels = cell.splits.train.labels
     if cfg.selection == "balanced":
         return label_budget_split(labels, cell.budget, cell.seed, cfg.val_per_class)
     embedding = selection_run(cell)
-    key = (str(embedding.path) if embedding is not None else None, cfg.selection, cell.budget, cell.seed,
-           cfg.val_per_class, cfg.layer, cfg.grid, cfg.precision, cfg.lp_pca, cfg.select_k, cfg.select_min_cluster,
-           cfg.select_purity, str(cell.device))
+    settings = dict(selection=cfg.selection, budget=cell.budget, seed=cell.seed, val_per_class=cfg.val_per_class,
+                    layer=cfg.layer, grid=cfg.grid, precision=cfg.precision, lp_pca=cfg.lp_pca,
+                    select_k=cfg.select_k, select_min_cluster=cfg.select_min_cluster,
+                    select_purity=cfg.select_purity, candidates=len(labels))
+    key = (str(embedding.path) if embedding is not None else None, str(cell.device),
+           *sorted(settings.items()))
     if key not in _SPLITS:
         while len(_SPLITS) >= 256:
             del _SPLITS[next(iter(_SPLITS))]
-        _SPLITS[key] = _choose(cell, embedding, labels)
+        _SPLITS[key] = _stored_choice(cell, embedding, labels, settings)
     return _SPLITS[key]
+
+
+def _stored_choice(cell, embedding, labels: torch.Tensor, settings: dict) -> tuple:
+    """The choice kept in the embedding run's folder (``uniform``: in the cell's run's), made now
+    when it is missing, stale or damaged."""
+    run = embedding if embedding is not None else cell.run
+    weights = integrity.file_digest(Path(run.path) / "model.pt")
+    made_by = integrity.provenance("selection", model=weights, **settings)
+    path = Path(run.path) / f"selection-{store.config_hash(made_by)}.pt"
+    if path.is_file():
+        try:
+            saved = store.load_torch(path, expect=made_by)
+            return saved["train"], saved["val"]
+        except integrity.CorruptCheckpoint:  # damaged, foreign or stale: chosen again, never trusted
+            pass
+    chosen = _choose(cell, embedding, labels)
+    try:
+        store.save_torch(path, {"train": chosen[0], "val": chosen[1]}, provenance=made_by)
+    except (OSError, RuntimeError):  # a read-only or full store still works, only slower
+        pass
+    return chosen
 
 
 def _choose(cell, embedding, labels: torch.Tensor) -> tuple:
