@@ -972,3 +972,16 @@ def test_explorers_redraw_their_figure_and_table_when_a_control_changes():
     before = bytes(image.value)
     choice.value = next(value for _, value in choice.options if value != choice.value)
     assert bytes(image.value) != before and image.value[:4] == b"\x89PNG"
+
+
+def test_the_sweep_sentence_lists_each_value_in_order_and_names_the_best():
+    from sslab.evaluate import ResultTable
+
+    def row(value, seed, top1):
+        return {"method": f"siamese-vae [triplet_weight={value}]", "protocol": "probe", "head": "mlp", "layer": "conv4",
+                "budget": 4, "seed": seed, "top1": top1, "top5": 0.9, "epochs": 1}
+    table = ResultTable([row(v, s, t) for v, tops in ((20.0, (0.60, 0.62)), (0.0, (0.61, 0.63)), (5.0, (0.64, 0.66)))
+                         for s, t in enumerate(tops)])
+    text = lab.sweep_sentence(table, "triplet_weight")
+    assert text == ("Probe at 4 labeled images per class, top-1 % (mean ± std over seeds): siamese-vae, triplet_weight "
+                    "= 0.0: 62.0 ± 1.4, 5.0: 65.0 ± 1.4, 20.0: 61.0 ± 1.4 — best siamese-vae [triplet_weight=5.0].")

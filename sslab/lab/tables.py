@@ -254,7 +254,7 @@ def sweep_sentence(table, setting: str, metric: str = "top1") -> str:
         return "The sweep is empty."
     parts = []
     for base in dict.fromkeys(e["method"].split(" [")[0] for e in entries):
-        mine = [e for e in entries if e["method"].split(" [")[0] == base]
+        mine = sorted((e for e in entries if e["method"].split(" [")[0] == base), key=_swept_value)
         shown = ", ".join(f"{e['method'].split('=')[-1].rstrip(']') if '=' in e['method'] else '(default)'}: "
                           f"{_pm(e[f'{metric}_mean'], e[f'{metric}_std'], e['n'])}" for e in mine)
         best = max(mine, key=lambda e: e[f"{metric}_mean"])
@@ -262,3 +262,13 @@ def sweep_sentence(table, setting: str, metric: str = "top1") -> str:
     budget = entries[0]["budget"]
     return (f"Probe at {budget} labeled image{'s' if budget != 1 else ''} per class, {METRIC_WORDS[metric]} % "
             f"(mean ± std over seeds): " + "; ".join(parts) + ".")
+
+
+def _swept_value(entry: dict):
+    """The swept value a sweep's row names (``siamese-vae [triplet_weight=5.0]`` → 5.0), for order."""
+    text = entry["method"].rsplit("=", 1)[-1].rstrip("]") if "=" in entry["method"] else ""
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
