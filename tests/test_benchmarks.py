@@ -172,3 +172,19 @@ def test_interrupted_study_still_reports_and_writes_the_phases_it_reached(tmp_pa
     assert phases == ["load data", "pretrain rotation", "features", "probes", "scratch (stopped)", "total"]
     assert data["phases"][4]["count"] == 0 and data["phases"][4]["detail"].startswith("interrupted here")
     assert data["phases"][-1]["seconds"] >= sum(p["seconds"] for p in data["phases"][:-1]) * 0.99
+
+
+def test_the_lab_profile_puts_each_sample_in_its_phase_and_leaves_waiting_threads_out(tmp_path):
+    from benchmarks import lab_profile
+    raw = tmp_path / "profile.txt"
+    raw.write_text("\n".join([
+        'process 1:"python -m sslab.lab";<module> (123.py:1);evaluate_budgets (sslab/lab/tables.py:21);'
+        'compute_fixmatch (sslab/evaluate/fixmatch.py:9);fit (sslab/train.py:1) 40',
+        '<module> (123.py:1);compute_fixmatch (sslab/evaluate/fixmatch.py:9);'
+        'extract_features (sslab/models.py:3) 10',  # features count as features wherever computed
+        '<module> (4567.py:3);Conv2d.forward (torch/nn/modules/conv.py:1) 20',  # a notebook cell's own code
+        'Thread.run (threading.py:1);Heartbeat.run (ipykernel/heartbeat.py:2) 500',  # a waiting thread
+    ]) + "\n")
+    seconds = lab_profile.profile(raw, rate=20.0)
+    assert seconds == {"FixMatch cells": 2.0, "frozen features": 0.5,
+                       "plain PyTorch in notebook cells (00, the method pages)": 1.0}
