@@ -12,7 +12,6 @@ from typing import Optional, Sequence
 import torch
 
 from .. import store
-from ..pretrain import Run
 from ..checkpoint import FitResult
 from ..train import TrainConfig, fit, make_deterministic
 from .batched_heads import train_heads
@@ -20,11 +19,6 @@ from .cells import Cell, EvalConfig, cell_folder, cell_provenance, open_cell, pr
 from ..models import knn_predict
 from .heads import FeatureHead, predict
 from .metrics import topk_accuracy
-
-
-def probe_key(run: Run, budget: int, seed: int, cfg: EvalConfig) -> dict:
-    """The stored config of a probe cell (a kNN cell keeps only the kNN settings)."""
-    return protocol_key("probe", run, budget, seed, cfg)
 
 
 def probe_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, head: Optional[str] = None,
