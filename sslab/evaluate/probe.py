@@ -13,10 +13,10 @@ import torch
 
 from .. import store
 from ..checkpoint import FitResult
+from ..models import knn_predict
 from ..train import TrainConfig, fit, make_deterministic
 from .batched_heads import train_heads
 from .cells import Cell, EvalConfig, cell_folder, cell_provenance, open_cell, protocol_key, repeat_to, stored_row
-from ..models import knn_predict
 from .heads import FeatureHead, predict
 from .metrics import topk_accuracy
 
