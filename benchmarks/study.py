@@ -157,8 +157,7 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
             with _Phase(rows, dev, "scratch", progress) as phase:
                 for budget in budgets:
                     for seed in seeds:
-                        evaluate.scratch_cell(config.dataset, budget, seed, like=runs[0], layer=cfg.layer, device=dev,
-                                             out=out, config=cfg)
+                        evaluate.scratch_cell(runs[0], budget, seed, layer=cfg.layer, device=dev, out=out, config=cfg)
                         phase.count += 1
                 phase.detail = f"{len(budgets)} budgets × {len(seeds)} seeds, up to {cfg.scratch_epochs} epochs"
         if config.finetune:

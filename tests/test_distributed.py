@@ -111,7 +111,7 @@ def test_a_run_stopped_under_two_processes_resumes_in_one(pattern_folder, tmp_pa
             if launcher.poll() is None:
                 launcher.kill()
                 launcher.wait()
-    (run_dir,) = list((out / "runs").iterdir())
+    (run_dir,) = [p for p in (out / "runs").iterdir() if not p.name.startswith(".")]  # .locks beside the runs
     assert not store.is_complete(run_dir), "the run finished before it could be stopped"
     stopped_after = store.load_torch(run_dir / "checkpoint.pt")["epoch"]
     assert 0 <= stopped_after < 4

@@ -618,10 +618,9 @@ checkpoint.Checkpointer.maybe_save = _pausing_save
 END_TO_END_CELL = PAUSING + """
 import json
 from sslab import evaluate as ev
-from sslab.evaluate import end_to_end, fixmatch
+from sslab.evaluate import cells
 from sslab.pretrain import load_run
-end_to_end.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch (by default: once a minute)
-fixmatch.CHECKPOINT_EVERY_S = 0
+cells.CHECKPOINT_EVERY_S = 0  # a checkpoint after every epoch (by default: once a minute)
 protocol, run, out, config = sys.argv[1], load_run(sys.argv[2]), sys.argv[3], ev.EvalConfig(**json.loads(sys.argv[4]))
 if protocol == "scratch":
     row = ev.scratch_cell(run, 4, device="cpu", out=out, config=config, deterministic=True)
@@ -744,7 +743,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from sslab import evaluate as ev
-from sslab.evaluate import cells, end_to_end, probe
+from sslab.evaluate import cells
 from sslab.pretrain import load_run
 log = sys.argv[1]
 finish_cell = cells.finish_cell
@@ -752,7 +751,7 @@ def counted(folder, *args, **kwargs):
     with open(log, "a") as f:
         f.write(json.dumps({"cell": Path(folder).name, "pid": os.getpid()}) + "\\n")
     return finish_cell(folder, *args, **kwargs)
-probe.finish_cell = end_to_end.finish_cell = counted
+cells.finish_cell = counted
 table = ev.label_curve([load_run(p) for p in sys.argv[4:]], budgets=[1, 3], seeds=[0, 1], finetune=True,
                        device="cpu", out=sys.argv[2], config=ev.EvalConfig(**json.loads(sys.argv[3])),
                        progress=False, name="sweep")
