@@ -988,3 +988,23 @@ def test_the_sweep_sentence_lists_each_value_in_order_and_names_the_best():
     text = lab.sweep_sentence(table, "triplet_weight")
     assert text == ("Probe at 4 labeled images per class, top-1 % (mean ± std over seeds): siamese-vae, triplet_weight "
                     "= 0.0: 62.0 ± 1.4, 5.0: 65.0 ± 1.4, 20.0: 61.0 ± 1.4 — best siamese-vae [triplet_weight=5.0].")
+
+
+def test_make_lab_says_a_line_while_a_long_cell_runs_silently():
+    """The heartbeat fills silences between the runner's own lines, only while a cell runs."""
+    from sslab.lab import notebooks
+    said: list = []
+    with notebooks._Heartbeat(said.append, time.perf_counter(), every=0.3) as heartbeat:
+        time.sleep(1.2)
+        assert said == []  # no cell started yet: nothing to say
+        notebooks._cell_announcer(heartbeat, heartbeat.started, heartbeat)(
+            nbformat.v4.new_code_cell("train()\nmore()"), 4)
+        time.sleep(2.5)
+    assert said[0].endswith("cell 5: train()")
+    beats = said[1:]
+    assert 3 <= len(beats) <= 12 and all("cell 5 still running" in line for line in beats), said
+    seconds = [float(re.search(r"\((\d+) s so far\)", line).group(1)) for line in beats]
+    assert seconds == sorted(seconds)
+    count = len(said)
+    time.sleep(1.0)
+    assert len(said) == count  # stopped with the notebook

@@ -103,9 +103,11 @@ def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Op
                                                                 "(defaults)"))
         started = time.perf_counter()
         try:
-            papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source), kernel_name="python3",
-                                       progress_bar=False, log_output=False, kernel_manager_class=_local_kernels(),
-                                       on_cell_start=_cell_announcer(announce, started))
+            with _Heartbeat(announce, started) as heartbeat:
+                papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
+                                           kernel_name="python3", progress_bar=False, log_output=False,
+                                           kernel_manager_class=_local_kernels(),
+                                           on_cell_start=_cell_announcer(heartbeat, started, heartbeat))
         except PapermillExecutionError as exc:
             raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
                                f"the executed copy with the error is {dst}") from None
@@ -141,7 +143,44 @@ def _local_kernels():
     return LocalKernelManager
 
 
-def _cell_announcer(announce, started: float):
+HEARTBEAT_S = 20.0  # the longest make lab stays silent while a cell runs
+
+
+class _Heartbeat:
+    """A line every ``HEARTBEAT_S`` seconds while a cell runs and nothing else was announced, so a
+    long cell (a plain-PyTorch training loop, a UMAP fit) never looks like a hang in make lab's
+    output. Progress lines the kernels write themselves go straight to the terminal; the
+    heartbeat only fills the gaps between this process's own lines."""
+
+    def __init__(self, announce, started: float, every: float = HEARTBEAT_S):
+        import threading
+        self._announce, self.started, self.every = announce, started, every
+        self.cell: Optional[str] = None
+        self.cell_started = self.last = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def __call__(self, text: str) -> None:
+        self.last = time.perf_counter()
+        self._announce(text)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(1.0, self.every / 3)):
+            now = time.perf_counter()
+            if self.cell is not None and now - self.last >= self.every:
+                self(f"      {now - self.started:5.0f} s  {self.cell} still running "
+                     f"({now - self.cell_started:.0f} s so far)")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _cell_announcer(announce, started: float, heartbeat: Optional[_Heartbeat] = None):
     """A line as each code cell starts (nbclient's ``on_cell_start`` hook): its number, the time
     since the notebook started and its first line, so a long cell shows where the time goes."""
     def on_cell_start(cell, cell_index):
@@ -149,6 +188,8 @@ def _cell_announcer(announce, started: float):
             return
         first = cell.source.strip().splitlines()[0]
         first = first if len(first) <= 90 else first[:87] + "..."
+        if heartbeat is not None:
+            heartbeat.cell, heartbeat.cell_started = f"cell {cell_index + 1}", time.perf_counter()
         announce(f"      {time.perf_counter() - started:5.0f} s  cell {cell_index + 1}: {first}")
     return on_cell_start
 
