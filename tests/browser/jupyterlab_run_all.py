@@ -65,7 +65,7 @@ def _check_saved(path: Path) -> dict:
 
 
 def run_notebook(page, url: str, name: str, folder: Path, timeout_s: float) -> dict:
-    page.goto(f"{url}/lab/tree/{name}")
+    page.goto(f"{url}/lab/tree/{name}?reset")  # ?reset: a workspace with this notebook alone
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], "
                            ".jp-mod-idle, .jp-Toolbar-kernelStatus", timeout=120_000)
@@ -109,8 +109,9 @@ def main(argv=None) -> int:
     env = {**os.environ, "SSLAB_OUTPUTS": str(Path(args.outputs).resolve())}
     server = subprocess.Popen(
         [str(REPO / ".venv" / "bin" / "jupyter"), "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-         "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-         f"--ServerApp.root_dir={folder}"], cwd=folder, env=env,
+         "--allow-root", "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
+         f"--ServerApp.root_dir={folder}", f"--LabApp.workspaces_dir={folder / 'workspaces'}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"], cwd=folder, env=env,
         stdout=open(folder / "jupyterlab.log", "w"), stderr=subprocess.STDOUT)
     results = []
     try:
@@ -128,9 +129,10 @@ def main(argv=None) -> int:
                     page.screenshot(path=str(Path(args.screenshots) / f"{Path(name).stem}.png"), full_page=True)
                 print(json.dumps(result), flush=True)
                 results.append(result)
-                page.goto(f"{url}/lab")  # leave the notebook; its kernel is shut down below
-                for kernel in json.load(urllib.request.urlopen(f"{url}/api/kernels")):
-                    urllib.request.urlopen(urllib.request.Request(f"{url}/api/kernels/{kernel['id']}", method="DELETE"))
+                page.goto("about:blank")  # close JupyterLab, then end the notebook's session and kernel
+                for session in json.load(urllib.request.urlopen(f"{url}/api/sessions")):
+                    urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions/{session['id']}",
+                                                                  method="DELETE"))
             browser.close()
     finally:
         server.terminate()
