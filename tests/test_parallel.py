@@ -1,0 +1,134 @@
+"""Worker processes (sslab.parallel): results in the jobs' order, one thread a worker, a failure
+raised in the caller, the workers' count from SSLAB_WORKERS, progress lines, and no worker left
+running once its sweep's process is killed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslab import parallel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_results_come_back_in_the_jobs_order(workers):
+    jobs = [(pow, (2, i), {}) for i in range(7)]
+    assert parallel.run_all(jobs, workers) == [2 ** i for i in range(7)]
+
+
+def test_workers_are_other_processes_on_one_thread_each():
+    pids = parallel.run_all([(os.getpid, (), {})] * 4, 2)
+    assert os.getpid() not in pids and 1 <= len(set(pids)) <= 2
+    assert parallel.run_all([(torch.get_num_threads, (), {})] * 2, 2) == [1, 1]
+
+
+def test_one_worker_runs_everything_here():
+    assert parallel.run_all([(os.getpid, (), {})] * 3, 1) == [os.getpid()] * 3
+
+
+def test_a_failing_job_raises_in_the_caller():
+    with pytest.raises(ValueError, match="invalid literal"):
+        parallel.run_all([(int, ("12",), {}), (int, ("x",), {})], 2)
+
+
+def test_each_finished_job_is_reported_with_its_name():
+    heard = []
+
+    class Report:
+        def done(self, name=""):
+            heard.append(name)
+
+    parallel.run_all([(abs, (-i,), {}) for i in range(3)], 2, describe=lambda job: f"abs {job[1][0]}",
+                     report=Report())
+    assert sorted(heard) == ["abs -1", "abs -2", "abs 0"]
+
+
+@pytest.mark.parametrize("text, expected", [(None, 1), ("", 1), ("3", 3)])
+def test_workers_come_from_the_environment(monkeypatch, text, expected):
+    if text is None:
+        monkeypatch.delenv(parallel.WORKERS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(parallel.WORKERS_VARIABLE, text)
+    assert parallel.default_workers() == expected
+
+
+@pytest.mark.parametrize("text", ["0", "two", "-1"])
+def test_a_bad_worker_count_names_the_variable(monkeypatch, text):
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, text)
+    with pytest.raises(ValueError, match=rf"SSLAB_WORKERS={text!r}|SSLAB_WORKERS={text}"):
+        parallel.default_workers()
+
+
+def test_progress_lines_count_to_the_total(capfd):
+    progress = parallel.Progress("3 cells", 3, enabled=True)
+    progress.done("a")
+    progress.done()
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0].strip() == "3 cells: 3 to do"
+    assert lines[1].strip().startswith("3 cells: 1/3 done (a), ") and lines[1].endswith(" s")
+    assert lines[2].strip().startswith("3 cells: 2/3 done, ")
+    quiet = parallel.Progress("3 cells", 3, enabled=False)
+    quiet.done("a")
+    assert capfd.readouterr().err == ""
+
+
+def _workers_of(pid: int) -> list:
+    """The worker processes whose parent is ``pid`` (from /proc; not multiprocessing's resource
+    tracker, which ends by itself when its pipe closes)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+SWEEP = """
+import time
+from sslab import parallel
+print("started", flush=True)
+parallel.run_all([(time.sleep, (120,), {})] * 2, 2)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers end with their parent through Linux's prctl")
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_end_when_their_sweep_is_killed(how):
+    sweep = subprocess.Popen([sys.executable, "-c", SWEEP], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert sweep.stdout.readline().strip() == "started"
+        deadline = time.monotonic() + 60
+        while len(workers := [p for p in _workers_of(sweep.pid) if _alive(p)]) < 2:
+            assert time.monotonic() < deadline, "the two workers did not start"
+            time.sleep(0.1)
+        time.sleep(3)  # past the workers' start-up: each is in its job
+        sweep.send_signal(how)
+        sweep.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while [p for p in workers if _alive(p)]:
+            assert time.monotonic() < deadline, "a worker outlived its sweep"
+            time.sleep(0.1)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
