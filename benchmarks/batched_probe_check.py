@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     cfg = evaluate.EvalConfig(layer=args.layer)
     for run in runs:  # both sweeps start from the same cached features
         for split in ("train", "test"):
-            evaluate.run_features(run, split, cfg.layer, cfg.grid, dev)
+            evaluate.cached_features(run, split, cfg.layer, cfg.grid, dev)
     tables, seconds = {}, {}
     for batched in (True, False):
         with tempfile.TemporaryDirectory(prefix="sslab-probe-check-") as out:

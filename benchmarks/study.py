@@ -137,7 +137,7 @@ def time_study(config: StudyConfig, device="auto", out: Optional[str] = None, pr
         with _Phase(rows, dev, "features", progress) as phase:
             for run in runs:
                 for split in ("train", "test"):
-                    phase.count += len(evaluate.run_features(run, split, cfg.layer, cfg.grid, dev))
+                    phase.count += len(evaluate.cached_features(run, split, cfg.layer, cfg.grid, dev))
             phase.detail = f"{cfg.layer} pooled {cfg.grid}×{cfg.grid}, train + test, {len(runs)} nets"
         cells = [(run, budget, seed) for budget in budgets for seed in seeds for run in runs]
         sweep = f"{cfg.head} head, {len(budgets)} budgets × {len(seeds)} seeds × {len(runs)} methods"
@@ -196,7 +196,7 @@ def _time_umap(runs, splits, cfg, dev, points: int, progress: bool) -> list:
     with _Phase(rows, dev, "umap", progress) as phase:
         index = torch.from_numpy(stratified_sample(splits.test.labels, points))
         for run in runs:
-            umap_2d(evaluate.run_features(run, "test", cfg.layer, cfg.grid, dev, index=index))
+            umap_2d(evaluate.cached_features(run, "test", cfg.layer, cfg.grid, dev, index=index))
             phase.count += 1
         phase.detail = f"{len(index)} test points per method"
     return rows

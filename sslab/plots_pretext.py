@@ -113,7 +113,7 @@ def view_pairs(views: dict, rows=("test image", "view 1", "view 2"),
 
 def vae_gallery(gallery: dict):
     """VAE reconstructions and samples from the prior N(0, I). ``gallery``: the dict
-    :func:`sslab.lab.vae_gallery` returns (``inputs`` N×C×H×W, ``reconstructions`` and
+    :func:`sslab.lab.vae_reconstructions` returns (``inputs`` N×C×H×W, ``reconstructions`` and
     ``samples``: name → N×C×H×W, all floats in [0, 1])."""
     plt = pyplot()
     inputs = np.asarray(gallery["inputs"])

@@ -211,7 +211,7 @@ def test_a_bad_sweep_is_one_line_before_any_work(tmp_path, capsys, sweep, messag
 
 
 def test_runs_that_differ_in_one_setting_are_told_apart_by_their_label(tmp_path):
-    from sslab.evaluate.curve import run_labels
+    from sslab.evaluate.curve import run_names
     from sslab.pretrain import PretrainConfig, pretrain
 
     def run(method, **settings):
@@ -220,8 +220,8 @@ def test_runs_that_differ_in_one_setting_are_told_apart_by_their_label(tmp_path)
     swept = [run("siamese-vae", triplet_weight=w, margin=1) for w in (0, 20)]
     alone = run("rotation", lr=0.1)
     assert run("siamese-vae", triplet_weight=5).path == run("siamese-vae").path  # the default, given, is the default
-    labels = run_labels([*swept, alone])
-    assert list(labels) == ["siamese-vae [triplet_weight=0.0]", "siamese-vae [triplet_weight=20.0]", "rotation"]
-    assert labels["rotation"] is alone and labels["siamese-vae [triplet_weight=20.0]"] is swept[1]
+    names = run_names([*swept, alone])
+    assert list(names) == ["siamese-vae [triplet_weight=0.0]", "siamese-vae [triplet_weight=20.0]", "rotation"]
+    assert names["rotation"] is alone and names["siamese-vae [triplet_weight=20.0]"] is swept[1]
     with pytest.raises(ValueError, match="two runs of rotation with the same settings"):
-        run_labels([alone, alone])
+        run_names([alone, alone])

@@ -355,7 +355,7 @@ def test_curve_needs_a_method(no_work, tmp_path, capsys):
 def test_lab_refuses_a_parameter_no_notebook_declares(tmp_path):
     from sslab import lab
     with pytest.raises(ValueError, match=r"parameter lables=5 is not declared by any notebook; allowed: .*labels"):
-        lab.run_notebooks({"lables": 5}, ["02_probe"], tmp_path)
+        lab.execute_notebooks({"lables": 5}, ["02_probe"], tmp_path)
     assert not any(tmp_path.iterdir())
 
 
@@ -366,7 +366,7 @@ def test_lab_refuses_a_bad_value_before_running_any_notebook(tmp_path, monkeypat
     ran = []
     monkeypatch.setattr("papermill.execute_notebook", lambda *args, **kwargs: ran.append(args))
     with pytest.raises(ValueError, match=r"parameter labels='abc' is not allowed; allowed: an integer ≥ 1"):
-        lab.run_notebooks({"labels": "abc"}, list(lab.NOTEBOOKS), tmp_path)
+        lab.execute_notebooks({"labels": "abc"}, list(lab.NOTEBOOKS), tmp_path)
     assert ran == [] and not any(tmp_path.iterdir())
 
 
@@ -404,7 +404,7 @@ def test_probe_rejects_bad_parameters_before_any_work(complete_run, argv, expect
 
     monkeypatch.setattr(features, "load_dataset", forbidden)
     monkeypatch.setattr(cells, "dataset_splits", forbidden)
-    monkeypatch.setattr(cells, "run_features", forbidden)
+    monkeypatch.setattr(cells, "cached_features", forbidden)
     argv = ["--labels", "2", *argv] if "--labels" not in argv else argv
     err = cli(capsys, "probe", "--run", str(complete_run.path), "--out", str(tmp_path), *argv)
     for text in expected:

@@ -647,15 +647,16 @@ def test_the_lab_checks_labels_and_budgets_against_the_dataset_before_any_notebo
     monkeypatch.setattr("papermill.execute_notebook", lambda *args, **kwargs: ran.append(args))
     with pytest.raises(ValueError, match=r"^parameter labels=100000 is not allowed: folder:.* has too few labeled "
                                          r"images per class for 100000 with parameter val_per_class=10 validation"):
-        lab.run_notebooks({"dataset": f"folder:{root}", "labels": 100000}, ["01_pretext", "02_probe"], tmp_path / "nb")
+        lab.execute_notebooks({"dataset": f"folder:{root}", "labels": 100000}, ["01_pretext", "02_probe"],
+                              tmp_path / "nb")
     # notebook 04's default budgets (1, 4, 16, 64) do not fit 14 images per class either
     with pytest.raises(ValueError, match=r"parameter budgets=1,4,16,64 is not allowed: .* for 16, 64 "
                                          r".*allowed: parameter budgets ≤ 4"):
-        lab.run_notebooks({"dataset": f"folder:{root}"}, ["04_label_curves"], tmp_path / "nb")
+        lab.execute_notebooks({"dataset": f"folder:{root}"}, ["04_label_curves"], tmp_path / "nb")
     small = make_images(tmp_path / "small", per_class=6, test_per_class=1)
     with pytest.raises(ValueError, match=r"parameter val_per_class=10 is not allowed: folder:.*'s smallest class "
                                          r"has 6"):
-        lab.run_notebooks({"dataset": f"folder:{small}", "labels": 1}, ["02_probe"], tmp_path / "nb")
+        lab.execute_notebooks({"dataset": f"folder:{small}", "labels": 1}, ["02_probe"], tmp_path / "nb")
     assert ran == [] and not (tmp_path / "nb").exists()
 
 

@@ -17,7 +17,7 @@ from .cells import EvalConfig, check_budgets, check_seeds, pretrained_id
 from .curve import (BUDGETS, PROTOCOLS, check_protocols, compute_cell, curve_cells, default_table_name, label_curve,
                     merge_curve)
 from .end_to_end import finetune_cell, scratch_cell
-from .features import dataset_splits, run_features
+from .features import dataset_splits, cached_features
 from .fixmatch import fixmatch_cell
 from .labelprop import labelprop_cell
 from .selftrain import selftrain_cell
@@ -31,5 +31,5 @@ __all__ = ["BUDGETS", "check_budgets", "check_protocols", "check_seeds", "classi
            "compute_cell", "confusion_matrix", "curve_cells", "dataset_splits", "default_table_name", "EvalConfig",
            "FeatureHead", "finetune_cell", "fixmatch_cell", "HEADS", "ImageClassifier",
            "label_curve", "labelprop_cell", "merge_curve", "predict", "pretrained_id", "probe_cell",
-           "probe_cells_together", "PROTOCOLS", "ResultTable", "run_features", "scratch_cell", "selftrain_cell",
+           "probe_cells_together", "PROTOCOLS", "ResultTable", "cached_features", "scratch_cell", "selftrain_cell",
            "series_name", "series_order", "topk_accuracy"]

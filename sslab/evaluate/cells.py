@@ -25,7 +25,7 @@ from ..precision import PRECISIONS, resolve_precision
 from ..pretrain import Run, load_run
 from ..checkpoint import CHECKPOINT_EVERY_S, FitResult
 from ..train import TrainConfig, fit, resolve_device
-from .features import dataset_splits, run_features
+from .features import dataset_splits, cached_features
 from .heads import HEADS
 from .metrics import classification_metrics
 from .pool import pool_of
@@ -351,7 +351,7 @@ class Cell:
     def features(self, split: str = "train", rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The run's frozen features of rows ``rows`` of a split (None: all of them) at the cell's
         layer, grid and precision."""
-        return run_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, index=rows,
+        return cached_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, index=rows,
                             precision=self.cfg.precision)
 
     def pool_statistics(self) -> tuple:

@@ -71,7 +71,7 @@ def cell_key(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig) -
 def compute_cell(protocol: str, budget: int, seed: int, run: Run, cfg: EvalConfig, device, out,
                  deterministic: bool = False, progress: bool = False, label: Optional[str] = None) -> dict:
     """The result row of one cell of a sweep, computed now or found in the store (a scratch cell
-    is shaped like ``run``; ``label``: what the row calls the run's method, see :func:`run_labels`)."""
+    is shaped like ``run``; ``label``: what the row calls the run's method, see :func:`run_names`)."""
     row = open_cell(protocol, run, budget, seed, device=device, out=out, config=cfg, progress=progress,
                     deterministic=deterministic).computed(COMPUTE[protocol])
     return labelled(row, label)
@@ -82,7 +82,7 @@ def labelled(row: dict, label: Optional[str]) -> dict:
     return row if label is None or row["protocol"] == "scratch" else {**row, "method": label}
 
 
-def run_labels(runs) -> dict:
+def run_names(runs) -> dict:
     """``{label: run}``: each run by its method, and where several runs share a method (a sweep of
     one setting), by its method and the task settings in which they differ — ``siamese-vae
     [triplet_weight=5.0]`` — so their rows stay apart in one table."""
@@ -134,7 +134,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
-    by_method = run_labels(runs)
+    by_method = run_names(runs)
     cells = curve_cells(list(by_method), budgets, seeds, protocols)
     if shard is not None:
         index, count = shard
@@ -236,7 +236,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
     cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
-    by_method = run_labels(runs)
+    by_method = run_names(runs)
     like = runs[0] if runs else None
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
     rows, missing = [], []

@@ -33,7 +33,7 @@ class _Features:
     values: torch.Tensor
 
 
-def run_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 4, device="auto",
+def cached_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 4, device="auto",
                  index: Optional[torch.Tensor] = None, precision: str = "fp32") -> torch.Tensor:
     """Frozen features of rows ``index`` of a split (``train``, ``test`` or ``unlabeled``; None:
     every row) for a pretrained run, in ``index``'s order. Only the rows asked for are ever

@@ -12,7 +12,7 @@ import torch
 
 from .. import integrity, store
 from ..pretrain import Run, pool_index
-from .features import dataset_splits, run_features
+from .features import dataset_splits, cached_features
 from .graph import SPARE_NEIGHBOURS, PoolGraph, Projection, build_pool_graph, knn_search
 
 _GRAPHS: dict = {}
@@ -31,7 +31,7 @@ def pool_rows(run: Run) -> tuple:
 def pool_of(run: Run, cfg, dev) -> tuple:
     """``(pool features P×D, pool rows into the train split or None)`` of ``run``'s pool."""
     split, rows = pool_rows(run)
-    feats = run_features(run, split, cfg.layer, cfg.grid, dev, index=rows, precision=cfg.precision)
+    feats = cached_features(run, split, cfg.layer, cfg.grid, dev, index=rows, precision=cfg.precision)
     return feats, (rows if split == "train" else None)
 
 
@@ -61,7 +61,7 @@ def pool_graph(run: Run, cfg, dev) -> tuple:
         if graph is None:
             feats, _ = pool_of(run, cfg, dev)
             graph = build_pool_graph(feats, cfg.lp_k, cfg.lp_pca or None)
-            test = run_features(run, "test", cfg.layer, cfg.grid, dev, precision=cfg.precision)
+            test = cached_features(run, "test", cfg.layer, cfg.grid, dev, precision=cfg.precision)
             graph.test_neighbours = knn_search(graph.project(test), graph.nodes, cfg.lp_k + SPARE_NEIGHBOURS)
             try:
                 store.save_torch(cache, {"mean": graph.project.mean, "basis": graph.project.basis,

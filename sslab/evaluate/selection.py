@@ -30,7 +30,7 @@ import torch
 
 from .. import integrity, store
 from ..data import label_budget_split
-from .features import run_features
+from .features import cached_features
 from .pool import pool_graph, pool_rows
 
 SELECTIONS = ("balanced", "uniform", "typical", "cover")
@@ -225,7 +225,7 @@ def _choose(cell, embedding, labels: torch.Tensor) -> tuple:
         picked = torch.randperm(len(candidates), generator=generator)[:budget]
     else:
         graph, _ = pool_graph(embedding, cfg, cell.device)
-        points = graph.project(run_features(embedding, "train", cfg.layer, cfg.grid, cell.device, index=candidates,
+        points = graph.project(cached_features(embedding, "train", cfg.layer, cfg.grid, cell.device, index=candidates,
                                             precision=cfg.precision)).cpu()
         if cfg.selection == "typical":
             picked = select_typical(points, budget, cell.seed, cfg.select_k, cfg.select_min_cluster)

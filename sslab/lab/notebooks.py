@@ -70,7 +70,7 @@ def _say(text: str) -> None:
     print(text, flush=True)  # at once, also when make's output goes to a pipe or a log file
 
 
-def run_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Optional[Path] = None,
+def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Optional[Path] = None,
                   announce=_say) -> list:
     """Execute the notebooks in order with papermill (each gets only the parameters it
     declares); returns ``[(name, output path, seconds)]``. Stops at the first failure with the
@@ -337,7 +337,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--notebooks={args.notebooks!r} is not allowed; allowed: numbers from "
                              f"{', '.join(n[:2] for n in NOTEBOOKS)}")
         started = time.perf_counter()
-        done = run_notebooks(params, names, args.output_dir)
+        done = execute_notebooks(params, names, args.output_dir)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -90,7 +90,7 @@ def rotation_predictions(run: Run, settings: LabSettings, n: Optional[int] = Non
 
 
 @torch.no_grad()
-def vae_gallery(runs: dict, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
+def vae_reconstructions(runs: dict, settings: LabSettings, n: Optional[int] = None, seed: int = 0) -> dict:
     """For every VAE-type run: reconstructions of the same test images (decoded latent means)
     and images decoded from ``n`` draws of the prior N(0, I) (seeded)."""
     from ..augment import to_float
