@@ -113,10 +113,20 @@ def check_writable(folder: Path, parameter: str = "out") -> Path:
     return folder
 
 
+# Raised whenever the code computes other numbers for the same settings (another optimiser
+# kernel, another normalisation of the features): runs and cells stored before are then not
+# reused, so one outputs folder never mixes numbers of two versions of the arithmetic. 2: fused
+# optimiser steps, probe heads standardised with the pool's statistics.
+RESULTS_VERSION = 2
+
+
 def config_hash(config: dict) -> str:
-    """A short stable hash of the fields that change a run's result, and of the store format."""
+    """A short stable hash of the fields that change a run's result, of the store format and of
+    the version of the arithmetic (:data:`RESULTS_VERSION`)."""
     relevant = {k: v for k, v in config.items() if k not in HASH_EXCLUDE}
     relevant["store_format"] = STORE_FORMAT
+    if RESULTS_VERSION > 1:  # version 1 is the hash as it was before the version existed
+        relevant["results_version"] = RESULTS_VERSION
     text = json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 

@@ -440,6 +440,17 @@ def test_the_store_format_is_in_every_config_hash_and_every_provenance(tmp_path,
         store.load_torch(path, expect={"kind": "model", "method": "rotation"})
 
 
+def test_a_new_version_of_the_arithmetic_never_reuses_stored_runs_or_cells(tmp_path, monkeypatch):
+    config = {"method": "rotation", "epochs": 3}
+    before = store.config_hash(config)
+    monkeypatch.setattr(store, "RESULTS_VERSION", store.RESULTS_VERSION + 1)
+    assert store.config_hash(config) != before
+    monkeypatch.setattr(store, "RESULTS_VERSION", 1)  # the hash stores made before the version existed
+    relevant = {**config, "store_format": integrity.STORE_FORMAT}
+    text = json.dumps(relevant, sort_keys=True, default=str, separators=(",", ":"))
+    assert store.config_hash(config) == hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 # ---------------------------------------------------------------- what the hash covers (3)
 
 def test_sync_bn_is_part_of_the_pretraining_config(images, tmp_path, monkeypatch):
