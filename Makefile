@@ -16,7 +16,14 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	@echo "$(PY) -m pip install --quiet -c constraints.txt -e \".[notebooks,test]\"   (torch is large: a minute or two)"
+	@# pip --quiet says nothing while it unpacks torch: a line every 20 s says the install goes on
+	@# (pip runs in the background, where a shell ignores Ctrl-C: the trap stops it too)
+	@$(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]" & pid=$$!; s=0; \
+	trap 'kill $$pid 2>/dev/null; exit 130' INT TERM; \
+	while kill -0 $$pid 2>/dev/null; do sleep 1; s=$$((s + 1)); \
+	  if [ $$((s % 20)) -eq 0 ] && kill -0 $$pid 2>/dev/null; then echo "  still installing ($$s s)"; fi; done; \
+	wait $$pid
 	touch $@
 
 data: setup
