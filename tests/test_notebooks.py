@@ -997,8 +997,7 @@ def test_make_lab_says_a_line_while_a_long_cell_runs_silently():
     with notebooks._Heartbeat(said.append, time.perf_counter(), every=0.3) as heartbeat:
         time.sleep(1.2)
         assert said == []  # no cell started yet: nothing to say
-        notebooks._cell_announcer(heartbeat, heartbeat.started, heartbeat)(
-            nbformat.v4.new_code_cell("train()\nmore()"), 4)
+        notebooks._cell_announcer(heartbeat)(nbformat.v4.new_code_cell("train()\nmore()"), 4)
         time.sleep(2.5)
     assert said[0].endswith("cell 5: train()")
     beats = said[1:]
@@ -1008,3 +1007,14 @@ def test_make_lab_says_a_line_while_a_long_cell_runs_silently():
     count = len(said)
     time.sleep(1.0)
     assert len(said) == count  # stopped with the notebook
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter_of_the_parameters_cell(path):
+    """make lab passes a notebook only the parameters papermill finds in it: a line papermill cannot
+    parse (such as a comment with '=' in it) would drop that parameter from every batch run."""
+    import types
+
+    from sslab.lab.notebooks import notebook_parameters
+    assigned = {name for name, value in _defaults(path).items() if not isinstance(value, types.ModuleType)}
+    assert notebook_parameters(path) == assigned

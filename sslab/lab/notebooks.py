@@ -71,7 +71,7 @@ def _say(text: str) -> None:
 
 
 def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir: Optional[Path] = None,
-                  announce=_say) -> list:
+                      announce=_say) -> list:
     """Execute the notebooks in order with papermill (each gets only the parameters it
     declares); returns ``[(name, output path, seconds)]``. Stops at the first failure with the
     notebook, cell and error."""
@@ -107,7 +107,7 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
                 papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
                                            kernel_name="python3", progress_bar=False, log_output=False,
                                            kernel_manager_class=_local_kernels(),
-                                           on_cell_start=_cell_announcer(heartbeat, started, heartbeat))
+                                           on_cell_start=_cell_announcer(heartbeat))
         except PapermillExecutionError as exc:
             raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
                                f"the executed copy with the error is {dst}") from None
@@ -180,17 +180,17 @@ class _Heartbeat:
         self._thread.join()
 
 
-def _cell_announcer(announce, started: float, heartbeat: Optional[_Heartbeat] = None):
+def _cell_announcer(heartbeat: _Heartbeat):
     """A line as each code cell starts (nbclient's ``on_cell_start`` hook): its number, the time
-    since the notebook started and its first line, so a long cell shows where the time goes."""
+    since the notebook started and its first line, so a long cell shows where the time goes; the
+    heartbeat learns which cell runs."""
     def on_cell_start(cell, cell_index):
         if cell.cell_type != "code" or not cell.source.strip():
             return
         first = cell.source.strip().splitlines()[0]
         first = first if len(first) <= 90 else first[:87] + "..."
-        if heartbeat is not None:
-            heartbeat.cell, heartbeat.cell_started = f"cell {cell_index + 1}", time.perf_counter()
-        announce(f"      {time.perf_counter() - started:5.0f} s  cell {cell_index + 1}: {first}")
+        heartbeat.cell, heartbeat.cell_started = f"cell {cell_index + 1}", time.perf_counter()
+        heartbeat(f"      {time.perf_counter() - heartbeat.started:5.0f} s  cell {cell_index + 1}: {first}")
     return on_cell_start
 
 
