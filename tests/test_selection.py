@@ -112,6 +112,31 @@ def test_purity_radius_is_the_quantile_of_the_distance_to_another_cluster():
     assert sum(pure) >= 0.9 * 80
 
 
+def test_a_second_budget_reuses_the_radius_and_balls_of_the_same_points_only(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    points = torch.randn(90, 3, generator=generator)
+    made = []
+    for name in ("_ball_edges", "_purity_radius"):
+        original = getattr(selection, name)
+        monkeypatch.setattr(selection, name, lambda *a, _f=original, _n=name: made.append(_n) or _f(*a))
+    radius = purity_radius(points, 4, seed=0)
+    first = select_cover(points, 3, radius)
+    # a larger budget from the same points: the same δ, the same balls, and the greedy order's prefix
+    assert purity_radius(points, 4, seed=0) == radius
+    assert select_cover(points, 9, radius)[:3].tolist() == first.tolist()
+    assert made == ["_purity_radius", "_ball_edges"]
+    # the reused answers are the ones computed afresh
+    selection._KEPT.clear()
+    assert purity_radius(points, 4, seed=0) == radius
+    assert select_cover(points, 9, radius).tolist() == _cover_by_hand(points, 9, radius)
+    # other points (one coordinate moved), another seed: computed, not reused
+    moved = points.clone()
+    moved[0, 0] += 1e-3
+    purity_radius(moved, 4, seed=0)
+    purity_radius(points, 4, seed=1)
+    assert made.count("_purity_radius") == 4
+
+
 def test_on_imbalanced_blobs_typical_and_cover_find_every_class_where_uniform_misses_some():
     sizes = [400, 200, 100, 40, 20, 12, 10, 10, 10, 10]
     points, classes = blobs(sizes, dims=12)

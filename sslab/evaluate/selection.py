@@ -23,6 +23,8 @@ a label; the chosen images then get their dataset labels. The validation images 
 """
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -103,9 +105,39 @@ def select_typical(points: torch.Tensor, budget: int, seed: int, neighbours: int
     return torch.tensor(chosen, dtype=torch.long)
 
 
+# A sweep chooses for several budgets from the same points: δ depends on the points and the seed
+# only, and the δ-balls on the points and δ, so both are kept for the next budget (keyed by the
+# points' bytes, so a result is reused only for exactly the same points). The balls are the large
+# part: kept up to _KEPT_EDGES pairs in all, the least recently used dropped first.
+_KEPT: "OrderedDict[tuple, object]" = OrderedDict()
+_KEPT_EDGES = 60_000_000
+
+
+def _points_key(points: torch.Tensor) -> str:
+    return hashlib.blake2b(points.detach().float().contiguous().cpu().numpy().tobytes(), digest_size=16).hexdigest() \
+        + str(tuple(points.shape))
+
+
+def _kept(key: tuple, make):
+    if key in _KEPT:
+        _KEPT.move_to_end(key)
+        return _KEPT[key]
+    value = make()
+    _KEPT[key] = value
+    size = lambda v: len(v[0]) if isinstance(v, tuple) else 0  # noqa: E731
+    while len(_KEPT) > 1 and sum(size(v) for v in _KEPT.values()) > _KEPT_EDGES:
+        _KEPT.popitem(last=False)
+    return value
+
+
 def ball_edges(points: torch.Tensor, radius: float, block: int = 2048) -> tuple:
     """Every ordered pair (i, j), i ≠ j allowed or not, with ‖p_i − p_j‖ < ``radius``, as
-    (rows, cols) sorted by row; walked in blocks of ``block`` rows (memory O(block · N + edges))."""
+    (rows, cols) sorted by row; walked in blocks of ``block`` rows (memory O(block · N + edges)).
+    The same points and radius a second time give the pairs kept from the first."""
+    return _kept(("edges", _points_key(points), float(radius), block), lambda: _ball_edges(points, radius, block))
+
+
+def _ball_edges(points: torch.Tensor, radius: float, block: int) -> tuple:
     rows, cols = [], []
     for start in range(0, points.shape[0], block):
         near = (torch.cdist(points[start:start + block].float(), points.float()) < radius).nonzero()
@@ -119,7 +151,13 @@ def purity_radius(points: torch.Tensor, clusters: int, seed: int, purity: float 
     points, purity judged by a k-means clustering into ``clusters`` (a ball is pure when every
     point in it shares its centre's cluster). A point's ball is pure exactly while the radius is
     at most its distance to the nearest point of another cluster, so δ is that distance's
-    (1 − purity) quantile."""
+    (1 − purity) quantile. The same points and settings a second time give the radius kept from
+    the first."""
+    return _kept(("purity", _points_key(points), clusters, seed, purity, block),
+                 lambda: _purity_radius(points, clusters, seed, purity, block))
+
+
+def _purity_radius(points: torch.Tensor, clusters: int, seed: int, purity: float, block: int) -> float:
     assign = kmeans(points, clusters, seed)
     other = torch.empty(points.shape[0])
     for start in range(0, points.shape[0], block):
