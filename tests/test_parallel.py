@@ -132,3 +132,32 @@ def test_workers_end_when_their_sweep_is_killed(how):
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
+
+
+def test_a_sweeps_runs_train_in_the_notebooks_batch_longest_first(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from sslab import lab
+    from sslab.lab import runs as lab_runs
+    settings = lab.check_notebook_params(methods=["vae", "simclr", "siamese-vae", "rotation"], epochs=1, limit=512,
+                                         out=str(tmp_path))
+    sweep = lab.sweep_configs(settings, "triplet_weight", [0, 5, 20])
+    assert [c.settings["triplet_weight"] for c in sweep] == [0, 5, 20] and {c.method for c in sweep} == {"siamese-vae"}
+    trained, batches = [], []
+    monkeypatch.setattr(lab_runs, "timed_pretrain", lambda config, **options: (
+        trained.append(config) or SimpleNamespace(method=config.method), 0.0))
+
+    def one_batch(jobs, workers, describe=None, report=None):
+        batches.append([job[1][0] for job in jobs])
+        return [function(*args, **kwargs) for function, args, kwargs in jobs]
+    monkeypatch.setattr(parallel, "run_all", one_batch)
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "2")
+    runs = lab.pretrain_runs(settings, announce=None, also=sweep)
+    assert list(runs) == ["vae", "simclr", "siamese-vae", "rotation"]
+    # one batch: the four tasks and the sweep's two other values (5 is siamese-vae's default, its own run),
+    # the longest first: rotation (four views), then the siamese-VAEs (an encoder pass more than the VAE)
+    (batch,) = batches
+    assert [c.method for c in batch] == ["rotation", "siamese-vae", "siamese-vae", "siamese-vae", "vae", "simclr"]
+    assert sorted(c.settings.get("triplet_weight", 5.0) for c in batch if c.method == "siamese-vae") == [0, 5, 20]
+    # after the batch, each returned run and each sweep run is read back (from the store, in the real lab)
+    assert len(trained) == len(batch) + 4 + 2

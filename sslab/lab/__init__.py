@@ -19,7 +19,7 @@ from .embeddings import embeddings, separation_sentence
 from .notebooks import NOTEBOOKS, TABLES, headline, main, publish, published_notebook, execute_notebooks
 from .params import CHECKS, SCORES, LabSettings, check_notebook_params, load_params
 from .runs import (dataset_summary, pretext_sentence, pretrain_runs, rotation_accuracy_by_class, rotation_predictions,
-                   rotation_sentence, setting_sweep, simclr_views, vae_reconstructions, vae_sentence)
+                   rotation_sentence, setting_sweep, simclr_views, sweep_configs, vae_reconstructions, vae_sentence)
 from .tables import (best_series, confusion_of, confusion_sentence, curve_sentence, evaluate_budgets, finetune_sentence,
                      gain_frame, pivot_frame, probe_sentence, references, results_frame, semi_sentence, sweep_sentence)
 from .teaching import (Handover, agree, agree_states, agreement, agreement_frame, agreement_sentence,
@@ -38,5 +38,5 @@ __all__ = ["agree", "agree_states", "agreement", "agreement_frame", "agreement_s
            "published_notebook", "references", "results_frame", "rotation_accuracy_by_class", "rotation_predictions",
            "rotation_sentence", "execute_notebooks", "SCORES", "selection_frame", "selection_gain_frame",
            "selection_picks", "selection_points", "selection_sentence", "selection_sweep", "semi_sentence",
-           "separation_sentence", "series_name", "setting_sweep", "show", "simclr_views", "sweep_sentence", "TABLES",
-           "umap_explorer", "vae_reconstructions", "vae_sentence", "validation_worth"]
+           "separation_sentence", "series_name", "setting_sweep", "show", "simclr_views", "sweep_configs",
+           "sweep_sentence", "TABLES", "umap_explorer", "vae_reconstructions", "vae_sentence", "validation_worth"]

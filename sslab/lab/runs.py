@@ -3,8 +3,9 @@ runs (trained now or found in the store), and what each pretext task learned."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import asdict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -24,32 +25,71 @@ def dataset_summary(settings: LabSettings) -> str:
             f"classes: {', '.join(s.train.classes)}")
 
 
-def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print) -> dict:
+def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print, also: Sequence = ()) -> dict:
     """Pretrain every method in ``settings.methods`` unless the run store already holds the same
     config (then it is reused), and add the random-init backbone when ``settings.random_init``;
     returns ``{method: Run}`` and says which happened. The runs that are missing train side by
-    side in worker processes of one thread each when ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`)."""
+    side in worker processes of one thread each when ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`),
+    longest first. ``also``: more configs to pretrain in the same batch (e.g. :func:`sweep_configs`,
+    for a sweep later in the notebook), stored but not returned: one batch of seven runs on two
+    workers ends sooner than a batch of four and then one of three."""
     from ..parallel import Progress, default_workers, run_all
     configs = {method: settings.pretrain_config(method) for method in settings.run_methods}
-    missing = [method for method, config in configs.items()
-               if not store.is_complete(store.run_dir("pretrain", method, config.dataset,
-                                                      asdict(config.resolved(settings.device)), settings.out))]
+    unique: dict = {}  # one job per run folder: a sweep's value that is the default names the notebook's own run
+    for method, config in [*configs.items(), *((None, c) for c in also)]:
+        unique.setdefault(_folder(config, settings), (method, config))
+    missing = sorted(((m, c) for folder, (m, c) in unique.items() if not store.is_complete(folder)),
+                     key=lambda mc: -pretrain_cost(mc[1]))
     options = dict(device=settings.device, out=settings.out, progress=progress, deterministic=settings.deterministic)
     seconds = {}
     if default_workers() > 1 and len(missing) > 1:
-        jobs = [(timed_pretrain, (configs[m],), options) for m in missing]
-        named = {id(job): m for job, m in zip(jobs, missing)}
-        for method, (_, took) in zip(missing, run_all(jobs, default_workers(), lambda job: f"pretrain {named[id(job)]}",
-                                                      Progress(f"{len(missing)} pretraining runs", len(missing)))):
-            seconds[method] = took
+        jobs = [(timed_pretrain, (config,), options) for _, config in missing]
+        names = {id(job): config.method for job, (_, config) in zip(jobs, missing)}
+        finished = run_all(jobs, default_workers(), lambda job: f"pretrain {names[id(job)]}",
+                           Progress(f"{len(missing)} pretraining runs", len(missing)))
+        for (method, _), (_, took) in zip(missing, finished):
+            if method is not None:
+                seconds[method] = took
     runs = {}
     for method, config in configs.items():
         run, took = timed_pretrain(config, **options)
         if announce:
-            how = f"trained now in {seconds.get(method, took):.0f} s" if method in missing else "reused"
+            how = f"trained now in {seconds.get(method, took):.0f} s" if any(m == method for m, _ in missing) \
+                else "reused"
             announce(f"{how}: {run.path.name} — {describe(run)}")
         runs[method] = run
+    extra = [c for m, c in missing if m is None]
+    for config in extra:  # trained above by the workers, or here now
+        timed_pretrain(config, **options)
+    if announce and extra:
+        counts = Counter(config.method for config in extra)
+        announce(f"and {len(extra)} more run(s) trained alongside, for later in the notebook: "
+                 + ", ".join(f"{method} ×{n}" for method, n in sorted(counts.items())))
     return runs
+
+
+# Relative cost of a pretraining step per source image on the lab's AlexNet (measured one thread,
+# 20 000 images × 3 epochs: rotation 88 s, siamese-VAE 57, VAE 42, SimCLR 40): enough to start the
+# longest runs first.
+_STEP_COST = {"rotation": 2.1, "siamese-vae": 1.4, "vae": 1.0, "simclr": 1.0}
+
+
+def pretrain_cost(config) -> float:
+    """An estimate of a pretraining run's time (arbitrary units), to order a batch longest first."""
+    images = config.limit if config.limit is not None else 60_000
+    from ..pretrain import RANDOM_INIT
+    if config.method == RANDOM_INIT:
+        return 0.0  # nothing to train
+    return _STEP_COST.get(config.method, 1.0) * images * config.epochs
+
+
+def _folder(config, settings: LabSettings):
+    return store.run_dir("pretrain", config.method, config.dataset, asdict(config.resolved(settings.device)),
+                         settings.out)
+
+
+def _stored(config, settings: LabSettings) -> bool:
+    return store.is_complete(_folder(config, settings))
 
 
 def timed_pretrain(config, **options) -> tuple:
@@ -196,11 +236,25 @@ def setting_sweep(settings: LabSettings, setting: str, values, budget: int = 4, 
     (``siamese-vae [triplet_weight=20.0]``). The missing runs pretrain side by side in worker
     processes where ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`), as ``python -m sslab curve
     --sweep NAME=V1,V2,...`` does."""
-    from dataclasses import replace
-
-    from .. import store as run_store
     from ..evaluate import label_curve
     from ..parallel import Progress, default_workers, run_all
+    configs = sweep_configs(settings, setting, values)
+    options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
+    missing = sorted((c for c in configs if not _stored(c, settings)), key=lambda c: -pretrain_cost(c))
+    run_all([(timed_pretrain, (c,), options) for c in missing], default_workers(), lambda job: "pretrain",
+            Progress(f"{len(missing)} pretraining runs", len(missing)))
+    runs = [timed_pretrain(c, **options)[0] for c in configs]
+    return label_curve(runs, budgets=[budget], seeds=list(settings.seeds), layer=settings.layer, head=settings.head,
+                       protocols=["probe"], device=settings.device, out=settings.out, config=settings.eval_config(),
+                       name=name, progress=False, deterministic=settings.deterministic)
+
+
+def sweep_configs(settings: LabSettings, setting: str, values) -> list:
+    """The pretraining configs :func:`setting_sweep` reads: one per value of ``values`` for each
+    method of ``settings.methods`` that has ``setting`` (the other settings as the notebook gives
+    them). Given to :func:`pretrain_runs` as ``also``, they train in the notebook's first batch."""
+    from dataclasses import replace
+
     from ..pretext import setting_names
     from ..pretrain import RANDOM_INIT, settings_by_method
     methods = [m for m in settings.methods if m != RANDOM_INIT and setting in setting_names(m)]
@@ -213,12 +267,4 @@ def setting_sweep(settings: LabSettings, setting: str, values, budget: int = 4, 
         for method in methods:
             config = settings.pretrain_config(method)
             configs.append(replace(config, settings={**config.settings, **checked[method]}))
-    options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
-    missing = [c for c in configs if not run_store.is_complete(
-        run_store.run_dir("pretrain", c.method, c.dataset, asdict(c.resolved(settings.device)), settings.out))]
-    run_all([(timed_pretrain, (c,), options) for c in missing], default_workers(), lambda job: "pretrain",
-            Progress(f"{len(missing)} pretraining runs", len(missing)))
-    runs = [timed_pretrain(c, **options)[0] for c in configs]
-    return label_curve(runs, budgets=[budget], seeds=list(settings.seeds), layer=settings.layer, head=settings.head,
-                       protocols=["probe"], device=settings.device, out=settings.out, config=settings.eval_config(),
-                       name=name, progress=False, deterministic=settings.deterministic)
+    return configs
