@@ -149,7 +149,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         probe_cells_together(needed, cfg, device, out, deterministic)
     workers = default_workers() if workers is None else check_int("workers", workers, 1, maximum=MAX_COUNT)
     if workers > 1:
-        _compute_in_workers(cells, by_method, like, cfg, device, out, deterministic, workers)
+        _compute_in_workers([(*cell, cfg) for cell in cells], by_method, like, device, out, deterministic, workers)
     rows = []
     bar = None
     if progress:
@@ -186,16 +186,17 @@ def compute_cells(cells: Sequence[tuple]) -> list:
     return [compute_cell(*cell) for cell in cells]
 
 
-def _compute_in_workers(cells: list, by_method: dict, like: Run, cfg: EvalConfig, device, out, deterministic: bool,
+def _compute_in_workers(cells: list, by_method: dict, like: Run, device, out, deterministic: bool,
                         workers: int) -> None:
-    """Every missing cell of ``cells`` computed (and stored) by ``workers`` worker processes: each
-    long cell a job of its own, the quick ones of a run one job together; the longest first."""
+    """Every missing cell of ``cells`` — ``(method, protocol, budget, seed, resolved settings)`` —
+    computed (and stored) by ``workers`` worker processes: each long cell a job of its own, the
+    quick ones of a run one job together; the longest first."""
     dev = resolve_device(device)
-    missing = [(method, protocol, budget, seed) for method, protocol, budget, seed in cells
+    missing = [(method, protocol, budget, seed, cfg) for method, protocol, budget, seed, cfg in cells
                if stored_row(cell_key(protocol, budget, seed, by_method.get(method, like), cfg), out) is None]
     missing.sort(key=lambda c: COST_ORDER.index(c[1]))
     jobs, names, grouped = [], [], {}
-    for method, protocol, budget, seed in missing:
+    for method, protocol, budget, seed, cfg in missing:
         cell = (protocol, budget, seed, by_method.get(method, like), cfg, dev, out, deterministic)
         if protocol in GROUPED:
             grouped.setdefault(method, []).append(cell)
@@ -208,6 +209,27 @@ def _compute_in_workers(cells: list, by_method: dict, like: Run, cfg: EvalConfig
     described = {id(job): name for job, name in zip(jobs, names)}
     run_all(jobs, workers, lambda job: described[id(job)], Progress(f"{len(cells)} cells, {workers} workers",
                                                                      len(jobs)))
+
+
+def compute_sweeps(pretrained_runs, budgets, seeds, protocols, configs: Sequence[EvalConfig], device="auto",
+                   out=None, deterministic: bool = False, workers: Optional[int] = None) -> None:
+    """The missing cells of several sweeps over the same runs, budgets, seeds and protocols that
+    differ only in their settings (``configs``, e.g. one per way of choosing the labeled images),
+    computed in one batch of ``workers`` worker processes (default ``SSLAB_WORKERS``): one start of
+    the workers, and each loads a run's features and graph once for all the sweeps. A
+    :func:`label_curve` per config then finds its cells stored. With one worker, nothing is done
+    here (each label_curve computes its own)."""
+    workers = default_workers() if workers is None else check_int("workers", workers, 1, maximum=MAX_COUNT)
+    if workers <= 1:
+        return
+    runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
+    by_method = run_names(runs)
+    budgets, seeds, protocols = check_budgets(budgets), check_seeds(seeds), _protocols(protocols, None, None)
+    cells = []
+    for config in configs:
+        cfg = config.resolved(resolve_device(device), _arch(runs))
+        cells += [(*cell, cfg) for cell in curve_cells(list(by_method), budgets, seeds, protocols)]
+    _compute_in_workers(cells, by_method, runs[0], device, out, deterministic, workers)
 
 
 def default_table_name(runs, budgets, seeds, protocols=DEFAULT_PROTOCOLS, config: Optional[EvalConfig] = None) -> str:

@@ -20,6 +20,7 @@ def selection_sweep(runs: dict, settings: LabSettings, selections: Optional[Sequ
     validation mode), written to ``outputs/tables/<name>``. Cells already computed are reused."""
     from .. import store
     from ..evaluate import label_curve
+    from ..evaluate.curve import compute_sweeps
     from ..evaluate.probe import probe_cells_together
     configs = [replace(settings.eval_config(), selection=selection,
                        val_per_class=settings.val_per_class if val_per_class is None else val_per_class)
@@ -30,6 +31,9 @@ def selection_sweep(runs: dict, settings: LabSettings, selections: Optional[Sequ
                           for config in configs for run in runs.values() for budget in settings.budgets
                           for seed in settings.seeds], configs[0], settings.device, settings.out,
                          settings.deterministic)
+    # the other cells of every selection in one batch of the worker processes
+    compute_sweeps(list(runs.values()), settings.budgets, settings.seeds, protocols, configs, settings.device,
+                   settings.out, settings.deterministic)
     rows = []
     for config in configs:
         table = label_curve(list(runs.values()), budgets=list(settings.budgets), seeds=list(settings.seeds),
