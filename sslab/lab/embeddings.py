@@ -14,16 +14,18 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
     """UMAP panels of ``settings.points`` test images (stratified, seeded): each run's pooled
     ``layer`` features (what the probe sees), VAE runs in their latent mean μ when
     ``settings.vae_latent``, and — as the reference that shows what the architecture alone
-    gives — the same backbone with random weights."""
+    gives — the same backbone with random weights. The features are computed here; the UMAPs
+    (seconds each, one thread) run side by side in worker processes where ``SSLAB_WORKERS`` allows."""
     from ..augment import to_float
     from ..embed import embed, stratified_sample
     from ..models import BackboneConfig, build_backbone, extract_features
+    from ..parallel import default_workers, run_all
     layer = check_layer(layer or settings.resolved_layer, settings.backbone)
     test = settings.splits.test
     index = torch.from_numpy(stratified_sample(test.labels, settings.points, seed=0))
     images, labels = test.images[index], test.labels[index]
     grid = settings.eval_config().grid
-    panels = []
+    panels = []  # (name, features, space) of each panel
     for method, run in runs.items():
         task = run.load_task(settings.device)
         if settings.vae_latent and hasattr(task, "encode"):
@@ -34,16 +36,16 @@ def embeddings(runs: dict, settings: LabSettings, layer: Optional[str] = None, r
             feats = extract_features(task.backbone, images, layer, grid, settings.device,
                                      precision=settings.resolved_precision).cpu()
             space = f"{layer} ({grid}×{grid} pooled)"
-        panels.append(embed(method, feats, labels, space, test.classes, settings.score))
+        panels.append((method, feats, space))
     if random_init and runs:
         like = next(iter(runs.values()))
         torch.manual_seed(0)
         backbone = build_backbone(BackboneConfig(**like.summary["backbone"])).to(settings.device)
         feats = extract_features(backbone, images, layer, grid, settings.device,
                                  precision=settings.resolved_precision).cpu()
-        panels.append(embed("random init", feats, labels, f"{layer} ({grid}×{grid} pooled)", test.classes,
-                            settings.score))
-    return panels
+        panels.append(("random init", feats, f"{layer} ({grid}×{grid} pooled)"))
+    return run_all([(embed, (name, feats, labels, space, test.classes, settings.score), {})
+                    for name, feats, space in panels], default_workers())
 
 
 def separation_sentence(panels: list) -> str:
