@@ -293,6 +293,52 @@ def test_a_feature_cache_that_fails_is_rebuilt(outputs, images, how, capsys):
         assert "rebuilding the feature cache" in capsys.readouterr().err
 
 
+def test_a_few_rows_added_to_a_large_feature_cache_go_to_a_file_of_their_own(outputs, images):
+    from sslab.evaluate.features import cached_features
+    run = the_run(outputs, images)
+    for path in list(run.path.glob("features-*")):
+        path.unlink()
+    features._FEATURES.clear()
+    many, few, more = torch.arange(0, 20), torch.tensor([25, 21, 23]), torch.tensor([24, 27])
+    reference = cached_features(run, "train", "conv2", 2, "cpu", index=torch.cat([many, few, more]))
+    (cache,) = run.path.glob("features-train-*.pt")  # one file: the rows computed in one call
+    for path in list(run.path.glob("features-*")):
+        path.unlink()
+    features._FEATURES.clear()
+    cached_features(run, "train", "conv2", 2, "cpu", index=many)
+    before = cache.read_bytes()
+    first = cached_features(run, "train", "conv2", 2, "cpu", index=few)
+    cached_features(run, "train", "conv2", 2, "cpu", index=more)
+    added = sorted(run.path.glob("features-train-*.more-*.pt"))
+    # the cache is not written again for 3 and 2 rows: each addition has its file, with its checksum
+    assert cache.read_bytes() == before and len(added) == 2
+    for path in added:
+        integrity.verify(path)
+    # another process reads the cache and the added rows: the same numbers, nothing computed again
+    features._FEATURES.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(features, "extract_features", lambda *a, **k: pytest.fail("computed again"))
+        again = cached_features(run, "train", "conv2", 2, "cpu", index=torch.cat([many, few, more]))
+    assert torch.equal(again, reference) and torch.equal(again[20:23], first)
+    # a damaged file of added rows is left out: its rows are computed again
+    damage(added[0])
+    features._FEATURES.clear()
+    assert torch.equal(cached_features(run, "train", "conv2", 2, "cpu", index=torch.cat([many, few, more])),
+                       reference)
+    # more new rows than half of what the cache would hold: one whole cache again, without the files it holds
+    for path in list(run.path.glob("features-*")):
+        path.unlink()
+    features._FEATURES.clear()
+    cached_features(run, "train", "conv2", 2, "cpu", index=torch.arange(0, 4))
+    cached_features(run, "train", "conv2", 2, "cpu", index=torch.tensor([4]))
+    assert len(list(run.path.glob("features-train-*.more-*.pt"))) == 1
+    whole = cached_features(run, "train", "conv2", 2, "cpu", index=torch.arange(0, 15))
+    assert not list(run.path.glob("features-train-*.more-*.pt"))
+    saved = store.load_torch(cache)
+    assert sorted(saved["rows"].tolist()) == list(range(15))
+    assert torch.equal(saved["features"][saved["rows"].argsort()], whole)
+
+
 def test_a_file_without_its_checksum_is_checked_by_its_zip_crcs(tmp_path):
     path = tmp_path / "weights.pt"
     store.save_torch(path, {"w": torch.arange(4096, dtype=torch.float32)})
