@@ -294,6 +294,32 @@ def test_shards_then_merge_equal_the_unsharded_table(tiny_runs):
         sorted((key(r), r["top1"], r["top5"]) for r in full.rows)
 
 
+def test_sweeps_computed_in_one_batch_are_the_cells_label_curve_reads(tiny_runs, monkeypatch, tmp_path):
+    from sslab.evaluate import curve
+    runs, out = tiny_runs
+    other = replace(TINY, probe_epochs=2)
+    sweeps = [(runs, ["probe", "finetune"], TINY), (runs[:1], ["probe"], other)]
+    reference = [ev.label_curve(r, budgets=(1,), seeds=(0, 1), protocols=p, device="cpu", out=str(tmp_path / "one"),
+                                config=c, progress=False, workers=1).rows for r, p, c in sweeps]
+    batches = []
+
+    def in_this_process(jobs, workers, describe=None, report=None):
+        if jobs:
+            batches.append(sorted(describe(job) for job in jobs))
+        return [function(*args, **kwargs) for function, args, kwargs in jobs]
+    monkeypatch.setattr(curve, "run_all", in_this_process)
+    batched = str(tmp_path / "batched")
+    curve.compute_sweeps(sweeps, budgets=(1,), seeds=(0, 1), device="cpu", out=batched, workers=2)
+    # the probes of both sweeps trained first (here, heads together), then one batch: each fine-tuning cell a job
+    assert batches == [["rotation finetune k=1 seed=0", "rotation finetune k=1 seed=1", "vae finetune k=1 seed=0",
+                        "vae finetune k=1 seed=1"]]
+    tables = [ev.label_curve(r, budgets=(1,), seeds=(0, 1), protocols=p, device="cpu", out=batched, config=c,
+                             progress=False, workers=2).rows for r, p, c in sweeps]
+    assert len(batches) == 1  # every cell was stored: nothing computed again
+    key = lambda r: (r["method"], r["protocol"], r["seed"], r["top1"], r["top5"])  # noqa: E731
+    assert [sorted(map(key, t)) for t in tables] == [sorted(map(key, t)) for t in reference]
+
+
 @pytest.mark.slow
 def test_probe_command_prints_top1_and_top5(tiny_runs):
     (run, _), out = tiny_runs

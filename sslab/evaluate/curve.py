@@ -211,25 +211,33 @@ def _compute_in_workers(cells: list, by_method: dict, like: Run, device, out, de
                                                                      len(jobs)))
 
 
-def compute_sweeps(pretrained_runs, budgets, seeds, protocols, configs: Sequence[EvalConfig], device="auto",
-                   out=None, deterministic: bool = False, workers: Optional[int] = None) -> None:
-    """The missing cells of several sweeps over the same runs, budgets, seeds and protocols that
-    differ only in their settings (``configs``, e.g. one per way of choosing the labeled images),
-    computed in one batch of ``workers`` worker processes (default ``SSLAB_WORKERS``): one start of
-    the workers, and each loads a run's features and graph once for all the sweeps. A
-    :func:`label_curve` per config then finds its cells stored. With one worker, nothing is done
-    here (each label_curve computes its own)."""
+def compute_sweeps(sweeps: Sequence[tuple], budgets, seeds, layer: Optional[str] = None, head: Optional[str] = None,
+                   device="auto", out=None, deterministic: bool = False, workers: Optional[int] = None) -> None:
+    """The missing cells of several sweeps at the same budgets and seeds — ``sweeps`` =
+    [(pretrained runs, protocols, config)], e.g. one per way of choosing the labeled images, or
+    the pretrained runs and the random-init backbone with fewer protocols — computed as
+    :func:`label_curve` computes them, each sweep's probe heads trained together here first, then
+    the other cells of all the sweeps in one batch of ``workers`` worker processes (default
+    ``SSLAB_WORKERS``): one start of the workers, each loads a run's features and graph once, and
+    the quick cells fill in while the long ones finish. A :func:`label_curve` per sweep (with the
+    same ``layer`` and ``head``) then finds its cells stored. With one worker, nothing is done here
+    (each label_curve computes its own)."""
     workers = default_workers() if workers is None else check_int("workers", workers, 1, maximum=MAX_COUNT)
     if workers <= 1:
         return
-    runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    by_method = run_names(runs)
-    budgets, seeds, protocols = check_budgets(budgets), check_seeds(seeds), _protocols(protocols, None, None)
-    cells = []
-    for config in configs:
-        cfg = config.resolved(resolve_device(device), _arch(runs))
-        cells += [(*cell, cfg) for cell in curve_cells(list(by_method), budgets, seeds, protocols)]
-    _compute_in_workers(cells, by_method, runs[0], device, out, deterministic, workers)
+    budgets, seeds = check_budgets(budgets), check_seeds(seeds)
+    cells, by_method, like = [], {}, None
+    for pretrained_runs, protocols, config in sweeps:
+        runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
+        cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
+        names = run_names(runs)
+        sweep = curve_cells(list(names), budgets, seeds, _protocols(protocols, None, None))
+        probe_cells_together([(names[m], b, s, cfg.head if protocol == "probe" else "mlp")
+                              for m, protocol, b, s in sweep if protocol != "scratch"], cfg, device, out, deterministic)
+        by_method.update(names)
+        like = like or runs[0]
+        cells += [(*cell, cfg) for cell in sweep]
+    _compute_in_workers(cells, by_method, like, device, out, deterministic, workers)
 
 
 def default_table_name(runs, budgets, seeds, protocols=DEFAULT_PROTOCOLS, config: Optional[EvalConfig] = None) -> str:

@@ -32,8 +32,8 @@ def selection_sweep(runs: dict, settings: LabSettings, selections: Optional[Sequ
                           for seed in settings.seeds], configs[0], settings.device, settings.out,
                          settings.deterministic)
     # the other cells of every selection in one batch of the worker processes
-    compute_sweeps(list(runs.values()), settings.budgets, settings.seeds, protocols, configs, settings.device,
-                   settings.out, settings.deterministic)
+    compute_sweeps([(list(runs.values()), protocols, config) for config in configs], settings.budgets, settings.seeds,
+                   device=settings.device, out=settings.out, deterministic=settings.deterministic)
     rows = []
     for config in configs:
         table = label_curve(list(runs.values()), budgets=list(settings.budgets), seeds=list(settings.seeds),

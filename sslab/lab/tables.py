@@ -17,6 +17,7 @@ def evaluate_budgets(runs: dict, settings: LabSettings, budgets=None, scratch: b
     the random-init run gets only those of them in ``settings.random_init_protocols``."""
     from .. import store
     from ..evaluate import ResultTable, label_curve
+    from ..evaluate.curve import compute_sweeps
     from ..pretrain import RANDOM_INIT
     budgets = budgets if budgets is not None else settings.budgets
     if protocols is not None:
@@ -31,6 +32,11 @@ def evaluate_budgets(runs: dict, settings: LabSettings, budgets=None, scratch: b
         return label_curve(list(runs.values()), protocols=protocols, scratch=scratch, finetune=finetune, name=name,
                            **common)
     pretrained = [r for m, r in runs.items() if m != RANDOM_INIT]
+    # both sweeps' cells in one batch of the worker processes: random-init's quick cells fill in
+    # while the pretrained runs' long ones finish
+    sweeps = [(pretrained, protocols, common["config"])] + ([(untrained, fewer, common["config"])] if fewer else [])
+    compute_sweeps(sweeps, common["budgets"], common["seeds"], settings.layer, settings.head, settings.device,
+                   settings.out, settings.deterministic)
     rows = label_curve(pretrained, protocols=protocols, **common).rows
     if fewer:  # random-init from the same labeled images, with the protocols asked of it
         rows += label_curve(untrained, protocols=fewer, **common).rows
