@@ -167,7 +167,7 @@ class LabSettings:
     random_init: bool = False  # also evaluate the backbone as initialised (what pretraining adds)
     random_init_protocols: tuple = PROTOCOLS  # the protocols random-init gets (of those the notebook runs)
     sweep_setting: str = "triplet_weight"  # the pretext setting notebook 01 sweeps
-    sweep_values: tuple = (0, 1, 5, 20)
+    sweep_values: tuple = (0, 5)  # the setting off and the study's value
     sweep_labels: int = 4  # labeled images per class of the sweep's probe
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
