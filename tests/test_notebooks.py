@@ -592,7 +592,7 @@ def test_every_notebook_shows_the_smoke_parameters_it_was_given(executed):
 def test_notebook_01_reports_what_the_run_store_holds(executed, shared_outputs):
     nb = executed.notebook("01_pretext")
     smoke = lab.load_params(SMOKE)
-    reported = _printed(nb, "runs = lab.pretrain_runs(")
+    reported = _printed(nb, "sweep_runs = lab.sweep_configs(")  # the cell that pretrains (and the sweep's runs)
     # 01's runs: not notebook 06's untrained backbone, nor the float32 rotation run notebook 00 compares with
     runs = {run.method: run for run in map(load_run, store.list_runs("pretrain", str(shared_outputs)))
             if f": {run.path.name} — " in reported}
