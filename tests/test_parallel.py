@@ -159,5 +159,22 @@ def test_a_sweeps_runs_train_in_the_notebooks_batch_longest_first(monkeypatch, t
     (batch,) = batches
     assert [c.method for c in batch] == ["rotation", "siamese-vae", "siamese-vae", "siamese-vae", "vae", "simclr"]
     assert sorted(c.settings.get("triplet_weight", 5.0) for c in batch if c.method == "siamese-vae") == [0, 5, 20]
-    # after the batch, each returned run and each sweep run is read back (from the store, in the real lab)
-    assert len(trained) == len(batch) + 4 + 2
+    # after the batch, each returned run is read back (from the store, in the real lab); the sweep's are not
+    assert len(trained) == len(batch) + 4
+
+
+def test_with_one_worker_the_sweeps_runs_train_here_one_by_one(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from sslab import lab
+    from sslab.lab import runs as lab_runs
+    settings = lab.check_notebook_params(methods=["vae", "siamese-vae"], epochs=1, limit=512, out=str(tmp_path))
+    trained = []
+    monkeypatch.setattr(lab_runs, "timed_pretrain", lambda config, **options: (
+        trained.append(config) or SimpleNamespace(method=config.method), 0.0))
+    monkeypatch.setattr(parallel, "run_all", lambda *a, **k: pytest.fail("no batch with one worker"))
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "1")
+    lab.pretrain_runs(settings, announce=None, also=lab.sweep_configs(settings, "triplet_weight", [0, 5]))
+    # the two runs of the notebook, then the sweep's other value (5 is siamese-vae's own run)
+    assert [(c.method, c.settings.get("triplet_weight")) for c in trained] == [
+        ("vae", None), ("siamese-vae", None), ("siamese-vae", 0)]

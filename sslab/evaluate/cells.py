@@ -352,7 +352,7 @@ class Cell:
         """The run's frozen features of rows ``rows`` of a split (None: all of them) at the cell's
         layer, grid and precision."""
         return cached_features(self.run, split, self.cfg.layer, self.cfg.grid, self.device, index=rows,
-                            precision=self.cfg.precision)
+                               precision=self.cfg.precision)
 
     def pool_statistics(self) -> tuple:
         """The mean and spread (floored at 1e-6) of every feature over the run's unlabeled pool: how

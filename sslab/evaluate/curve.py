@@ -104,6 +104,20 @@ def run_names(runs) -> dict:
     return labels
 
 
+def _resolved(config: Optional[EvalConfig], layer: Optional[str], head: Optional[str], device, runs) -> EvalConfig:
+    """A sweep's settings as its cells are keyed: ``config`` with ``layer`` and ``head`` where given,
+    resolved for the device and the runs' backbone."""
+    return (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
+
+
+def _train_probes(cells: Sequence[tuple], by_method: dict, cfg: EvalConfig, device, out, deterministic: bool) -> None:
+    """Every probe head the ``(method, protocol, budget, seed)`` cells need, trained together in
+    batched groups: fine-tuning and FixMatch start from the mlp probe, label propagation and
+    self-training weigh it against the graph."""
+    probe_cells_together([(by_method[m], b, s, cfg.head if protocol == "probe" else "mlp")
+                          for m, protocol, b, s in cells if protocol != "scratch"], cfg, device, out, deterministic)
+
+
 def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Optional[str] = None,
                 head: Optional[str] = None, protocols=None, scratch: Optional[bool] = None,
                 finetune: Optional[bool] = None, device="auto", out=None, config: Optional[EvalConfig] = None,
@@ -133,7 +147,7 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     if len(datasets) > 1:
         raise ValueError(f"pretrained_runs mix datasets ({', '.join(sorted(datasets))}); allowed: runs of one dataset")
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)
-    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
+    cfg = _resolved(config, layer, head, device, runs)
     by_method = run_names(runs)
     cells = curve_cells(list(by_method), budgets, seeds, protocols)
     if shard is not None:
@@ -141,12 +155,8 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         cells = cells[index::count]
     like = runs[0] if runs else None
     if batch_probes:
-        # Every probe head this sweep needs (fine-tuning and FixMatch start from the mlp probe,
-        # label propagation and self-training weigh it against the graph) trains in batched
-        # groups first; the loop below then finds those cells stored.
-        needed = [(by_method[m], b, s, cfg.head if protocol == "probe" else "mlp")
-                  for m, protocol, b, s in cells if protocol != "scratch"]
-        probe_cells_together(needed, cfg, device, out, deterministic)
+        # the probe heads first; the loop below then finds those cells stored
+        _train_probes(cells, by_method, cfg, device, out, deterministic)
     workers = default_workers() if workers is None else check_int("workers", workers, 1, maximum=MAX_COUNT)
     if workers > 1:
         _compute_in_workers([(*cell, cfg) for cell in cells], by_method, like, device, out, deterministic, workers)
@@ -229,11 +239,10 @@ def compute_sweeps(sweeps: Sequence[tuple], budgets, seeds, layer: Optional[str]
     cells, by_method, like = [], {}, None
     for pretrained_runs, protocols, config in sweeps:
         runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-        cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
+        cfg = _resolved(config, layer, head, device, runs)
         names = run_names(runs)
         sweep = curve_cells(list(names), budgets, seeds, _protocols(protocols, None, None))
-        probe_cells_together([(names[m], b, s, cfg.head if protocol == "probe" else "mlp")
-                              for m, protocol, b, s in sweep if protocol != "scratch"], cfg, device, out, deterministic)
+        _train_probes(sweep, names, cfg, device, out, deterministic)
         by_method.update(names)
         like = like or runs[0]
         cells += [(*cell, cfg) for cell in sweep]
@@ -265,7 +274,7 @@ def merge_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
         store.check_file_name("name", name)
     protocols = _protocols(protocols, scratch, finetune)
     runs = [r if isinstance(r, Run) else load_run(r) for r in pretrained_runs]
-    cfg = (config or EvalConfig()).with_(layer=layer, head=head).resolved(resolve_device(device), _arch(runs))
+    cfg = _resolved(config, layer, head, device, runs)
     by_method = run_names(runs)
     like = runs[0] if runs else None
     budgets, seeds = check_budgets(budgets), check_seeds(seeds)

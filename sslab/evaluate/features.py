@@ -36,7 +36,7 @@ class _Features:
 
 
 def cached_features(run: Run, split: str = "test", layer: str = "conv4", grid: int = 4, device="auto",
-                 index: Optional[torch.Tensor] = None, precision: str = "fp32") -> torch.Tensor:
+                    index: Optional[torch.Tensor] = None, precision: str = "fp32") -> torch.Tensor:
     """Frozen features of rows ``index`` of a split (``train``, ``test`` or ``unlabeled``; None:
     every row) for a pretrained run, in ``index``'s order. Only the rows asked for are ever
     computed — a run's protocols read its pool, the test images and a few labeled ones, not every

@@ -264,7 +264,7 @@ def _choose(cell, embedding, labels: torch.Tensor) -> tuple:
     else:
         graph, _ = pool_graph(embedding, cfg, cell.device)
         points = graph.project(cached_features(embedding, "train", cfg.layer, cfg.grid, cell.device, index=candidates,
-                                            precision=cfg.precision)).cpu()
+                                               precision=cfg.precision)).cpu()
         if cfg.selection == "typical":
             picked = select_typical(points, budget, cell.seed, cfg.select_k, cfg.select_min_cluster)
         else:

@@ -31,41 +31,52 @@ def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print,
     returns ``{method: Run}`` and says which happened. The runs that are missing train side by
     side in worker processes of one thread each when ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`),
     longest first. ``also``: more configs to pretrain in the same batch (e.g. :func:`sweep_configs`,
-    for a sweep later in the notebook), stored but not returned: one batch of seven runs on two
-    workers ends sooner than a batch of four and then one of three."""
-    from ..parallel import Progress, default_workers, run_all
+    for a sweep later in the notebook), stored but not returned, so the workers start once."""
     configs = {method: settings.pretrain_config(method) for method in settings.run_methods}
-    unique: dict = {}  # one job per run folder: a sweep's value that is the default names the notebook's own run
-    for method, config in [*configs.items(), *((None, c) for c in also)]:
-        unique.setdefault(_folder(config, settings), (method, config))
-    missing = sorted(((m, c) for folder, (m, c) in unique.items() if not store.is_complete(folder)),
-                     key=lambda mc: -pretrain_cost(mc[1]))
     options = dict(device=settings.device, out=settings.out, progress=progress, deterministic=settings.deterministic)
-    seconds = {}
-    if default_workers() > 1 and len(missing) > 1:
-        jobs = [(timed_pretrain, (config,), options) for _, config in missing]
-        names = {id(job): config.method for job, (_, config) in zip(jobs, missing)}
-        finished = run_all(jobs, default_workers(), lambda job: f"pretrain {names[id(job)]}",
-                           Progress(f"{len(missing)} pretraining runs", len(missing)))
-        for (method, _), (_, took) in zip(missing, finished):
-            if method is not None:
-                seconds[method] = took
+    folders = {method: _folder(config, settings) for method, config in configs.items()}
+    extra = {}  # the runs of ``also`` still to train: folder → config (one that is the notebook's own run is not)
+    for config in also:
+        folder = _folder(config, settings)
+        if folder not in folders.values() and not store.is_complete(folder):
+            extra.setdefault(folder, config)
+    missing = {folder for folder in folders.values() if not store.is_complete(folder)} | set(extra)
+    seconds = _pretrain_batch([*configs.values(), *extra.values()], settings, options)
     runs = {}
     for method, config in configs.items():
-        run, took = timed_pretrain(config, **options)
+        run, took = timed_pretrain(config, **options)  # trained by the batch (then read back), or here
         if announce:
-            how = f"trained now in {seconds.get(method, took):.0f} s" if any(m == method for m, _ in missing) \
+            how = f"trained now in {seconds.get(folders[method], took):.0f} s" if folders[method] in missing \
                 else "reused"
             announce(f"{how}: {run.path.name} — {describe(run)}")
         runs[method] = run
-    extra = [c for m, c in missing if m is None]
-    for config in extra:  # trained above by the workers, or here now
-        timed_pretrain(config, **options)
+    for folder, config in extra.items():
+        if folder not in seconds:  # no batch: trained here
+            timed_pretrain(config, **options)
     if announce and extra:
-        counts = Counter(config.method for config in extra)
+        counts = Counter(config.method for config in extra.values())
         announce(f"and {len(extra)} more run(s) trained alongside, for later in the notebook: "
                  + ", ".join(f"{method} ×{n}" for method, n in sorted(counts.items())))
     return runs
+
+
+def _pretrain_batch(configs: Sequence, settings: LabSettings, options: dict) -> dict:
+    """The runs of ``configs`` that the store does not hold, trained side by side in worker
+    processes (:mod:`sslab.parallel`), longest first; ``{run folder: seconds}``. Empty when there
+    are fewer than two to train or one worker: the caller trains them one by one."""
+    from ..parallel import Progress, default_workers, run_all
+    unique: dict = {}
+    for config in configs:
+        unique.setdefault(_folder(config, settings), config)
+    missing = sorted(((folder, config) for folder, config in unique.items() if not store.is_complete(folder)),
+                     key=lambda item: -pretrain_cost(item[1]))
+    if default_workers() <= 1 or len(missing) <= 1:
+        return {}
+    jobs = [(timed_pretrain, (config,), options) for _, config in missing]
+    names = {id(job): config.method for job, (_, config) in zip(jobs, missing)}
+    finished = run_all(jobs, default_workers(), lambda job: f"pretrain {names[id(job)]}",
+                       Progress(f"{len(missing)} pretraining runs", len(missing)))
+    return {folder: took for (folder, _), (_, took) in zip(missing, finished)}
 
 
 # Relative cost of a pretraining step per source image on the lab's AlexNet (measured one thread,
@@ -76,20 +87,16 @@ _STEP_COST = {"rotation": 2.1, "siamese-vae": 1.4, "vae": 1.0, "simclr": 1.0}
 
 def pretrain_cost(config) -> float:
     """An estimate of a pretraining run's time (arbitrary units), to order a batch longest first."""
-    images = config.limit if config.limit is not None else 60_000
     from ..pretrain import RANDOM_INIT
     if config.method == RANDOM_INIT:
         return 0.0  # nothing to train
+    images = config.limit if config.limit is not None else 60_000
     return _STEP_COST.get(config.method, 1.0) * images * config.epochs
 
 
 def _folder(config, settings: LabSettings):
     return store.run_dir("pretrain", config.method, config.dataset, asdict(config.resolved(settings.device)),
                          settings.out)
-
-
-def _stored(config, settings: LabSettings) -> bool:
-    return store.is_complete(_folder(config, settings))
 
 
 def timed_pretrain(config, **options) -> tuple:
@@ -237,13 +244,10 @@ def setting_sweep(settings: LabSettings, setting: str, values, budget: int = 4, 
     processes where ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`), as ``python -m sslab curve
     --sweep NAME=V1,V2,...`` does."""
     from ..evaluate import label_curve
-    from ..parallel import Progress, default_workers, run_all
     configs = sweep_configs(settings, setting, values)
     options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
-    missing = sorted((c for c in configs if not _stored(c, settings)), key=lambda c: -pretrain_cost(c))
-    run_all([(timed_pretrain, (c,), options) for c in missing], default_workers(), lambda job: "pretrain",
-            Progress(f"{len(missing)} pretraining runs", len(missing)))
-    runs = [timed_pretrain(c, **options)[0] for c in configs]
+    _pretrain_batch(configs, settings, options)
+    runs = [timed_pretrain(c, **options)[0] for c in configs]  # trained by the batch (then read back), or here
     return label_curve(runs, budgets=[budget], seeds=list(settings.seeds), layer=settings.layer, head=settings.head,
                        protocols=["probe"], device=settings.device, out=settings.out, config=settings.eval_config(),
                        name=name, progress=False, deterministic=settings.deterministic)
