@@ -10,7 +10,7 @@ import sys
 import time
 
 from .checks import (MAX_COUNT, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list, check_int,
-                     check_int_list)
+                     check_int_list, check_number)
 from .data import DATASETS, check_budgets_fit, load_dataset
 
 
@@ -88,6 +88,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="which images are labeled: balanced (K of every class, the study's draw), uniform (K × classes "
                         "at random from the pool, classes unknown), typical (TypiClust) or cover (ProbCover), both "
                         "from the method's features without labels")
+    p.add_argument("--choice-margin", type=float, default=0.0,
+                   help="labelprop and selftrain: leave the probe for another candidate only where it wins on the "
+                        "validation images by more than this many standard errors of the paired difference (1: the "
+                        "one-standard-error rule); 0 (default): the best count, as the study chooses")
     p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
     p.add_argument("--fm-steps", type=int, default=1000,
                    help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
@@ -316,9 +320,11 @@ def _eval_config(args):
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
     check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
+    check_number("--choice-margin", args.choice_margin, 0.0, 10.0, low_open=False,
+                 what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
-                      fm_threshold_mode=args.fm_threshold_mode).validate()
+                      fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin).validate()
 
 
 def cmd_curve(args) -> int:

@@ -39,6 +39,45 @@ def test_the_validation_images_choose_and_a_tie_or_no_validation_takes_the_first
     assert chosen_on_validation({"a": right_three, "b": right_all}, val_y[:0]) == ("a", None)
 
 
+def test_a_margin_keeps_the_default_unless_the_paired_wins_beat_chance():
+    """wins − losses > margin · √(wins + losses), counted by hand on ten validation images."""
+    val_y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+
+    def scores(predicted):
+        return torch.nn.functional.one_hot(torch.tensor(predicted), 3).float()
+
+    probe = scores([0, 1, 2, 0, 1, 2, 0, 1, 0, 1])      # 8 of 10: wrong on the last two
+    better = scores([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])     # 10 of 10: wins 2, losses 0
+    mixed = scores([1, 0, 2, 0, 1, 2, 0, 1, 2, 0])      # 8 of 10: wins 2, losses 2 (a tie in count)
+    trade = scores([1, 1, 2, 0, 1, 2, 0, 1, 2, 0])      # 9 of 10: wins 2, losses 1
+    # margin 0: the best count, as before
+    assert chosen_on_validation({"probe": probe, "c": trade}, val_y, default="probe") == ("c", pytest.approx(0.9))
+    # 2 − 0 = 2 > 1 · √2 ≈ 1.41: kept; 2 > 1.5 · √2 ≈ 2.12 is not: the probe
+    assert chosen_on_validation({"probe": probe, "c": better}, val_y, default="probe", margin=1.0) == ("c", 1.0)
+    name, accuracy = chosen_on_validation({"probe": probe, "c": better}, val_y, default="probe", margin=1.5)
+    assert name == "probe" and accuracy == pytest.approx(0.8)
+    # 2 − 1 = 1 ≤ 1 · √3: the probe, though the candidate's count is higher
+    assert chosen_on_validation({"probe": probe, "c": trade}, val_y, default="probe", margin=1.0)[0] == "probe"
+    # an equal count never leaves the default, whatever the order of the candidates
+    assert chosen_on_validation({"c": mixed, "probe": probe}, val_y, default="probe", margin=0.5)[0] == "probe"
+    # no default among the candidates, or no validation images: as without a margin
+    assert chosen_on_validation({"a": probe, "c": better}, val_y, default="probe", margin=1.5)[0] == "c"
+    none = val_y[:0]
+    assert chosen_on_validation({"probe": probe, "c": better}, none, default="probe", margin=1.0) == ("probe", None)
+
+
+def test_the_margin_is_in_the_key_only_when_it_is_set():
+    from sslab.evaluate.cells import cell_key
+    plain = cell_key("labelprop", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig())
+    assert "choice_margin" not in plain  # the cells stored before the setting keep their key
+    set_ = cell_key("selftrain", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_margin=1.0))
+    assert set_["choice_margin"] == 1.0
+    fixmatch = cell_key("fixmatch", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_margin=1.0))
+    assert "choice_margin" not in fixmatch  # FixMatch does not choose this way
+    with pytest.raises(ValueError, match="choice_margin.*-1.*standard errors"):
+        ev.EvalConfig(choice_margin=-1.0).validate()
+
+
 def test_auto_lets_every_teacher_and_prediction_compete_and_a_setting_fixes_one():
     assert teacher_order("auto") == TEACHERS and teacher_order("probe") == ("probe",)
     assert prediction_order("auto") == PREDICTIONS and prediction_order("head") == ("student head",)

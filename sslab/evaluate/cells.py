@@ -95,6 +95,10 @@ class EvalConfig:
     # the test prediction: the student's graph, its head, both, or auto (the best on the validation
     # images of those and the first teacher's own)
     st_predict: str = "auto"
+    # labelprop's weight and selftrain's test prediction leave the probe (weight 1; "probe") only
+    # for a candidate that beats it on the validation images by more than this many standard
+    # errors of the paired difference (probe.chosen_on_validation); 0: the best count, as the study
+    choice_margin: float = 0.0
     # fixmatch: steps of fm_batch labeled and fm_mu × fm_batch unlabeled images; threshold τ, weight λ_u
     fm_steps: int = 1000
     fm_batch: int = 32
@@ -143,6 +147,8 @@ class EvalConfig:
             check_number(name, getattr(self, name))
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
+        check_number("choice_margin", self.choice_margin, 0.0, 10.0, low_open=False,
+                     what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
         weights = self.lp_probe_weights
         if (not isinstance(weights, (tuple, list)) or not weights
                 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1 for w in weights)):
@@ -186,14 +192,18 @@ CELL_FIELDS = {
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
     # labelprop weighs the graph against the probe (lp_probe_weights): the probe's settings count too
     "labelprop": ("layer", "grid", "selection", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha",
-                  "lp_gamma", "lp_iterations", "lp_probe_weights", "hidden", "batch_size", "samples_per_epoch",
-                  "weight_decay") + _PROBE,
+                  "lp_gamma", "lp_iterations", "lp_probe_weights", "choice_margin", "hidden", "batch_size",
+                  "samples_per_epoch", "weight_decay") + _PROBE,
 }
 CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_class", "st_threshold", "st_steps",
                                                        "st_lr", "st_labeled_fraction", "st_teacher", "st_predict")
 CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch", "fm_mu", "fm_threshold_mode",
                                                          "fm_threshold", "fm_sat_momentum", "fm_weight", "fm_lr",
                                                          "fm_ema")
+
+
+# Settings in a cell's key only when they differ from these values (what cells stored before them did).
+KEYED_WHEN_CHANGED = {"choice_margin": 0.0}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).
@@ -207,6 +217,9 @@ def cell_key(kind: str, method: str, dataset: str, budget: int, seed: int, cfg: 
     (:data:`SELECTION_FIELDS`), and ``extra`` (what it starts from)."""
     fields = asdict(cfg)
     names = CELL_FIELDS[kind] + SELECTION_FIELDS.get(cfg.selection, ())
+    # A setting added after cells were stored is left out of the key at the value that means what
+    # those cells did, so they stay found; any other value makes new cells.
+    names = tuple(n for n in names if not (n in KEYED_WHEN_CHANGED and fields[n] == KEYED_WHEN_CHANGED[n]))
     return {"stage": "eval", "protocol": kind, "method": method, "dataset": dataset, "budget": budget,
             "seed": seed, **{k: fields[k] for k in dict.fromkeys(names)}, **extra}
 

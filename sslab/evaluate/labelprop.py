@@ -13,7 +13,9 @@ Where labels are less scarce, a head trained on them classifies better than a vo
 neighbours (at 64 labels per class on rotation's features, the probe is 2 to 3 points above the
 graph alone). So the cell weighs the two: its test scores are w · the probe's class probabilities
 + (1 − w) · the graph's, with w chosen on the validation images among ``lp_probe_weights`` —
-never on the test images. With the weights (0,) it is the graph alone.
+never on the test images. With the weights (0,) it is the graph alone. With ``choice_margin`` > 0
+a weight below 1 is taken only where it beats the probe alone by that many standard errors on the
+validation images (:func:`.probe.chosen_on_validation`).
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ def compute_labelprop(cell: Cell) -> dict:
         probe_val = probe_probabilities(head, cell.features("train", split[1]), cell.cfg.precision)
         probe_test = probe_probabilities(head, cell.features("test"), cell.cfg.precision)
     mixed = {w: (graph_val if w == 0 else w * probe_val + (1 - w) * graph_val) for w in weights}
-    weight, val_acc = chosen_on_validation(mixed, val_y)
+    weight, val_acc = chosen_on_validation(mixed, val_y, default=1.0 if 1.0 in mixed else None,
+                                           margin=cell.cfg.choice_margin)
     scores = graph_test if weight == 0 else weight * probe_test + (1 - weight) * graph_test
     row = cell.row(scores, "graph", 0, time.perf_counter() - t0)
     test_y = cell.splits.test.labels.to(cell.device)

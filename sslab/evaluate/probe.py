@@ -4,6 +4,7 @@ validation images. A sweep trains its heads together (:mod:`.batched_heads`)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -192,11 +193,19 @@ def probe_probabilities(head: FeatureHead, features: torch.Tensor, precision: st
     return predict(head, features, precision=precision).softmax(1)
 
 
-def chosen_on_validation(candidates: dict, val_labels: torch.Tensor) -> tuple:
+def chosen_on_validation(candidates: dict, val_labels: torch.Tensor, default=None, margin: float = 0.0) -> tuple:
     """``(name, validation accuracy)`` of the candidate whose class scores classify the validation
     images best: ``candidates`` maps a name to its validation scores (V×classes), in order of
     preference — a tie goes to the earlier one, and without validation images (V = 0) the first
-    is taken (accuracy None)."""
+    is taken (accuracy None).
+
+    With a ``default`` candidate (a protocol's probe) and ``margin`` > 0, the best is taken over
+    the default only where the validation images say so beyond chance: paired on the images, with
+    ``wins`` the images the best classifies right and the default wrong and ``losses`` the
+    reverse, the best is kept when ``wins − losses > margin · √(wins + losses)`` (a sign test: the
+    difference in units of its standard error when the two are equally good), else the default.
+    A hundred validation images cannot tell apart candidates a few tenths of a point apart, and
+    taking the higher count then picks by chance, below the default as often as above it."""
     if len(val_labels) == 0:
         return next(iter(candidates)), None
     best, best_accuracy = None, -1.0
@@ -204,5 +213,11 @@ def chosen_on_validation(candidates: dict, val_labels: torch.Tensor) -> tuple:
         accuracy = float((scores.argmax(1) == val_labels).float().mean())
         if accuracy > best_accuracy:
             best, best_accuracy = name, accuracy
+    if margin > 0 and default is not None and default in candidates and best != default:
+        right = candidates[best].argmax(1) == val_labels
+        right_default = candidates[default].argmax(1) == val_labels
+        wins, losses = int((right & ~right_default).sum()), int((~right & right_default).sum())
+        if wins - losses <= margin * math.sqrt(wins + losses):
+            return default, float(right_default.float().mean())
     return best, best_accuracy
 

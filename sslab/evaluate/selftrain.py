@@ -12,9 +12,10 @@ shift + RandAugment, the student's noise), the labeled images a fixed share
 the next round's teacher. The test prediction is chosen on the validation images (``st_predict``
 auto) among the student's graph (inductive, as in labelprop), its head, both, the first
 teacher's own prediction and the probe's — so a student that learned less than its teachers knew
-does not replace them. Students train in :func:`sslab.train.fit` (resumable, early stopping on the
-validation images); a finished round's student is kept in the cell's folder, so an interrupted
-cell goes on from there.
+does not replace them; with ``choice_margin`` > 0 another prediction replaces the probe's only
+where it beats it by that many standard errors on the validation images. Students train in
+:func:`sslab.train.fit` (resumable, early stopping on the validation images); a finished round's
+student is kept in the cell's folder, so an interrupted cell goes on from there.
 """
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def compute_selftrain(cell: Cell) -> dict:
     if "probe" in candidates:
         finals["probe"] = (candidates["probe"].val, candidates["probe"].test)
     finals = {k: finals[k] for k in prediction_order(cfg.st_predict) if k in finals}
-    predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y)
+    predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y, default="probe",
+                                                 margin=cfg.choice_margin)
     row = cell.row(finals[predicted_by][1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
     row.update(teacher=history[0]["teacher"], teacher_top1=_accuracy(first.test, test_y), predicted_by=predicted_by,
                val_acc=val_acc, student_graph_top1=_accuracy(propagated.query_scores[1], test_y),

@@ -120,6 +120,9 @@ CHECKS = {
     "random_init_protocols": lambda v: check_choice_list(_name("random_init_protocols"), v, PROTOCOLS, "protocols"),
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
+    "choice_margin": lambda v: check_number(_name("choice_margin"), v, 0, 10, low_open=False,
+                                            what=" (standard errors a candidate must beat the probe by on the "
+                                                 "validation images; 0: any)"),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
     "lp_k": lambda v: check_int(_name("lp_k"), v, 1, " (neighbours of each image in label propagation's graph)",
                                 maximum=MAX_COUNT),
@@ -171,6 +174,7 @@ class LabSettings:
     sweep_labels: int = 4  # labeled images per class of the sweep's probe
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
+    choice_margin: float = EvalConfig.choice_margin  # labelprop, selftrain: how clearly a candidate must beat the probe
     lp_k: int = EvalConfig.lp_k  # neighbours of each image in label propagation's k-NN graph
     backbone_lr_scale: float = EvalConfig.backbone_lr_scale  # fine-tuning: the backbone's lr over the head's
     selection: str = EvalConfig.selection  # which images are labeled (see sslab.evaluate.selection)
@@ -191,7 +195,8 @@ class LabSettings:
     def eval_config(self) -> EvalConfig:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
                           fm_steps=self.fm_steps, selection=self.selection, val_per_class=self.val_per_class,
-                          lp_k=self.lp_k, backbone_lr_scale=self.backbone_lr_scale)
+                          lp_k=self.lp_k, backbone_lr_scale=self.backbone_lr_scale,
+                          choice_margin=self.choice_margin)
 
     @property
     def run_methods(self) -> tuple:
