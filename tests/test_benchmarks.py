@@ -188,3 +188,14 @@ def test_the_lab_profile_puts_each_sample_in_its_phase_and_leaves_waiting_thread
     seconds = lab_profile.profile(raw, rate=20.0)
     assert seconds == {"FixMatch cells": 2.0, "frozen features": 0.5,
                        "plain PyTorch in notebook cells (00, the method pages)": 1.0}
+
+
+def test_cpu_busy_splits_the_samples_by_notebook_and_counts_idle_core_seconds():
+    from benchmarks.cpu_busy import STARTED, busy_table
+    assert STARTED.match("[3/8] 02_probe interactive=False").group(3) == "02_probe"
+    samples = [(1.0, 1.0), (2.0, 1.0), (3.0, 0.5), (4.0, 0.5), (5.0, 0.25)]
+    rows = busy_table(samples, [(0.0, "a"), (2.0, "b")], end=5.0, cores=2)
+    assert [r[0] for r in rows] == ["a", "b"]
+    # a: 2 s, all busy; b: 3 s at (0.5 + 0.5 + 0.25) / 3 busy, so 2 cores × 3 s × (1 − 5/12) idle
+    assert rows[0][1:] == (2.0, 1.0, 0.0)
+    assert rows[1][1] == 3.0 and rows[1][2] == pytest.approx(5 / 12) and rows[1][3] == pytest.approx(3.5)
