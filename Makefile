@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@# the installers say nothing while they unpack torch: a line every 20 s says the install goes on
 	@# (the install runs in the background, where a shell ignores Ctrl-C: the trap stops it too)
 	@( if [ -x $(VENV)/bin/uv ]; then \
-	     $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $$($(PY) scripts/pip_sources.py) \
+	     $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
+	       $$($(PY) scripts/pip_sources.py) \
 	       -c constraints.txt -e ".[notebooks,test]" \
 	     || { echo "uv failed: pip installs instead"; $(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"; }; \
 	   else $(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"; fi ) & pid=$$!; s=0; \
