@@ -42,7 +42,7 @@ lab: data
 	$(PY) -m sslab.lab $(if $(PARAMS),--params $(PARAMS)) $(LAB_ARGS)
 
 lint: setup
-	$(PY) -m ruff check sslab benchmarks tests
+	$(PY) -m ruff check sslab benchmarks tests scripts
 
 test: data lint
 	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
