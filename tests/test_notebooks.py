@@ -257,6 +257,13 @@ def test_lp_k_and_backbone_lr_scale_reach_the_evaluation_config():
         lab.check_notebook_params(backbone_lr_scale=-0.1)
 
 
+def test_choice_margin_reaches_the_evaluation_config_and_a_bad_one_is_named():
+    assert lab.check_notebook_params(device="cpu", choice_margin=1).eval_config().choice_margin == 1.0
+    assert lab.check_notebook_params(device="cpu").eval_config().choice_margin == EvalConfig.choice_margin == 0.0
+    with pytest.raises(ValueError, match=r"^parameter choice_margin=-1 is not allowed; allowed: a number in \[0, 10\]"):
+        lab.check_notebook_params(choice_margin=-1)
+
+
 def test_pretrain_epochs_and_images_set_the_pretraining_under_names_of_their_own():
     s = lab.check_notebook_params(device="cpu", methods=["rotation"], pretrain_epochs=2, pretrain_images=300)
     assert (s.epochs, s.limit) == (2, 300) and s.pretrain_config("rotation").epochs == 2
