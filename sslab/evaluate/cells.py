@@ -97,7 +97,7 @@ class EvalConfig:
     st_predict: str = "auto"
     # labelprop's weight and selftrain's test prediction leave the probe (weight 1; "probe") only
     # for a candidate that beats it on the validation images by more than this many standard
-    # errors of the paired difference (probe.chosen_on_validation); 0: the best count, as the study
+    # errors of the paired difference (probe.chosen_on_validation); 0: the best count, as in the study
     choice_margin: float = 0.0
     # fixmatch: steps of fm_batch labeled and fm_mu × fm_batch unlabeled images; threshold τ, weight λ_u
     fm_steps: int = 1000
