@@ -8,6 +8,8 @@ PY          := $(VENV)/bin/python
 PARAMS      ?=
 PYTEST_ARGS ?=
 LAB_ARGS    ?=
+# what make setup installs, with either installer
+INSTALL     := -c constraints.txt -e ".[notebooks,test]"
 
 .PHONY: lab test test-fast lint setup data clean-outputs
 
@@ -17,18 +19,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# uv installs the same pinned packages about twice as fast as pip (it downloads, unpacks and compiles
-	@# in parallel, and links from its cache into every further clone); from the sources pip is configured
-	@# with (scripts/pip_sources.py). pip does the install where uv cannot be had or fails.
+	@# in parallel), from the sources pip is configured with (scripts/pip_sources.py). pip does the
+	@# install where uv cannot be had or fails.
 	@$(PY) -m pip install --quiet uv >/dev/null 2>&1 || echo "uv could not be installed: pip installs instead"
-	@echo "installing -c constraints.txt -e \".[notebooks,test]\"   (torch is large: a minute or two)"
+	@echo 'installing $(INSTALL)   (torch is large: a minute or two)'
 	@# the installers say nothing while they unpack torch: a line every 20 s says the install goes on
 	@# (the install runs in the background, where a shell ignores Ctrl-C: the trap stops it too)
 	@( if [ -x $(VENV)/bin/uv ]; then \
 	     $(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode --index-strategy unsafe-best-match \
-	       $$($(PY) scripts/pip_sources.py) \
-	       -c constraints.txt -e ".[notebooks,test]" \
-	     || { echo "uv failed: pip installs instead"; $(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"; }; \
-	   else $(PY) -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"; fi ) & pid=$$!; s=0; \
+	       $$($(PY) scripts/pip_sources.py) $(INSTALL) \
+	     || { echo "uv failed: pip installs instead"; $(PY) -m pip install --quiet $(INSTALL); }; \
+	   else $(PY) -m pip install --quiet $(INSTALL); fi ) & pid=$$!; s=0; \
 	trap 'kill $$(pgrep -P $$pid) $$pid 2>/dev/null; exit 130' INT TERM; \
 	while kill -0 $$pid 2>/dev/null; do sleep 1; s=$$((s + 1)); \
 	  if [ $$((s % 20)) -eq 0 ] && kill -0 $$pid 2>/dev/null; then echo "  still installing ($$s s)"; fi; done; \

@@ -12,6 +12,7 @@ idle cores could save. Linux only (/proc/stat); anything else running on the mac
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -44,7 +45,6 @@ def busy_table(samples: list, marks: list, end: float, cores: int) -> list:
 
 
 def main(argv=None) -> int:
-    import os
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command after --")
     args = parser.parse_args(argv)

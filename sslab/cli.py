@@ -10,7 +10,7 @@ import sys
 import time
 
 from .checks import (MAX_COUNT, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list, check_int,
-                     check_int_list, check_number)
+                     check_int_list)
 from .data import DATASETS, check_budgets_fit, load_dataset
 
 
@@ -313,15 +313,14 @@ def parse_shard(text):
 def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
-    from .evaluate.cells import FM_THRESHOLD_MODES
+    from .evaluate.cells import FM_THRESHOLD_MODES, check_choice_margin
     from .evaluate.selection import SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
     check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
-    check_number("--choice-margin", args.choice_margin, 0.0, 10.0, low_open=False,
-                 what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
+    check_choice_margin("--choice-margin", args.choice_margin)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin).validate()

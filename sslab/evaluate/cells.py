@@ -147,8 +147,7 @@ class EvalConfig:
             check_number(name, getattr(self, name))
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
-        check_number("choice_margin", self.choice_margin, 0.0, 10.0, low_open=False,
-                     what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
+        check_choice_margin("choice_margin", self.choice_margin)
         weights = self.lp_probe_weights
         if (not isinstance(weights, (tuple, list)) or not weights
                 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1 for w in weights)):
@@ -164,6 +163,12 @@ class EvalConfig:
     def with_(self, **changes) -> "EvalConfig":
         """A copy with the given settings changed; None leaves a setting as it is."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def check_choice_margin(name: str, value) -> float:
+    """``choice_margin`` under ``name`` (a flag, a notebook parameter): standard errors, 0 to 10."""
+    return check_number(name, value, 0.0, 10.0, low_open=False,
+                        what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:

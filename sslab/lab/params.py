@@ -14,6 +14,7 @@ from ..checks import (MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_bool, check_choice
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, PROTOCOLS, EvalConfig
+from ..evaluate.cells import check_choice_margin
 from ..evaluate.selection import SELECTIONS
 from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
 from ..pretext import TASKS, setting_names
@@ -120,9 +121,7 @@ CHECKS = {
     "random_init_protocols": lambda v: check_choice_list(_name("random_init_protocols"), v, PROTOCOLS, "protocols"),
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
-    "choice_margin": lambda v: check_number(_name("choice_margin"), v, 0, 10, low_open=False,
-                                            what=" (standard errors a candidate must beat the probe by on the "
-                                                 "validation images; 0: any)"),
+    "choice_margin": lambda v: check_choice_margin(_name("choice_margin"), v),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
     "lp_k": lambda v: check_int(_name("lp_k"), v, 1, " (neighbours of each image in label propagation's graph)",
                                 maximum=MAX_COUNT),
