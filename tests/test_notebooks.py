@@ -257,6 +257,13 @@ def test_lp_k_and_backbone_lr_scale_reach_the_evaluation_config():
         lab.check_notebook_params(backbone_lr_scale=-0.1)
 
 
+def test_choice_folds_reaches_the_evaluation_config_and_a_bad_one_is_named():
+    assert lab.check_notebook_params(device="cpu", choice_folds=4).eval_config().choice_folds == 4
+    assert lab.check_notebook_params(device="cpu").eval_config().choice_folds == EvalConfig.choice_folds
+    with pytest.raises(ValueError, match=r"^parameter choice_folds=0 is not allowed; allowed: an integer from 1 to 20"):
+        lab.check_notebook_params(choice_folds=0)
+
+
 def test_choice_margin_reaches_the_evaluation_config_and_a_bad_one_is_named():
     assert lab.check_notebook_params(device="cpu", choice_margin=1).eval_config().choice_margin == 1.0
     assert lab.check_notebook_params(device="cpu").eval_config().choice_margin == EvalConfig.choice_margin == 0.0

@@ -99,6 +99,10 @@ class EvalConfig:
     # for a candidate that beats it on the validation images by more than this many standard
     # errors of the paired difference (probe.chosen_on_validation); 0: the best count, as in the study
     choice_margin: float = 0.0
+    # labelprop's weight and selftrain's teacher are judged on the validation images and on
+    # choice_folds − 1 more held-out splits of the labeled and validation images (.choice); 1: the
+    # validation images alone, as in the study
+    choice_folds: int = 1
     # fixmatch: steps of fm_batch labeled and fm_mu × fm_batch unlabeled images; threshold τ, weight λ_u
     fm_steps: int = 1000
     fm_batch: int = 32
@@ -148,6 +152,7 @@ class EvalConfig:
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
         check_choice_margin("choice_margin", self.choice_margin)
+        check_choice_folds("choice_folds", self.choice_folds)
         weights = self.lp_probe_weights
         if (not isinstance(weights, (tuple, list)) or not weights
                 or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1 for w in weights)):
@@ -169,6 +174,12 @@ def check_choice_margin(name: str, value) -> float:
     """``choice_margin`` under ``name`` (a flag, a notebook parameter): standard errors, 0 to 10."""
     return check_number(name, value, 0.0, 10.0, low_open=False,
                         what=" (standard errors a candidate must beat the probe by on the validation images; 0: any)")
+
+
+def check_choice_folds(name: str, value) -> int:
+    """``choice_folds`` under ``name`` (a flag, a notebook parameter): held-out splits, 1 to 20."""
+    return check_int(name, value, 1, " (held-out splits labelprop's weight and selftrain's teacher are chosen on; "
+                                     "1: the validation images alone)", maximum=20)
 
 
 def check_budgets(budgets, name: str = "budgets") -> list:
@@ -197,8 +208,8 @@ CELL_FIELDS = {
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
     # labelprop weighs the graph against the probe (lp_probe_weights): the probe's settings count too
     "labelprop": ("layer", "grid", "selection", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha",
-                  "lp_gamma", "lp_iterations", "lp_probe_weights", "choice_margin", "hidden", "batch_size",
-                  "samples_per_epoch", "weight_decay") + _PROBE,
+                  "lp_gamma", "lp_iterations", "lp_probe_weights", "choice_margin", "choice_folds", "hidden",
+                  "batch_size", "samples_per_epoch", "weight_decay") + _PROBE,
 }
 CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_class", "st_threshold", "st_steps",
                                                        "st_lr", "st_labeled_fraction", "st_teacher", "st_predict")
@@ -208,7 +219,7 @@ CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch"
 
 
 # Settings in a cell's key only when they differ from these values (what cells stored before them did).
-KEYED_WHEN_CHANGED = {"choice_margin": 0.0}
+KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).

@@ -13,7 +13,8 @@ Where labels are less scarce, a head trained on them classifies better than a vo
 neighbours (at 64 labels per class on rotation's features, the probe is 2 to 3 points above the
 graph alone). So the cell weighs the two: its test scores are w · the probe's class probabilities
 + (1 − w) · the graph's, with w chosen on the validation images among ``lp_probe_weights`` —
-never on the test images. With the weights (0,) it is the graph alone. With ``choice_margin`` > 0
+never on the test images (with ``choice_folds`` > 1, also on more held-out splits of the labeled
+and validation images: :mod:`.choice`). With the weights (0,) it is the graph alone. With ``choice_margin`` > 0
 a weight below 1 is taken only where it beats the probe alone by that many standard errors on the
 validation images (:func:`.probe.chosen_on_validation`).
 """
@@ -22,7 +23,10 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+import torch
+
 from .cells import Cell, EvalConfig, open_cell
+from .choice import HeldOut, held_out_scores, pooled
 from .graph import propagate_cell
 from .pool import pool_graph, pool_keep
 from .probe import chosen_on_validation, probe_probabilities, trained_probe
@@ -52,14 +56,24 @@ def compute_labelprop(cell: Cell) -> dict:
         head = trained_probe(cell)
         probe_val = probe_probabilities(head, cell.features("train", split[1]), cell.cfg.precision)
         probe_test = probe_probabilities(head, cell.features("test"), cell.cfg.precision)
-    mixed = {w: (graph_val if w == 0 else w * probe_val + (1 - w) * graph_val) for w in weights}
-    weight, val_acc = chosen_on_validation(mixed, val_y, default=1.0 if 1.0 in mixed else None,
-                                           margin=cell.cfg.choice_margin)
-    scores = graph_test if weight == 0 else weight * probe_test + (1 - weight) * graph_test
-    row = cell.row(scores, "graph", 0, time.perf_counter() - t0)
+    # each weight judged on the validation images and, with choice_folds > 1, on more held-out splits
+    held = held_out_scores(cell, probe_val, graph_val, split) if probe_val is not None else \
+        [HeldOut(None, graph_val, val_y)]
+    judged = {w: pooled(held, lambda s, w=w: mixed(w, s.probe, s.graph))[0] for w in weights}
+    held_y = torch.cat([s.labels for s in held])
+    weight, choice_acc = chosen_on_validation(judged, held_y, default=1.0 if 1.0 in judged else None,
+                                              margin=cell.cfg.choice_margin)
+    row = cell.row(mixed(weight, probe_test, graph_test), "graph", 0, time.perf_counter() - t0)
     test_y = cell.splits.test.labels.to(cell.device)
-    row.update(val_acc=val_acc, probe_weight=weight, graph_top1=float((graph_test.argmax(1) == test_y).float().mean()))
+    val_acc = float((mixed(weight, probe_val, graph_val).argmax(1) == val_y).float().mean()) if len(val_y) else None
+    row.update(val_acc=val_acc, probe_weight=weight, graph_top1=float((graph_test.argmax(1) == test_y).float().mean()),
+               choice_acc=choice_acc, choice_images=len(held_y))
     return cell.finish(row, split)
+
+
+def mixed(weight: float, probe, graph):
+    """w · the probe's class probabilities + (1 − w) · the graph's (the graph alone at w = 0)."""
+    return graph if weight == 0 else weight * probe + (1 - weight) * graph
 
 
 def labelprop_of(cell: Cell) -> tuple:

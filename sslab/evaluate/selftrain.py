@@ -2,7 +2,8 @@
 Xie et al., CVPR 2020, "Self-training with Noisy Student") with label propagation, the probe, or
 their agreement as the teacher (Iscen et al., CVPR 2019, alternate the graph with the network).
 
-The teacher labels the pool; the validation images choose it (``st_teacher`` auto) among the
+The teacher labels the pool; the validation images choose it (``st_teacher`` auto; with
+``choice_folds`` > 1, more held-out splits of the labeled images too: :mod:`.choice`) among the
 graph (:mod:`.labelprop`), the budget's probe head, and their agreement — their mean class
 scores, where both predict the same class. Its ``st_per_class`` most confident images of each
 class (class-balanced, above ``st_threshold``) join the budget's labeled images; a student (the
@@ -31,6 +32,7 @@ from ..augment import rand_augment
 from ..models import extract_features, pooled_dim
 from ..train import TrainConfig
 from .cells import Cell, EvalConfig, cell_provenance, open_cell, repeat_to
+from .choice import held_out_scores, pooled
 from .fixmatch import weak_view
 from .graph import build_pool_graph, propagate_cell
 from .heads import FeatureHead, ImageClassifier, predict, trainable_spread
@@ -89,7 +91,7 @@ def compute_selftrain(cell: Cell) -> dict:
     pool = getattr(splits, split).images[rows[keep]]
     pool_truth = splits.train.labels[rows[keep]] if split == "train" else None
     candidates = teachers(cell, result, keep, val_idx)
-    name, _ = chosen_on_validation({t: candidates[t].val for t in teacher_order(cfg.st_teacher)}, val_y)
+    name = chosen_teacher(cell, candidates, (train_idx, val_idx), val_y)
     teacher = candidates[name]
     images, y = splits.train.images, splits.train.labels
     history, student = [], None
@@ -154,6 +156,19 @@ class Teacher:
     confidence: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
+
+
+def chosen_teacher(cell: Cell, candidates: dict, split: tuple, val_y: torch.Tensor) -> str:
+    """The teacher of ``st_teacher``'s choices that classifies the validation images best — and, with
+    ``choice_folds`` > 1, the held-out images of more splits of the labeled and validation images
+    (:mod:`.choice`: there the probe and the graph are trained again from each split's labels)."""
+    order = teacher_order(cell.cfg.st_teacher)
+    if len(order) == 1:
+        return order[0]
+    held = held_out_scores(cell, candidates["probe"].val, candidates["labelprop"].val, split)
+    judge = {"labelprop": lambda s: s.graph, "probe": lambda s: s.probe, "agree": lambda s: (s.graph + s.probe) / 2}
+    name, _ = chosen_on_validation({t: pooled(held, judge[t])[0] for t in order}, torch.cat([s.labels for s in held]))
+    return name
 
 
 def graph_teacher(propagated, labeled: int) -> Teacher:

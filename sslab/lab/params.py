@@ -14,7 +14,7 @@ from ..checks import (MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_bool, check_choice
 from ..data import check_dataset_name, load_dataset
 from ..embed import SCORES as SCORE_FUNCTIONS
 from ..evaluate import HEADS, PROTOCOLS, EvalConfig
-from ..evaluate.cells import check_choice_margin
+from ..evaluate.cells import check_choice_folds, check_choice_margin
 from ..evaluate.selection import SELECTIONS
 from ..models import ALL_LAYERS, ARCHS, LAYERS_BY_ARCH, resolve_layer
 from ..pretext import TASKS, setting_names
@@ -122,6 +122,7 @@ CHECKS = {
     "st_steps": lambda v: check_int(_name("st_steps"), v, 1, " (training steps of each self-training student)",
                                     maximum=MAX_STEPS),
     "choice_margin": lambda v: check_choice_margin(_name("choice_margin"), v),
+    "choice_folds": lambda v: check_choice_folds(_name("choice_folds"), v),
     "fm_steps": lambda v: check_int(_name("fm_steps"), v, 1, " (FixMatch training steps)", maximum=MAX_STEPS),
     "lp_k": lambda v: check_int(_name("lp_k"), v, 1, " (neighbours of each image in label propagation's graph)",
                                 maximum=MAX_COUNT),
@@ -174,6 +175,7 @@ class LabSettings:
     st_steps: int = EvalConfig.st_steps
     fm_steps: int = EvalConfig.fm_steps
     choice_margin: float = EvalConfig.choice_margin  # labelprop, selftrain: how clearly a candidate must beat the probe
+    choice_folds: int = EvalConfig.choice_folds  # labelprop, selftrain: held-out splits their choices are judged on
     lp_k: int = EvalConfig.lp_k  # neighbours of each image in label propagation's k-NN graph
     backbone_lr_scale: float = EvalConfig.backbone_lr_scale  # fine-tuning: the backbone's lr over the head's
     selection: str = EvalConfig.selection  # which images are labeled (see sslab.evaluate.selection)
@@ -195,7 +197,7 @@ class LabSettings:
         return EvalConfig(layer=self.layer, head=self.head, precision=self.precision, st_steps=self.st_steps,
                           fm_steps=self.fm_steps, selection=self.selection, val_per_class=self.val_per_class,
                           lp_k=self.lp_k, backbone_lr_scale=self.backbone_lr_scale,
-                          choice_margin=self.choice_margin)
+                          choice_margin=self.choice_margin, choice_folds=self.choice_folds)
 
     @property
     def run_methods(self) -> tuple:
