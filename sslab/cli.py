@@ -97,6 +97,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "more held-out splits of the labeled and validation images (each trains the probe and "
                         "propagates labels again); 1 (default): the validation images alone, as in the study")
     p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
+    p.add_argument("--st-start", default="fresh",
+                   help="selftrain: the student's head starts fresh (random weights, the default) or as the "
+                        "budget's probe head (probe: linear probing, then fine-tuning)")
     p.add_argument("--fm-steps", type=int, default=1000,
                    help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
     p.add_argument("--fm-threshold-mode", default="freematch",
@@ -317,7 +320,7 @@ def parse_shard(text):
 def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
-    from .evaluate.cells import FM_THRESHOLD_MODES, check_choice_folds, check_choice_margin
+    from .evaluate.cells import FM_THRESHOLD_MODES, ST_STARTS, check_choice_folds, check_choice_margin
     from .evaluate.selection import SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
@@ -326,10 +329,11 @@ def _eval_config(args):
     check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
     check_choice_margin("--choice-margin", args.choice_margin)
     check_choice_folds("--choice-folds", args.choice_folds)
+    check_choice("--st-start", args.st_start, ST_STARTS)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin,
-                      choice_folds=args.choice_folds).validate()
+                      choice_folds=args.choice_folds, st_start=args.st_start).validate()
 
 
 def cmd_curve(args) -> int:

@@ -119,3 +119,37 @@ def test_labelprop_and_selftrain_cells_count_every_split_and_key_the_setting(noi
     assert "choice_folds" not in cell_key("probe", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_folds=5))
     with pytest.raises(ValueError, match=r"^choice_folds=0 is not allowed; allowed: an integer from 1 to 20"):
         ev.EvalConfig(choice_folds=0).validate()
+
+
+def test_a_student_started_from_the_probe_has_the_probe_head(noise_run, tmp_path):
+    """st_start=probe: before its first step the student's head is the budget's probe head (its
+    spreads floored as fine-tuning floors them); fresh: random weights. Checked with a learning rate
+    of 1e-30, so the trained student's weights are its start's (its BatchNorm statistics move)."""
+    from sslab.evaluate.heads import trainable_spread
+    from sslab.evaluate.selftrain import train_student
+    out = str(tmp_path)
+    heads = {}
+    for start in ("fresh", "probe"):
+        cfg = replace(CFG, st_start=start, st_lr=1e-30, st_steps=1)
+        cell = open_cell("selftrain", noise_run, 2, device="cpu", out=out, config=cfg)
+        folder = tmp_path / start
+        folder.mkdir()
+        cell = replace(cell, folder=folder)
+        train_idx, val_idx = cell.labeled_split()
+        images, y = cell.splits.train.images, cell.splits.train.labels
+        student = train_student(cell, 0, images[train_idx], y[train_idx], images[train_idx], y[train_idx],
+                                images[val_idx], y[val_idx])
+        heads[start] = student.head.state_dict()
+    head = trained_probe(open_cell("selftrain", noise_run, 2, device="cpu", out=out, config=CFG))
+    probe = {name: value for name, value in head.state_dict().items()
+             if name == "std" or name in dict(head.named_parameters())}
+    for name, value in probe.items():
+        expected = trainable_spread(value) if name == "std" else value
+        torch.testing.assert_close(heads["probe"][name], expected, msg=name)
+    weights = [n for n in probe if n.endswith("weight")]
+    assert any(not torch.allclose(heads["fresh"][n], probe[n]) for n in weights)
+    assert "st_start" not in cell_key("selftrain", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig())
+    keyed = cell_key("selftrain", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(st_start="probe"))
+    assert keyed["st_start"] == "probe"
+    with pytest.raises(ValueError, match=r"^st_start='teacher' is not known; allowed: fresh, probe"):
+        ev.EvalConfig(st_start="teacher").validate()

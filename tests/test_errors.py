@@ -595,6 +595,8 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
      "--choice-margin=-1.0 is not allowed; allowed: a number in [0, 10]"),
     (["evaluate", "--labels", "2", "--protocols", "labelprop", "--choice-folds", "0"],
      "--choice-folds=0 is not allowed; allowed: an integer from 1 to 20"),
+    (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-start", "teacher"],
+     "--st-start='teacher' is not known; allowed: fresh, probe"),
 ])
 def test_step_and_count_flags_have_an_upper_bound_that_names_itself(complete_run, argv, message, tmp_path, capsys):
     """--fm-steps 99999999999999999999 was accepted: a run of 10^16 hours."""

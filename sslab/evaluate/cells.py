@@ -34,6 +34,8 @@ from .selection import EMBEDDED, SELECTIONS, labeled_split, random_init_config
 
 # FixMatch's thresholds: fixed τ (Sohn et al. 2020), or FreeMatch's self-adaptive τ_t(c) (Wang et al. 2023)
 FM_THRESHOLD_MODES = ("fixed", "freematch")
+# the self-training student's head: fresh, or the budget's probe head
+ST_STARTS = ("fresh", "probe")
 
 
 @dataclass
@@ -95,6 +97,9 @@ class EvalConfig:
     # the test prediction: the student's graph, its head, both, or auto (the best on the validation
     # images of those and the first teacher's own)
     st_predict: str = "auto"
+    # the student's head: fresh (random weights) or probe (the budget's probe head, as fine-tuning and
+    # FixMatch start: linear probing then fine-tuning, Kumar et al. 2022)
+    st_start: str = "fresh"
     # labelprop's weight and selftrain's test prediction leave the probe (weight 1; "probe") only
     # for a candidate that beats it on the validation images by more than this many standard
     # errors of the paired difference (probe.chosen_on_validation); 0: the best count, as in the study
@@ -128,6 +133,7 @@ class EvalConfig:
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("st_teacher", self.st_teacher, ("auto", "agree", "labelprop", "probe"))
         check_choice("st_predict", self.st_predict, ("auto", "graph", "head", "both"))
+        check_choice("st_start", self.st_start, ST_STARTS)
         check_number("select_purity", self.select_purity, 0.0, 1.0, high_open=True)
         for name in ("probe_epochs", "scratch_epochs", "finetune_epochs"):
             check_int(name, getattr(self, name), 1, maximum=MAX_EPOCHS)
@@ -212,14 +218,15 @@ CELL_FIELDS = {
                   "batch_size", "samples_per_epoch", "weight_decay") + _PROBE,
 }
 CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_class", "st_threshold", "st_steps",
-                                                       "st_lr", "st_labeled_fraction", "st_teacher", "st_predict")
+                                                       "st_lr", "st_labeled_fraction", "st_teacher", "st_predict",
+                                                       "st_start")
 CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch", "fm_mu", "fm_threshold_mode",
                                                          "fm_threshold", "fm_sat_momentum", "fm_weight", "fm_lr",
                                                          "fm_ema")
 
 
 # Settings in a cell's key only when they differ from these values (what cells stored before them did).
-KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1}
+KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1, "st_start": "fresh"}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).

@@ -210,7 +210,8 @@ def _accuracy(scores: torch.Tensor, labels: torch.Tensor) -> Optional[float]:
 
 def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.Tensor, pseudo_images: torch.Tensor,
                   pseudo_labels: torch.Tensor, val_images: torch.Tensor, val_labels: torch.Tensor) -> ImageClassifier:
-    """One round's student: the cell's backbone and a fresh head (standardised like the probe's),
+    """One round's student: the cell's backbone and a fresh head (standardised like the probe's; with
+    ``st_start`` probe, the budget's probe head),
     trained on the labeled images (a ``st_labeled_fraction`` share of each epoch) and the pseudo-
     labeled ones; kept as ``student-<round>.pt`` in the cell's folder once trained."""
     cfg, dev, seed = cell.cfg, cell.device, cell.seed
@@ -218,8 +219,14 @@ def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.
     mean, std = cell.pool_statistics()
     torch.manual_seed(seed + 1000 * round_)
     backbone = cell.run.load_backbone(dev)
-    head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), cell.splits.train.num_classes, "mlp", cfg.hidden,
-                       mean, trainable_spread(std))
+    if cfg.st_start == "probe":
+        # the probe's head already reads the backbone's features: the first steps' gradients do not
+        # come from a random head and distort them (linear probing, then fine-tuning: Kumar et al. 2022)
+        head = trained_probe(cell).train()
+        head.std.copy_(trainable_spread(head.std))
+    else:
+        head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), cell.splits.train.num_classes, "mlp",
+                           cfg.hidden, mean, trainable_spread(std))
     student = ImageClassifier(backbone, head, cfg.layer, cfg.grid, augment=StudentViews()).to(dev)
     made_by = cell_provenance(f"student {round_ + 1}", cell.key)
     if saved.is_file():
