@@ -98,7 +98,7 @@ def test_each_split_trains_the_probe_and_propagates_as_alone(noise_run, tmp_path
 
 def test_labelprop_and_selftrain_cells_count_every_split_and_key_the_setting(noise_run, tmp_path):
     out = str(tmp_path)
-    plain = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=CFG)
+    plain = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=replace(CFG, choice_folds=1))
     folds = ev.labelprop_cell(noise_run, 2, device="cpu", out=out, config=replace(CFG, choice_folds=3))
     assert plain["choice_images"] == 6 and folds["choice_images"] == 18   # 2 per class × 3 classes, × 3 splits
     assert plain["run"] != folds["run"] and plain["graph_top1"] == folds["graph_top1"]
@@ -114,8 +114,9 @@ def test_labelprop_and_selftrain_cells_count_every_split_and_key_the_setting(noi
         assert folds["top1"] == pytest.approx(float((probe_test.argmax(1) == test_y).float().mean()))
     row = ev.selftrain_cell(noise_run, 2, device="cpu", out=out, config=replace(CFG, choice_folds=3))
     assert row["teacher"] in ("agree", "labelprop", "probe")
-    assert "choice_folds" not in cell_key("labelprop", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig())
-    assert cell_key("selftrain", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_folds=5))["choice_folds"] == 5
+    # the cells stored before the setting (the validation images alone) keep their key
+    assert "choice_folds" not in cell_key("labelprop", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_folds=1))
+    assert cell_key("selftrain", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig())["choice_folds"] == 5
     assert "choice_folds" not in cell_key("probe", "rotation", "fashion-mnist", 4, 0, ev.EvalConfig(choice_folds=5))
     with pytest.raises(ValueError, match=r"^choice_folds=0 is not allowed; allowed: an integer from 1 to 20"):
         ev.EvalConfig(choice_folds=0).validate()
