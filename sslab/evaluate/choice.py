@@ -15,15 +15,14 @@ graph, from its own labeled images; no test image is involved in any split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import torch
 
 from .batched_heads import train_heads
-from .cells import Cell, repeat_to
+from .cells import Cell
 from .graph import propagate_cell
-from .heads import FeatureHead
 from .pool import pool_graph, pool_keep
-from .probe import head_train_config, probe_probabilities
+from .probe import chosen_on_validation, head_train_config, new_probe, probe_probabilities
 
 
 @dataclass
@@ -77,26 +76,28 @@ def held_out_scores(cell: Cell, val_probe: torch.Tensor, val_graph: torch.Tensor
     extra = holdout_splits(train_idx, val_idx, labels, cfg.choice_folds, cell.seed)
     if not extra:
         return scores
-    mean, std = cell.pool_statistics()
-    order = repeat_to(len(train_idx), cfg.samples_per_epoch, dev)
-    heads, train, held = [], [], []
-    for fold_train, fold_held in extra:
-        x, x_held = cell.features("train", fold_train), cell.features("train", fold_held)
-        torch.manual_seed(cell.seed)  # each head starts where the cell's own probe did
-        heads.append(FeatureHead(x.shape[1], cell.splits.train.num_classes, "mlp", cfg.hidden, mean, std).to(dev))
-        train.append((x[order], labels[fold_train].to(dev)[order]))
-        held.append((x_held, labels[fold_held].to(dev)))
-    train_heads(heads, train, held, head_train_config(cfg, len(order)),
-                [cell.seed * 1000 + r + 1 for r in range(len(extra))], dev, precision=cfg.precision)
+    as_probe = replace(cell, cfg=replace(cfg, head="mlp"))  # the head trained_probe gives the cell
+    probes = [new_probe(as_probe, split=fold) for fold in extra]
+    train_heads([p.model for p in probes], [p.train for p in probes], [p.val for p in probes],
+                head_train_config(cfg, len(probes[0].train[0])), [cell.seed * 1000 + r + 1 for r in range(len(extra))],
+                dev, precision=cfg.precision)
     graph, rows = pool_graph(cell.run, cfg, dev)
     keep = pool_keep(rows, len(graph.nodes), split, dev)
-    for head, (fold_train, _), (x_held, y_held) in zip(heads, extra, held):
+    for probe, (fold_train, _) in zip(probes, extra):
+        x_held, y_held = probe.val
         propagated = propagate_cell(graph, keep, cell.features("train", fold_train), labels[fold_train].to(dev),
                                     [x_held], cell.splits.train.num_classes, cfg.lp_alpha, cfg.lp_gamma,
                                     cfg.lp_iterations)
-        scores.append(HeldOut(probe_probabilities(head.eval(), x_held, cfg.precision), propagated.query_scores[0],
-                              y_held))
+        scores.append(HeldOut(probe_probabilities(probe.model.eval(), x_held, cfg.precision),
+                              propagated.query_scores[0], y_held))
     return scores
+
+
+def chosen(held: list, candidates: dict, default=None, margin: float = 0.0) -> tuple:
+    """:func:`.probe.chosen_on_validation` of ``candidates`` (name → a function of one
+    :class:`HeldOut`, in order of preference) judged on every split's held-out images together."""
+    labels = torch.cat([s.labels for s in held])
+    return chosen_on_validation({name: pooled(held, f)[0] for name, f in candidates.items()}, labels, default, margin)
 
 
 def pooled(scores: list, candidate) -> tuple:

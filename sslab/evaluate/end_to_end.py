@@ -59,9 +59,16 @@ def classifier_from_probe(cell: Cell) -> ImageClassifier:
     """The cell's run's backbone with the mlp head of its probe cell at this budget and seed (trained
     first if missing): how fine-tuning and FixMatch start, the head already reading the backbone's
     features."""
+    return ImageClassifier(cell.run.load_backbone(cell.device), probe_head_to_train(cell), cell.cfg.layer,
+                           cell.cfg.grid).to(cell.device)
+
+
+def probe_head_to_train(cell: Cell) -> FeatureHead:
+    """The mlp head of the cell's probe cell (:func:`.probe.trained_probe`) with its spreads floored
+    (:func:`.heads.trainable_spread`), to train on with a backbone that trains too."""
     head = trained_probe(cell)
     head.std.copy_(trainable_spread(head.std))
-    return ImageClassifier(cell.run.load_backbone(cell.device), head, cell.cfg.layer, cell.cfg.grid).to(cell.device)
+    return head
 
 
 def train_end_to_end(cell: Cell, model: ImageClassifier, epochs: int, lr: float, patience: int,

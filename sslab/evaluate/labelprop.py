@@ -23,13 +23,11 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import torch
-
 from .cells import Cell, EvalConfig, open_cell
-from .choice import HeldOut, held_out_scores, pooled
+from .choice import HeldOut, chosen, held_out_scores
 from .graph import propagate_cell
 from .pool import pool_graph, pool_keep
-from .probe import chosen_on_validation, probe_probabilities, trained_probe
+from .probe import probe_probabilities, trained_probe
 
 
 def labelprop_cell(run, budget: int, seed: int = 0, layer: Optional[str] = None, device="auto", out=None,
@@ -59,15 +57,13 @@ def compute_labelprop(cell: Cell) -> dict:
     # each weight judged on the validation images and, with choice_folds > 1, on more held-out splits
     held = held_out_scores(cell, probe_val, graph_val, split) if probe_val is not None else \
         [HeldOut(None, graph_val, val_y)]
-    judged = {w: pooled(held, lambda s, w=w: mixed(w, s.probe, s.graph))[0] for w in weights}
-    held_y = torch.cat([s.labels for s in held])
-    weight, choice_acc = chosen_on_validation(judged, held_y, default=1.0 if 1.0 in judged else None,
-                                              margin=cell.cfg.choice_margin)
+    weight, choice_acc = chosen(held, {w: lambda s, w=w: mixed(w, s.probe, s.graph) for w in weights},
+                                default=1.0 if 1.0 in weights else None, margin=cell.cfg.choice_margin)
     row = cell.row(mixed(weight, probe_test, graph_test), "graph", 0, time.perf_counter() - t0)
     test_y = cell.splits.test.labels.to(cell.device)
     val_acc = float((mixed(weight, probe_val, graph_val).argmax(1) == val_y).float().mean()) if len(val_y) else None
     row.update(val_acc=val_acc, probe_weight=weight, graph_top1=float((graph_test.argmax(1) == test_y).float().mean()),
-               choice_acc=choice_acc, choice_images=len(held_y))
+               choice_acc=choice_acc, choice_images=sum(len(s.labels) for s in held))
     return cell.finish(row, split)
 
 

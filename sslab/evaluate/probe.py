@@ -138,11 +138,12 @@ class Probe:
         return self.cell.seed
 
 
-def new_probe(cell: Cell, stats: Optional[dict] = None) -> Probe:
+def new_probe(cell: Cell, stats: Optional[dict] = None, split: Optional[tuple] = None) -> Probe:
     """The probe of ``cell`` built the same way whether its head trains alone (:func:`probe_cell`)
     or with others (:func:`probe_cells_together`), so both start from the same weights and see the
-    same data. ``stats`` caches each run's standardisation."""
-    train_idx, val_idx = cell.labeled_split()
+    same data. ``stats`` caches each run's standardisation. ``split``: (train, validation) indices
+    other than the cell's own (the held-out splits of :mod:`.choice`)."""
+    train_idx, val_idx = split if split is not None else cell.labeled_split()
     dev = cell.device
     train, val = cell.features("train", train_idx), cell.features("train", val_idx)
     # Standardised with the pool's statistics: no labels involved.

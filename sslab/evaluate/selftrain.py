@@ -32,7 +32,8 @@ from ..augment import rand_augment
 from ..models import extract_features, pooled_dim
 from ..train import TrainConfig
 from .cells import Cell, EvalConfig, cell_provenance, open_cell, repeat_to
-from .choice import held_out_scores, pooled
+from .choice import chosen, held_out_scores
+from .end_to_end import probe_head_to_train
 from .fixmatch import weak_view
 from .graph import build_pool_graph, propagate_cell
 from .heads import FeatureHead, ImageClassifier, predict, trainable_spread
@@ -167,8 +168,7 @@ def chosen_teacher(cell: Cell, candidates: dict, split: tuple, val_y: torch.Tens
         return order[0]
     held = held_out_scores(cell, candidates["probe"].val, candidates["labelprop"].val, split)
     judge = {"labelprop": lambda s: s.graph, "probe": lambda s: s.probe, "agree": lambda s: (s.graph + s.probe) / 2}
-    name, _ = chosen_on_validation({t: pooled(held, judge[t])[0] for t in order}, torch.cat([s.labels for s in held]))
-    return name
+    return chosen(held, {t: judge[t] for t in order})[0]
 
 
 def graph_teacher(propagated, labeled: int) -> Teacher:
@@ -222,8 +222,7 @@ def train_student(cell: Cell, round_: int, labeled: torch.Tensor, labels: torch.
     if cfg.st_start == "probe":
         # the probe's head already reads the backbone's features: the first steps' gradients do not
         # come from a random head and distort them (linear probing, then fine-tuning: Kumar et al. 2022)
-        head = trained_probe(cell).train()
-        head.std.copy_(trainable_spread(head.std))
+        head = probe_head_to_train(cell)
     else:
         head = FeatureHead(pooled_dim(backbone, cfg.layer, cfg.grid), cell.splits.train.num_classes, "mlp",
                            cfg.hidden, mean, trainable_spread(std))
