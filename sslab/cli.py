@@ -10,7 +10,7 @@ import sys
 import time
 
 from .checks import (MAX_COUNT, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list, check_int,
-                     check_int_list)
+                     check_int_list, check_number)
 from .data import DATASETS, check_budgets_fit, load_dataset
 
 
@@ -100,11 +100,20 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--st-start", default="fresh",
                    help="selftrain: the student's head starts fresh (random weights, the default) or as the "
                         "budget's probe head (probe: linear probing, then fine-tuning)")
+    p.add_argument("--st-predict", default="blend",
+                   help="selftrain: the test prediction, the best on the validation images of the teacher, the "
+                        "student's graph and their mean (blend, the default), or of those of auto (the student's "
+                        "graph, head, both, the teacher, the probe), or one of graph, head, both")
     p.add_argument("--fm-steps", type=int, default=1000,
                    help="fixmatch: training steps of 32 labeled + 224 unlabeled images")
     p.add_argument("--fm-threshold-mode", default="freematch",
                    help="fixmatch: the confidence threshold, fixed (τ = 0.95, FixMatch's) or freematch "
                         "(FreeMatch's self-adaptive threshold, per class)")
+    p.add_argument("--fm-backbone-lr-scale", type=float, default=0.1,
+                   help="fixmatch: the backbone's learning rate as a share of the head's (0 to 1; default 0.1; "
+                        "1: FixMatch's own)")
+    p.add_argument("--fm-warmup", type=float, default=1.0,
+                   help="fixmatch: epochs of linear learning-rate warm-up (default 1; 0: FixMatch's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -320,7 +329,7 @@ def parse_shard(text):
 def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
-    from .evaluate.cells import FM_THRESHOLD_MODES, ST_STARTS, check_choice_folds, check_choice_margin
+    from .evaluate.cells import FM_THRESHOLD_MODES, ST_PREDICTS, ST_STARTS, check_choice_folds, check_choice_margin
     from .evaluate.selection import SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
@@ -330,10 +339,14 @@ def _eval_config(args):
     check_choice_margin("--choice-margin", args.choice_margin)
     check_choice_folds("--choice-folds", args.choice_folds)
     check_choice("--st-start", args.st_start, ST_STARTS)
+    check_choice("--st-predict", args.st_predict, ST_PREDICTS)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin,
-                      choice_folds=args.choice_folds, st_start=args.st_start).validate()
+                      choice_folds=args.choice_folds, st_start=args.st_start, st_predict=args.st_predict,
+                      fm_backbone_lr_scale=check_number("--fm-backbone-lr-scale", args.fm_backbone_lr_scale, 0.0, 1.0,
+                                                        low_open=False),
+                      fm_warmup=check_number("--fm-warmup", args.fm_warmup, 0.0, 1000.0, low_open=False)).validate()
 
 
 def cmd_curve(args) -> int:

@@ -15,7 +15,7 @@ import torch
 
 import sslab.pretrain as pretrain_module
 from sslab import store
-from sslab.checks import MAX_COUNT, MAX_STEPS
+from sslab.checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS
 from sslab.cli import main
 from sslab.data import DatasetNotFound, label_budget_split, load_dataset
 from sslab.models import AlexNetBackbone, BackboneConfig, check_layer
@@ -476,6 +476,9 @@ STEPS, COUNT = f"an integer from 1 to {MAX_STEPS}", f"an integer from 1 to {MAX_
     ("fm_weight", 0.0, "a number > 0"), ("fm_lr", float("nan"), "a number > 0"),
     ("fm_sat_momentum", 1.0, "a number in [0, 1)"), ("fm_sat_momentum", -0.1, "a number in [0, 1)"),
     ("fm_sat_momentum", "0.9", "a number in [0, 1)"),
+    ("fm_backbone_lr_scale", 1.5, "a number in [0, 1]"), ("fm_backbone_lr_scale", -0.1, "a number in [0, 1]"),
+    ("fm_warmup", -1.0, f"a number in [0, {MAX_EPOCHS}]"),
+    ("fm_warmup", float("inf"), f"a number in [0, {MAX_EPOCHS}]"),
     ("st_rounds", 0, STEPS), ("st_per_class", 0, COUNT), ("st_steps", True, STEPS),
     ("st_threshold", 1.0, "a number in [0, 1)"), ("st_threshold", -0.2, "a number in [0, 1)"),
     ("st_labeled_fraction", 1.0, "a number in (0, 1)"), ("st_labeled_fraction", 0.0, "a number in (0, 1)"),
@@ -597,6 +600,12 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
      "--choice-folds=0 is not allowed; allowed: an integer from 1 to 20"),
     (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-start", "teacher"],
      "--st-start='teacher' is not known; allowed: fresh, probe"),
+    (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-predict", "vote"],
+     "--st-predict='vote' is not known; allowed: blend, auto, graph, head, both"),
+    (["evaluate", "--labels", "2", "--protocols", "fixmatch", "--fm-backbone-lr-scale", "2"],
+     "--fm-backbone-lr-scale=2.0 is not allowed; allowed: a number in [0, 1]"),
+    (["evaluate", "--labels", "2", "--protocols", "fixmatch", "--fm-warmup", "-1"],
+     "--fm-warmup=-1.0 is not allowed; allowed: a number in [0, 1000]"),
 ])
 def test_step_and_count_flags_have_an_upper_bound_that_names_itself(complete_run, argv, message, tmp_path, capsys):
     """--fm-steps 99999999999999999999 was accepted: a run of 10^16 hours."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sslab import evaluate as ev
+from sslab.evaluate.cells import ST_PREDICTS
 from sslab.evaluate.probe import chosen_on_validation
 from sslab.evaluate.selftrain import (PREDICTIONS, TEACHERS, Teacher, agreement, prediction_order, select_balanced,
                                       teacher_order)
@@ -80,8 +81,28 @@ def test_the_margin_is_in_the_key_only_when_it_is_set():
 
 def test_auto_lets_every_teacher_and_prediction_compete_and_a_setting_fixes_one():
     assert teacher_order("auto") == TEACHERS and teacher_order("probe") == ("probe",)
-    assert prediction_order("auto") == PREDICTIONS and prediction_order("head") == ("student head",)
-    assert TEACHERS[0] == "agree" and PREDICTIONS[0] == "student graph"  # what no validation image can choose
+    assert prediction_order("auto") == ("student graph", "student both", "student head", "teacher", "probe")
+    assert prediction_order("blend") == ("teacher+student", "student graph", "teacher")
+    assert prediction_order("head") == ("student head",) and set(PREDICTIONS) == set(ST_PREDICTS)
+    assert ev.EvalConfig().st_predict == "blend"
+    assert TEACHERS[0] == "agree"  # what no validation image can choose
+
+
+def test_blend_chooses_on_the_validation_images_among_teacher_student_and_their_mean(noise_run, tmp_path):
+    row = ev.selftrain_cell(noise_run, 2, device="cpu", out=str(tmp_path), config=replace(CFG, st_predict="blend"))
+    predictions = row["predictions"]
+    assert set(predictions) == {"teacher+student", "student graph", "student both", "student head", "teacher",
+                                "probe"}
+    # the recorded predictions are the row's own: the chosen one's test top-1 is the row's
+    assert row["top1"] == pytest.approx(predictions[row["predicted_by"]]["test"])
+    assert predictions["teacher"]["test"] == pytest.approx(row["teacher_top1"])
+    assert predictions["student graph"]["test"] == pytest.approx(row["student_graph_top1"])
+    assert predictions["student head"]["test"] == pytest.approx(row["student_head_top1"])
+    # the first of the three with the most validation images right
+    order = ("teacher+student", "student graph", "teacher")
+    best = max(predictions[k]["val"] for k in order)
+    assert row["predicted_by"] == next(k for k in order if predictions[k]["val"] == best)
+    assert row["val_acc"] == pytest.approx(best)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +114,8 @@ CFG = ev.EvalConfig(val_per_class=2, lp_k=4, lp_pca=8, st_per_class=3, st_steps=
                     precision="fp32", layer="conv4")
 
 
-@pytest.mark.parametrize("teacher, predict", [("auto", "auto"), ("probe", "head"), ("labelprop", "graph")])
+@pytest.mark.parametrize("teacher, predict", [("auto", "auto"), ("probe", "head"), ("labelprop", "graph"),
+                                              ("auto", "blend")])
 def test_a_selftrain_cell_records_its_teacher_and_what_predicted_the_test_images(noise_run, tmp_path, teacher, predict):
     row = ev.selftrain_cell(noise_run, 2, device="cpu", out=str(tmp_path),
                             config=replace(CFG, st_teacher=teacher, st_predict=predict))

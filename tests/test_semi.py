@@ -499,6 +499,46 @@ def test_a_changed_threshold_mode_or_momentum_is_another_fixmatch_cell(brightnes
     assert key(fm_threshold_mode="freematch") == adaptive  # and the same settings are the same cell
 
 
+def test_fixmatch_backbone_rate_and_warm_up_reach_the_optimiser_and_key_only_when_changed(noise_run, monkeypatch,
+                                                                                         tmp_path):
+    from dataclasses import replace
+
+    from sslab import evaluate as ev
+    from sslab.evaluate import cells
+    from sslab.evaluate.cells import protocol_key
+    cfg = ev.EvalConfig(**SMALL_FIXMATCH)
+    # FixMatch's own schedule is what cells stored before the settings trained with: their keys stay
+    own = protocol_key("fixmatch", noise_run, 2, 0, replace(cfg, fm_backbone_lr_scale=1.0, fm_warmup=0.0))
+    assert "fm_backbone_lr_scale" not in own and "fm_warmup" not in own
+    default = protocol_key("fixmatch", noise_run, 2, 0, cfg)
+    assert (default["fm_backbone_lr_scale"], default["fm_warmup"]) == (0.1, 1.0)
+
+    seen = {}
+    real_fit = cells.fit
+
+    def fit(model, data, schedule, *args, param_groups=None, **kwargs):
+        seen["schedule"], seen["groups"] = schedule, param_groups
+        seen["backbone"] = {k: v.clone() for k, v in model.classifier.backbone.named_parameters()}
+        seen["head"] = {k: v.clone() for k, v in model.classifier.head.named_parameters()}
+        seen["model"] = model
+        return real_fit(model, data, schedule, *args, param_groups=param_groups, **kwargs)
+
+    monkeypatch.setattr(cells, "fit", fit)
+    # a backbone rate of 0: only the head learns, so the backbone's weights end as they started (no
+    # validation images: the last epoch is kept, not the start)
+    ev.fixmatch_cell(noise_run, 2, device="cpu", out=str(tmp_path),
+                     config=replace(cfg, fm_backbone_lr_scale=0.0, fm_warmup=0.5, fm_ema=0.0, val_per_class=0))
+    backbone, head = seen["groups"]
+    assert backbone["lr_scale"] == 0.0 and head["lr_scale"] == 1.0 and seen["schedule"].warmup_epochs == 0.5
+    after = dict(seen["model"].classifier.backbone.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in seen["backbone"].items())
+    assert not all(torch.equal(v, seen["head"][k]) for k, v in seen["model"].classifier.head.named_parameters())
+    with pytest.raises(ValueError, match=r"^fm_backbone_lr_scale=1\.5 is not allowed; allowed: a number in \[0, 1\]"):
+        replace(cfg, fm_backbone_lr_scale=1.5).validate()
+    with pytest.raises(ValueError, match=r"^fm_warmup=-1 is not allowed"):
+        replace(cfg, fm_warmup=-1).validate()
+
+
 def test_an_interrupted_freematch_cell_resumes_from_its_checkpoint_bit_for_bit(noise_run, monkeypatch, tmp_path):
     """Killed during its third epoch, the cell goes on from the checkpoint of its second — the
     threshold's τ_t and p̃_t included — and ends as the cell run straight through."""

@@ -36,6 +36,7 @@ from .selection import EMBEDDED, SELECTIONS, labeled_split, random_init_config
 FM_THRESHOLD_MODES = ("fixed", "freematch")
 # the self-training student's head: fresh, or the budget's probe head
 ST_STARTS = ("fresh", "probe")
+ST_PREDICTS = ("blend", "auto", "graph", "head", "both")
 
 
 @dataclass
@@ -94,9 +95,10 @@ class EvalConfig:
     st_labeled_fraction: float = 0.25  # the labeled images' share of every batch
     # the teacher: labelprop, probe, agree (both, where they agree) or auto (the best on the validation images)
     st_teacher: str = "auto"
-    # the test prediction: the student's graph, its head, both, or auto (the best on the validation
-    # images of those and the first teacher's own)
-    st_predict: str = "auto"
+    # the test prediction: blend (the best on the validation images of the first teacher, the
+    # student's graph and the mean of the two), auto (of the student's graph, its head, both, the
+    # teacher and the probe), or the student's graph, its head or both
+    st_predict: str = "blend"
     # the student's head: fresh (random weights) or probe (the budget's probe head, as fine-tuning and
     # FixMatch start: linear probing then fine-tuning, Kumar et al. 2022)
     st_start: str = "fresh"
@@ -124,6 +126,12 @@ class EvalConfig:
     fm_weight: float = 1.0
     fm_lr: float = 0.03
     fm_ema: float = 0.99
+    # the backbone's learning rate as a share of fm_lr (the head's is fm_lr), and a linear warm-up over
+    # the first fm_warmup epochs (1.0 and 0: every weight at once at the full rate, FixMatch's own):
+    # from a probe's start the full rate at once pulled the pretrained features away in the first
+    # steps; these two gave the best validation top-1 of four variants tried (docs/protocol.md)
+    fm_backbone_lr_scale: float = 0.1
+    fm_warmup: float = 1.0
     # bf16 or fp32 (features, heads, end-to-end training); auto: bf16 where the hardware has it
     precision: str = "auto"
 
@@ -133,7 +141,7 @@ class EvalConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("selection", self.selection, SELECTIONS)
         check_choice("st_teacher", self.st_teacher, ("auto", "agree", "labelprop", "probe"))
-        check_choice("st_predict", self.st_predict, ("auto", "graph", "head", "both"))
+        check_choice("st_predict", self.st_predict, ST_PREDICTS)
         check_choice("st_start", self.st_start, ST_STARTS)
         check_number("select_purity", self.select_purity, 0.0, 1.0, high_open=True)
         for name in ("probe_epochs", "scratch_epochs", "finetune_epochs"):
@@ -156,6 +164,8 @@ class EvalConfig:
         check_number("fm_sat_momentum", self.fm_sat_momentum, 0.0, 1.0, low_open=False, high_open=True)
         for name in ("st_lr", "fm_lr", "fm_weight"):
             check_number(name, getattr(self, name))
+        check_number("fm_backbone_lr_scale", self.fm_backbone_lr_scale, 0.0, 1.0, low_open=False)
+        check_number("fm_warmup", self.fm_warmup, 0.0, float(MAX_EPOCHS), low_open=False)
         check_number("lp_alpha", self.lp_alpha, 0.0, 1.0, high_open=True)
         check_number("lp_gamma", self.lp_gamma)
         check_choice_margin("choice_margin", self.choice_margin)
@@ -223,11 +233,12 @@ CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_clas
                                                        "st_start")
 CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch", "fm_mu", "fm_threshold_mode",
                                                          "fm_threshold", "fm_sat_momentum", "fm_weight", "fm_lr",
-                                                         "fm_ema")
+                                                         "fm_ema", "fm_backbone_lr_scale", "fm_warmup")
 
 
 # Settings in a cell's key only when they differ from these values (what cells stored before them did).
-KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1, "st_start": "fresh"}
+KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1, "st_start": "fresh", "fm_backbone_lr_scale": 1.0,
+                      "fm_warmup": 0.0}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).

@@ -184,8 +184,8 @@ def compute_fixmatch(cell: Cell) -> dict:
     epochs = max(1, math.ceil(cfg.fm_steps * unlabeled_per_step / len(pool)))
     train_config = TrainConfig(epochs=epochs, batch_size=unlabeled_per_step, optimizer="sgd", lr=cfg.fm_lr,
                                momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay, schedule="cosine",
-                               patience=epochs, seed=cell.seed)
-    groups = [{"params": list(classifier.backbone.parameters()), "lr_scale": 1.0},
+                               patience=epochs, seed=cell.seed, warmup_epochs=cfg.fm_warmup)
+    groups = [{"params": list(classifier.backbone.parameters()), "lr_scale": cfg.fm_backbone_lr_scale},
               {"params": list(classifier.head.parameters()), "lr_scale": 1.0}]
     validate = validator(model.ema.module, images[va], y[va], cfg.precision)
     # The start (the probe head on the backbone; the average is its copy) is scored too, and kept

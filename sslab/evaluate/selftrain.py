@@ -108,24 +108,29 @@ def compute_selftrain(cell: Cell) -> dict:
                         float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
                         "val_acc": _accuracy(propagated.query_scores[0], val_y)})
         teacher, name = graph_teacher(propagated, 0), "student graph"
-    # The test prediction: the student's graph, its head, both, or — when the student does worse
-    # on the validation images — the first teacher's own prediction, or the probe it started from.
+    # The test prediction: the student's graph, its head, both, the first teacher's own prediction,
+    # the probe it started from, or the teacher and the student's graph together.
     head_val, head_test = (predict(student, x.to(dev), precision=cfg.precision).softmax(1)
                            for x in (images[val_idx], splits.test.images))
     first = candidates[history[0]["teacher"]]
     graph_val, graph_test = propagated.query_scores
-    finals = {"student graph": (graph_val, graph_test),
-              "student both": ((head_val + graph_val) / 2, (head_test + graph_test) / 2),
-              "student head": (head_val, head_test), "teacher": (first.val, first.test)}
+    every = {"student graph": (graph_val, graph_test),
+             "student both": ((head_val + graph_val) / 2, (head_test + graph_test) / 2),
+             "student head": (head_val, head_test), "teacher": (first.val, first.test),
+             "teacher+student": ((first.val + graph_val) / 2, (first.test + graph_test) / 2)}
     if "probe" in candidates:
-        finals["probe"] = (candidates["probe"].val, candidates["probe"].test)
-    finals = {k: finals[k] for k in prediction_order(cfg.st_predict) if k in finals}
-    predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y, default="probe",
+        every["probe"] = (candidates["probe"].val, candidates["probe"].test)
+    finals = {k: every[k] for k in prediction_order(cfg.st_predict) if k in every}
+    # choice_margin: leave the probe (auto) or the teacher (blend) only on evidence
+    predicted_by, val_acc = chosen_on_validation({k: v[0] for k, v in finals.items()}, val_y,
+                                                 default="probe" if "probe" in finals else "teacher",
                                                  margin=cfg.choice_margin)
     row = cell.row(finals[predicted_by][1], "mlp", cfg.st_rounds, time.perf_counter() - t0, history)
     row.update(teacher=history[0]["teacher"], teacher_top1=_accuracy(first.test, test_y), predicted_by=predicted_by,
                val_acc=val_acc, student_graph_top1=_accuracy(propagated.query_scores[1], test_y),
-               student_head_top1=_accuracy(head_test, test_y))
+               student_head_top1=_accuracy(head_test, test_y),
+               predictions={k: {"val": _accuracy(v[0], val_y), "test": _accuracy(v[1], test_y)}
+                            for k, v in every.items()})
     row = cell.finish(row, (train_idx, val_idx))
     for round_ in range(cfg.st_rounds):
         store.remove(cell.folder / f"student-{round_ + 1}.pt")
@@ -133,7 +138,10 @@ def compute_selftrain(cell: Cell) -> dict:
 
 
 TEACHERS = ("agree", "labelprop", "probe")
-PREDICTIONS = ("student graph", "student both", "student head", "teacher", "probe")
+# st_predict's candidates, preferred first (a tie, or no validation images, takes the first)
+PREDICTIONS = {"blend": ("teacher+student", "student graph", "teacher"),
+               "auto": ("student graph", "student both", "student head", "teacher", "probe"),
+               "graph": ("student graph",), "head": ("student head",), "both": ("student both",)}
 
 
 def teacher_order(setting: str) -> tuple:
@@ -143,9 +151,11 @@ def teacher_order(setting: str) -> tuple:
 
 
 def prediction_order(setting: str) -> tuple:
-    """The test predictions ``st_predict`` lets the validation images choose from, preferred first."""
-    return PREDICTIONS if setting == "auto" else ({"graph": "student graph", "head": "student head",
-                                                   "both": "student both"}[setting],)
+    """The test predictions ``st_predict`` lets the validation images choose from, preferred first:
+    for ``blend`` the mean of the first teacher's and the student graph's class scores, the student's
+    graph and the teacher; for ``auto`` the student's graph, its head, both, the teacher and the
+    probe; else the one."""
+    return PREDICTIONS[setting]
 
 
 @dataclass
