@@ -45,6 +45,24 @@ def test_normalized_affinity_is_the_formula():
     torch.testing.assert_close(w, w.T)
 
 
+def test_normalized_affinity_matches_torchs_coalesce_bit_for_bit():
+    # a k-NN graph with mutual edges (i → j and j → i), joined by labeled nodes as a cell joins them
+    points = torch.nn.functional.normalize(torch.randn(300, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+    sims, idx = graph_module.knn_search(points, points, 6, skip_self=True)
+    rows = torch.cat([torch.arange(300).repeat_interleave(6), torch.arange(300, 305).repeat_interleave(6)])
+    cols = torch.cat([idx.flatten(), torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(4))])
+    sims = torch.cat([sims.flatten(), torch.rand(30, generator=torch.Generator().manual_seed(5))])
+    got = graph_module.normalized_affinity(rows, cols, sims, 305, gamma=3.0)
+    weights = sims.clamp(min=0).pow(3.0)
+    w = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+                                torch.cat([weights, weights]), (305, 305)).coalesce()
+    i, j = w.indices()
+    inv_sqrt = torch.zeros(305).index_add_(0, i, w.values()).clamp(min=1e-12).rsqrt()
+    assert got.is_coalesced()
+    assert torch.equal(got.indices(), w.indices())
+    assert torch.equal(got.values(), w.values() * inv_sqrt[i] * inv_sqrt[j])
+
+
 def test_propagation_recovers_two_clusters_from_one_label_each():
     generator = torch.Generator().manual_seed(0)
     centres = torch.tensor([[4.0, 0.0, 0.0], [-4.0, 0.0, 0.0]])

@@ -134,7 +134,7 @@ def test_workers_end_when_their_sweep_is_killed(how):
             sweep.wait()
 
 
-def test_a_sweeps_runs_train_in_the_notebooks_batch_longest_first(monkeypatch, tmp_path):
+def test_a_sweeps_runs_train_in_the_notebooks_batch_in_the_order_that_ends_soonest(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from sslab import lab
@@ -155,9 +155,15 @@ def test_a_sweeps_runs_train_in_the_notebooks_batch_longest_first(monkeypatch, t
     runs = lab.pretrain_runs(settings, announce=None, also=sweep)
     assert list(runs) == ["vae", "simclr", "siamese-vae", "rotation"]
     # one batch: the four tasks and the sweep's two other values (5 is siamese-vae's default, its own run),
-    # the longest first: rotation (four views), then the siamese-VAEs (an encoder pass more than the VAE)
+    # in the order that ends soonest on two workers by the estimated times (rotation 2.1, each siamese-VAE
+    # 1.4, VAE and SimCLR 1 per image): rotation, VAE and SimCLR on one worker (4.1), the three
+    # siamese-VAEs on the other (4.2), where longest first would end at 4.5
     (batch,) = batches
-    assert [c.method for c in batch] == ["rotation", "siamese-vae", "siamese-vae", "siamese-vae", "vae", "simclr"]
+    costs = [lab_runs.pretrain_cost(c) / lab_runs.pretrain_cost(settings.pretrain_config("vae")) for c in batch]
+    assert parallel._makespan(costs, 2) == pytest.approx(4.2)
+    assert parallel._makespan(sorted(costs, reverse=True), 2) == pytest.approx(4.5)
+    assert sorted(c.method for c in batch) == sorted(["rotation", "siamese-vae", "siamese-vae", "siamese-vae", "vae",
+                                                       "simclr"])
     assert sorted(c.settings.get("triplet_weight", 5.0) for c in batch if c.method == "siamese-vae") == [0, 5, 20]
     # after the batch, each returned run is read back (from the store, in the real lab); the sweep's are not
     assert len(trained) == len(batch) + 4
@@ -178,3 +184,21 @@ def test_with_one_worker_the_sweeps_runs_train_here_one_by_one(monkeypatch, tmp_
     # the two runs of the notebook, then the sweep's other value (5 is siamese-vae's own run)
     assert [(c.method, c.settings.get("triplet_weight")) for c in trained] == [
         ("vae", None), ("siamese-vae", None), ("siamese-vae", 0)]
+
+
+def test_dispatch_order_is_the_best_order_by_brute_force():
+    import itertools
+    costs = [126, 84, 84, 60, 60]
+    order = parallel.dispatch_order(costs, 2)
+    assert sorted(order) == list(range(5))
+    # the simulated end: each job to the worker free first; longest first ends at 228 (126+60 | 84+84+60)
+    assert parallel._makespan([costs[i] for i in order], 2) == 210
+    assert parallel._makespan(sorted(costs, reverse=True), 2) == 228
+    for workers in (2, 3):
+        for trial in range(20):
+            costs = torch.randint(1, 50, (6,), generator=torch.Generator().manual_seed(trial)).tolist()
+            best = min(parallel._makespan([costs[i] for i in p], workers) for p in itertools.permutations(range(6)))
+            assert parallel._makespan([costs[parallel.dispatch_order(costs, workers)[i]] for i in range(6)],
+                                      workers) == best
+    assert parallel.dispatch_order([1, 3, 2], 1) == [1, 2, 0]  # one worker: longest first
+    assert parallel.dispatch_order(list(range(10)), 2) == list(range(9, -1, -1))  # past the exhaustive limit

@@ -30,8 +30,9 @@ def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print,
     config (then it is reused), and add the random-init backbone when ``settings.random_init``;
     returns ``{method: Run}`` and says which happened. The runs that are missing train side by
     side in worker processes of one thread each when ``SSLAB_WORKERS`` allows (:mod:`sslab.parallel`),
-    longest first. ``also``: more configs to pretrain in the same batch (e.g. :func:`sweep_configs`,
-    for a sweep later in the notebook), stored but not returned, so the workers start once."""
+    in the order that ends the batch soonest. ``also``: more configs to pretrain in the same batch
+    (e.g. :func:`sweep_configs`, for a sweep later in the notebook), stored but not returned, so the
+    workers start once."""
     configs = {method: settings.pretrain_config(method) for method in settings.run_methods}
     options = dict(device=settings.device, out=settings.out, progress=progress, deterministic=settings.deterministic)
     folders = {method: _folder(config, settings) for method, config in configs.items()}
@@ -62,16 +63,18 @@ def pretrain_runs(settings: LabSettings, progress: bool = False, announce=print,
 
 def _pretrain_batch(configs: Sequence, settings: LabSettings, options: dict) -> dict:
     """The runs of ``configs`` that the store does not hold, trained side by side in worker
-    processes (:mod:`sslab.parallel`), longest first; ``{run folder: seconds}``. Empty when there
-    are fewer than two to train or one worker: the caller trains them one by one."""
-    from ..parallel import Progress, default_workers, run_all
+    processes (:mod:`sslab.parallel`), in the order that ends soonest by their estimated times;
+    ``{run folder: seconds}``. Empty when there are fewer than two to train or one worker: the
+    caller trains them one by one."""
+    from ..parallel import Progress, default_workers, dispatch_order, run_all
     unique: dict = {}
     for config in configs:
         unique.setdefault(_folder(config, settings), config)
-    missing = sorted(((folder, config) for folder, config in unique.items() if not store.is_complete(folder)),
-                     key=lambda item: -pretrain_cost(item[1]))
+    missing = [(folder, config) for folder, config in unique.items() if not store.is_complete(folder)]
     if default_workers() <= 1 or len(missing) <= 1:
         return {}
+    # the order that ends the batch soonest by the runs' estimated times (not always longest first)
+    missing = [missing[i] for i in dispatch_order([pretrain_cost(config) for _, config in missing], default_workers())]
     jobs = [(timed_pretrain, (config,), options) for _, config in missing]
     names = {id(job): config.method for job, (_, config) in zip(jobs, missing)}
     finished = run_all(jobs, default_workers(), lambda job: f"pretrain {names[id(job)]}",
@@ -80,13 +83,13 @@ def _pretrain_batch(configs: Sequence, settings: LabSettings, options: dict) -> 
 
 
 # Relative cost of a pretraining step per source image on the lab's AlexNet (measured one thread,
-# 20 000 images × 3 epochs: rotation 88 s, siamese-VAE 57, VAE 42, SimCLR 40): enough to start the
-# longest runs first.
+# 20 000 images × 3 epochs: rotation 88 s, siamese-VAE 57, VAE 42, SimCLR 40): enough to order a
+# batch so that it ends soonest.
 _STEP_COST = {"rotation": 2.1, "siamese-vae": 1.4, "vae": 1.0, "simclr": 1.0}
 
 
 def pretrain_cost(config) -> float:
-    """An estimate of a pretraining run's time (arbitrary units), to order a batch longest first."""
+    """An estimate of a pretraining run's time (arbitrary units), to order a batch."""
     from ..pretrain import RANDOM_INIT
     if config.method == RANDOM_INIT:
         return 0.0  # nothing to train
