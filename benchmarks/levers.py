@@ -1,11 +1,14 @@
-"""Two of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
+"""Three of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
 the lab uses:
 
 - the optimiser step: torch's per-tensor Adam and SGD against their fused form (one kernel a
   step), on the parameters of 32 stacked probe heads (Adam) and of a quarter-width AlexNet
   (SGD, Nesterov momentum, as rotation and FixMatch use it);
 - label propagation's 20 multiplications by the normalised affinity of a 20 000-node k-NN graph
-  (k = 20, the notebooks' pool), with the sparse matrix in coordinate form and in compressed rows.
+  (k = 20, the notebooks' pool), with the sparse matrix in coordinate form and in compressed rows;
+- building that normalised affinity: two passes of torch's ``coalesce`` (the first sums W = A + Aᵀ,
+  the second re-sorts what is already sorted) against one sort of the flat positions, which gives
+  the same matrix bit for bit (checked here; tests/test_labelprop.py checks it on a k-NN graph).
 
     python -m benchmarks.levers            # one thread, the median of 5 repeats each
 """
@@ -66,6 +69,35 @@ def propagation(layout: str, nodes: int = 20000, k: int = 20, classes: int = 10)
     return _median_seconds(twenty, per_repeat=1)
 
 
+def coalesced_affinity(rows, cols, sims, n: int, gamma: float = 3.0) -> torch.Tensor:
+    """The normalised affinity as the lab built it before: W = A + Aᵀ by ``coalesce``, then the
+    normalised values coalesced again."""
+    weights = sims.clamp(min=0).pow(gamma)
+    w = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+                                torch.cat([weights, weights]), (n, n), check_invariants=False).coalesce()
+    i, j = w.indices()
+    inv_sqrt = torch.zeros(n).index_add_(0, i, w.values()).clamp(min=1e-12).rsqrt()
+    return torch.sparse_coo_tensor(w.indices(), w.values() * inv_sqrt[i] * inv_sqrt[j], (n, n),
+                                   check_invariants=False).coalesce()
+
+
+def affinity_build(how: str, nodes: int = 20000, k: int = 20) -> float:
+    """Seconds to build the normalised affinity of a ``nodes``-node k-NN graph plus 40 labeled
+    nodes' edges, ``how``: coalesce (before) or sort (the lab's :func:`normalized_affinity`)."""
+    from sslab.evaluate.graph import knn_search, normalized_affinity
+    generator = torch.Generator().manual_seed(0)
+    points = torch.nn.functional.normalize(torch.randn(nodes, 16, generator=generator), dim=1)
+    sims, idx = knn_search(points, points, k, skip_self=True)
+    rows = torch.cat([torch.arange(nodes).repeat_interleave(k), torch.arange(nodes, nodes + 40).repeat_interleave(k)])
+    cols = torch.cat([idx.flatten(), torch.randint(nodes, (40 * k,), generator=generator)])
+    sims = torch.cat([sims.flatten(), torch.rand(40 * k, generator=generator)])
+    before = coalesced_affinity(rows, cols, sims, nodes + 40)
+    after = normalized_affinity(rows, cols, sims, nodes + 40)
+    assert torch.equal(before.indices(), after.indices()) and torch.equal(before.values(), after.values())
+    build = coalesced_affinity if how == "coalesce" else normalized_affinity
+    return _median_seconds(lambda: build(rows, cols, sims, nodes + 40), per_repeat=1)
+
+
 def main() -> int:
     torch.set_num_threads(1)
     print("| what | before | after | speed-up |\n|---|---|---|---|")
@@ -75,6 +107,9 @@ def main() -> int:
     before, after = propagation("coo"), propagation("csr")
     print(f"| label propagation, 20 steps on 20 000 nodes | {1e3 * before:.0f} ms (coordinates) | "
           f"{1e3 * after:.0f} ms (compressed rows) | {before / after:.1f}× |")
+    before, after = affinity_build("coalesce"), affinity_build("sort")
+    print(f"| its normalised affinity, built from the k-NN edges (20 000 + 40 nodes) | {1e3 * before:.0f} ms "
+          f"(coalesce twice) | {1e3 * after:.0f} ms (one sort, the same matrix) | {before / after:.1f}× |")
     return 0
 
 

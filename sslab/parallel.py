@@ -56,7 +56,10 @@ def _end_with_parent(parent: int) -> None:
 
 def _one_thread(parent: int) -> None:
     import torch
+
+    from .allocator import keep_freed_memory_here
     _end_with_parent(parent)
+    keep_freed_memory_here()  # a worker's steps reuse freed memory (the same results, less system time)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 

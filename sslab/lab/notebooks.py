@@ -120,14 +120,17 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
 def lab_environment() -> None:
     """What the notebooks' kernels inherit from ``make lab``: independent work (pretraining runs, a
     sweep's long cells) in as many one-thread worker processes as there are CPU cores (at most
-    four; one on CUDA, where one process keeps the device busy), and progress lines on the
-    terminal for every long cell (:mod:`sslab.parallel`). Set either variable to override."""
+    four; one on CUDA, where one process keeps the device busy), progress lines on the terminal
+    for every long cell (:mod:`sslab.parallel`), and glibc's ``malloc`` keeping freed memory for
+    reuse (:mod:`sslab.allocator`). Set any of the variables to override."""
     import os
 
+    from ..allocator import keep_freed_memory_in_children
     from ..parallel import WORKERS_VARIABLE
     cores = 1 if torch.cuda.is_available() else min(4, os.cpu_count() or 1)
     os.environ.setdefault(WORKERS_VARIABLE, str(cores))
     os.environ.setdefault("SSLAB_PROGRESS", "1")
+    keep_freed_memory_in_children()
 
 
 def _local_kernels():
