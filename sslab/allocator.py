@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import os
 
+# ``SSLAB_MALLOC=glibc`` leaves glibc's own settings (to compare, or where memory is tight)
+CHOICE_VARIABLE = "SSLAB_MALLOC"
+CHOICES = ("keep", "glibc")
+
 # mallopt's parameter numbers (malloc.h) and the same settings as environment variables, which a
 # process reads when it starts
 _MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_MAX": -4}
@@ -25,10 +29,20 @@ SETTINGS = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2 ** 30, "M_TOP_PAD": 256 * 2 *
 ENVIRONMENT = {f"MALLOC_{name[2:]}_": str(value) for name, value in SETTINGS.items()}
 
 
+def wanted() -> bool:
+    """Whether the lab's settings apply: ``SSLAB_MALLOC`` unset or ``keep``; ``glibc``: not."""
+    choice = os.environ.get(CHOICE_VARIABLE, "") or "keep"
+    if choice not in CHOICES:
+        raise ValueError(f"{CHOICE_VARIABLE}={choice!r} is not allowed; allowed: {', '.join(CHOICES)}")
+    return choice == "keep"
+
+
 def keep_freed_memory_here() -> bool:
-    """Apply :data:`SETTINGS` to this process with glibc's ``mallopt``; False where there is no
-    glibc (macOS, Windows, musl accepts and ignores them) or it refuses one."""
+    """Apply :data:`SETTINGS` to this process with glibc's ``mallopt`` unless ``SSLAB_MALLOC`` is
+    ``glibc``; False where it did not (that choice, no glibc: macOS, Windows; or glibc refused)."""
     import ctypes
+    if not wanted():
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -40,7 +54,9 @@ def keep_freed_memory_here() -> bool:
 def keep_freed_memory_in_children(environ=None) -> None:
     """Put :data:`ENVIRONMENT` in ``environ`` (default ``os.environ``) where a variable is not set
     already, so that processes started from here (notebook kernels, worker processes) start with
-    the settings. A value the user set wins."""
+    the settings. A value the user set wins; nothing with ``SSLAB_MALLOC=glibc``."""
     environ = os.environ if environ is None else environ
+    if (environ.get(CHOICE_VARIABLE) or "keep") == "glibc":
+        return
     for name, value in ENVIRONMENT.items():
         environ.setdefault(name, value)

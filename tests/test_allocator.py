@@ -2,6 +2,7 @@
 allocated again is not mapped and zeroed again by the kernel."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ print(*faults)
 
 
 def _faults(mode: str) -> list:
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+    env = {k: v for k, v in os.environ.items() if k not in allocator.ENVIRONMENT}  # glibc's own at the start
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True, env=env)
     return [int(n) for n in out.stdout.split()]
 
 
@@ -45,6 +47,17 @@ def test_children_get_the_settings_unless_set_already():
     environ = {"MALLOC_TOP_PAD_": "4096"}
     allocator.keep_freed_memory_in_children(environ)
     assert environ == {"MALLOC_TOP_PAD_": "4096", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 30)}
+
+
+def test_sslab_malloc_glibc_leaves_glibcs_settings(monkeypatch):
+    monkeypatch.setenv("SSLAB_MALLOC", "glibc")
+    assert allocator.keep_freed_memory_here() is False
+    environ = {"SSLAB_MALLOC": "glibc"}
+    allocator.keep_freed_memory_in_children(environ)
+    assert environ == {"SSLAB_MALLOC": "glibc"}
+    monkeypatch.setenv("SSLAB_MALLOC", "tcmalloc")
+    with pytest.raises(ValueError, match=r"SSLAB_MALLOC='tcmalloc' is not allowed; allowed: keep, glibc"):
+        allocator.keep_freed_memory_here()
 
 
 def test_the_environment_says_what_mallopt_sets():
