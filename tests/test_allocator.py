@@ -35,12 +35,12 @@ def _faults(mode: str) -> list:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux's")
 def test_a_freed_large_buffer_is_reused_not_mapped_again():
-    pages = 64 * 2 ** 20 // 4096  # one buffer's pages
     off, on = _faults("off"), _faults("on")
-    # by default every buffer is new memory, page by page (its own mapping, unmapped when freed)
-    assert min(off) >= pages
+    # by default every buffer is new memory, faulted in page by page (its own mapping, unmapped when
+    # freed): 16 384 faults of 4 kB pages, or 32 where the kernel maps 2 MB pages
+    assert min(off) >= 32
     # kept: once the heap has grown (the first few), the same memory again without a fault
-    assert sum(on[10:]) <= pages // 100 and sum(on) <= 10 * pages
+    assert sum(on[10:]) <= min(off) // 10
 
 
 def test_children_get_the_settings_unless_set_already():
