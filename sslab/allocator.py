@@ -4,10 +4,10 @@ A training step allocates and frees the same large buffers (a batch's activation
 gradients) thousands of times. With glibc's defaults a freed block of more than a few megabytes
 goes back to the kernel (``munmap``, or the heap's top trimmed), and the next step's block of the
 same size is new memory that the kernel must map and zero page by page: a rotation pretraining
-run (1 epoch, 10 000 images, one thread) took 1.7–2.0 million page faults and 2.8–3.6 s of
-system time. With freed memory kept for reuse it took 0.22 million faults and 0.6–0.8 s, and
-produced the same model bit for bit (docs/BENCHMARKS.md); a process holds about 0.2 GB more at its
-peak.
+run (1 epoch, 10 000 images, one thread) took 1.6–1.9 million page faults and 2.5–3.5 s of
+system time. With freed memory kept for reuse it took 0.22–0.25 million faults and 0.6–1.1 s, and
+produced the same model bit for bit (``python -m benchmarks.allocator``, docs/BENCHMARKS.md); the
+process held 0.27 GB more at its peak.
 
 The settings (glibc's ``mallopt``, see ``man mallopt``): every block comes from the heap, none
 gets a mapping of its own (``M_MMAP_MAX`` 0); the heap's top is handed back only above 1 GB free;
@@ -29,9 +29,10 @@ SETTINGS = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 2 ** 30, "M_TOP_PAD": 256 * 2 *
 ENVIRONMENT = {f"MALLOC_{name[2:]}_": str(value) for name, value in SETTINGS.items()}
 
 
-def wanted() -> bool:
-    """Whether the lab's settings apply: ``SSLAB_MALLOC`` unset or ``keep``; ``glibc``: not."""
-    choice = os.environ.get(CHOICE_VARIABLE, "") or "keep"
+def wanted(environ=None) -> bool:
+    """Whether the lab's settings apply: ``SSLAB_MALLOC`` in ``environ`` (default ``os.environ``)
+    unset or ``keep``; ``glibc``: not."""
+    choice = (os.environ if environ is None else environ).get(CHOICE_VARIABLE, "") or "keep"
     if choice not in CHOICES:
         raise ValueError(f"{CHOICE_VARIABLE}={choice!r} is not allowed; allowed: {', '.join(CHOICES)}")
     return choice == "keep"
@@ -56,7 +57,7 @@ def keep_freed_memory_in_children(environ=None) -> None:
     already, so that processes started from here (notebook kernels, worker processes) start with
     the settings. A value the user set wins; nothing with ``SSLAB_MALLOC=glibc``."""
     environ = os.environ if environ is None else environ
-    if (environ.get(CHOICE_VARIABLE) or "keep") == "glibc":
+    if not wanted(environ):
         return
     for name, value in ENVIRONMENT.items():
         environ.setdefault(name, value)

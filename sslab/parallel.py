@@ -112,12 +112,7 @@ def dispatch_order(costs: Sequence[float], workers: int, exhaustive: int = 8) ->
     longest = sorted(range(len(costs)), key=lambda i: -costs[i])
     if workers <= 1 or len(costs) <= workers or len(costs) > exhaustive:
         return longest
-    best, best_end = longest, _makespan([costs[i] for i in longest], workers)
-    for order in itertools.permutations(longest):
-        end = _makespan([costs[i] for i in order], workers)
-        if end < best_end - 1e-9:
-            best, best_end = list(order), end
-    return best
+    return list(min(itertools.permutations(longest), key=lambda order: _makespan([costs[i] for i in order], workers)))
 
 
 def _makespan(costs: Sequence[float], workers: int) -> float:

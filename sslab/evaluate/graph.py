@@ -76,8 +76,9 @@ def normalized_affinity(rows: torch.Tensor, cols: torch.Tensor, sims: torch.Tens
     W = A + Aᵀ, then D^−½ W D^−½ (D: W's row sums). γ = 3 shrinks the weak edges."""
     weights = sims.clamp(min=0).pow(gamma)
     # W's entries in row-major order, each (i, j) once with its edges' weights summed: what
-    # ``sparse_coo_tensor(...).coalesce()`` gives, by one sort of the flat positions (2.5× faster
-    # here; the same sums: a pair is at most i → j and j → i in a k-NN graph, and a + b = b + a).
+    # ``sparse_coo_tensor(...).coalesce()`` gives, by one sort of the flat positions (twice as fast:
+    # benchmarks/levers.py; the same sums: a pair is at most i → j and j → i in a k-NN graph, and
+    # a + b = b + a).
     flat, order = (torch.cat([rows, cols]) * n + torch.cat([cols, rows])).sort(stable=True)
     flat, entry = torch.unique_consecutive(flat, return_inverse=True)
     values = torch.zeros(len(flat), device=sims.device).index_add_(0, entry, torch.cat([weights, weights])[order])
