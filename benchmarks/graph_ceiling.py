@@ -1,0 +1,159 @@
+"""How far the graph's vote goes on the notebooks' features, and what does not move it.
+
+Label propagation's top-1 on the test set (the graph alone, no probe mixed in) with TypiClust's
+images chosen on rotation's features, at 1, 2 and 4 labels per class, seeds 0, 1, 2: the lab's
+graph, then one setting changed at a time (neighbours, PCA dimensions, diffusion steps, the
+edges' exponent γ, the pooling grid), then the graph built on rotation's features joined with
+another task's (each task's PCA-128 features L2-normalised, concatenated, normalised again),
+then Poisson learning (Calder et al., ICML 2020) in place of Zhou et al.'s propagation on the
+same graph. TypiClust chooses in the graph's space, so the rows that change the PCA or the grid
+label other images; every other row labels the same images as the lab's graph.
+
+    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling
+
+The notebooks' runs (rotation, SimCLR, the VAEs, the random-init backbone at their CPU defaults)
+are pretrained first if the store lacks them, as the notebooks would.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sslab import lab
+from sslab.evaluate.cells import EvalConfig, open_cell
+from sslab.evaluate.features import cached_features
+from sslab.evaluate.graph import PoolGraph, Projection, knn_search, pca_project, propagate_cell
+from sslab.evaluate.labelprop import labelprop_cell
+from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
+
+BUDGETS = (1, 2, 4)
+SEEDS = (0, 1, 2)
+GRAPH_ONLY = dict(lp_probe_weights=(0.0,), choice_folds=1, selection="typical")
+SETTINGS = [("the lab's graph: k 20, PCA 128, γ 3, 20 steps, grid 4", {}),
+            ("k 10", {"lp_k": 10}), ("k 40", {"lp_k": 40}),
+            ("PCA 64", {"lp_pca": 64}), ("PCA 256", {"lp_pca": 256}),
+            ("50 steps", {"lp_iterations": 50}), ("100 steps", {"lp_iterations": 100}),
+            ("γ 1", {"lp_gamma": 1.0}), ("γ 6", {"lp_gamma": 6.0}),
+            ("grid 2 (features pooled 2×2)", {"grid": 2}), ("grid 1 (global pooling)", {"grid": 1})]
+JOINED = [("simclr",), ("vae",), ("siamese-vae",), ("random-init",), ("simclr", "vae", "siamese-vae")]
+
+
+def mean_std(values: list) -> str:
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def setting_row(run, extra: dict, device, out) -> list:
+    cfg = EvalConfig(**GRAPH_ONLY, **extra)
+    return [[labelprop_cell(run, b, s, device=device, out=out, config=cfg)["top1"] for s in SEEDS] for b in BUDGETS]
+
+
+def cell_graph_inputs(cell):
+    """The cell's labeled images, the pool images it keeps and the pool's rows (as labelprop sees them)."""
+    train_idx, val_idx = cell.labeled_split()
+    feats, rows = pool_of(cell.run, cell.cfg, cell.device)
+    return train_idx, pool_keep(rows, len(feats), (train_idx, val_idx), cell.device)
+
+
+def joined_row(runs: dict, methods: tuple, device, out) -> list:
+    """The graph on rotation's features joined with ``methods``' (each task weighs the same)."""
+    cfg = EvalConfig(**GRAPH_ONLY)
+    names = ("rotation",) + methods
+    projections, pool, test = {}, [], []
+    for name in names:
+        cell = open_cell("labelprop", runs[name], 1, 0, device=device, out=out, config=cfg)
+        feats, _ = pool_of(runs[name], cell.cfg, cell.device)
+        projections[name] = pca_project(feats, cell.cfg.lp_pca)
+        pool.append(projections[name](feats))
+        test.append(projections[name](cached_features(runs[name], "test", cell.cfg.layer, cell.cfg.grid, cell.device,
+                                                      precision=cell.cfg.precision)))
+    nodes, test_nodes = F.normalize(torch.cat(pool, 1), dim=1), F.normalize(torch.cat(test, 1), dim=1)
+    sims, idx = knn_search(nodes, nodes, cfg.lp_k, skip_self=True)
+    graph = PoolGraph(Projection(torch.zeros(1, nodes.shape[1])), nodes, sims, idx)
+    accs = []
+    for b in BUDGETS:
+        per_seed = []
+        for s in SEEDS:
+            chooser = open_cell("labelprop", runs["rotation"], b, s, device=device, out=out, config=cfg)
+            train_idx, keep = cell_graph_inputs(chooser)
+            cells = [open_cell("labelprop", runs[n], b, s, device=device, out=out, config=cfg) for n in names]
+            parts = [projections[n](c.features("train", train_idx)) for n, c in zip(names, cells)]
+            labeled = F.normalize(torch.cat(parts, 1), dim=1)
+            y = chooser.splits.train.labels
+            result = propagate_cell(graph, keep, labeled, y[train_idx], [test_nodes], chooser.splits.train.num_classes,
+                                    cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations)
+            per_seed.append(float((result.query_scores[0].argmax(1) == chooser.splits.test.labels).float().mean()))
+        accs.append(per_seed)
+    return accs
+
+
+def poisson_row(run, steps: int, device, out) -> list:
+    """Poisson learning on the lab's graph: u ← u + D⁻¹(b − (D − W)u) from u = 0, b the labeled nodes'
+    one-hot minus the labels' mean; the test images vote with their k nearest nodes' u."""
+    cfg = EvalConfig(**GRAPH_ONLY)
+    accs = []
+    for b in BUDGETS:
+        per_seed = []
+        for s in SEEDS:
+            cell = open_cell("labelprop", run, b, s, device=device, out=out, config=cfg)
+            train_idx, keep = cell_graph_inputs(cell)
+            graph, _ = pool_graph(run, cell.cfg, cell.device)
+            k, classes = cell.cfg.lp_k, cell.splits.train.num_classes
+            labeled = graph.project(cell.features("train", train_idx))
+            kept = keep.nonzero().squeeze(1)
+            n_lab, n = len(labeled), len(labeled) + len(kept)
+            new_id = torch.full((len(keep),), -1, dtype=torch.long)
+            new_id[kept] = torch.arange(len(kept)) + n_lab
+            src = torch.arange(len(keep))[:, None].expand_as(graph.indices)
+            valid = keep[src] & keep[graph.indices]
+            lab_s, lab_i = knn_search(labeled, graph.nodes[kept], k)
+            rows = torch.cat([new_id[src[valid]], torch.arange(n_lab).repeat_interleave(k)])
+            cols = torch.cat([new_id[graph.indices[valid]], lab_i.flatten() + n_lab])
+            w = torch.cat([graph.sims[valid], lab_s.flatten()]).clamp(min=0).pow(cell.cfg.lp_gamma)
+            weights = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+                                              torch.cat([w, w]), (n, n)).coalesce().to_sparse_csr()
+            degree = (weights @ torch.ones(n, 1)).clamp(min=1e-12)
+            onehot = F.one_hot(cell.splits.train.labels[train_idx], classes).float()
+            source = torch.zeros(n, classes)
+            source[:n_lab] = onehot - onehot.mean(0, keepdim=True)
+            u = torch.zeros(n, classes)
+            for _ in range(steps):
+                u = u + (source - (degree * u - weights @ u)) / degree
+            nodes = torch.cat([labeled, graph.nodes[kept]])
+            qs, qi = knn_search(graph.project(cell.features("test")), nodes, k)
+            scores = (qs.clamp(min=0).pow(cell.cfg.lp_gamma).unsqueeze(2) * u[qi]).sum(1)
+            per_seed.append(float((scores.argmax(1) == cell.splits.test.labels).float().mean()))
+        accs.append(per_seed)
+    return accs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args()
+    settings = lab.check_notebook_params(methods=["rotation", "simclr", "vae", "siamese-vae"], random_init=True,
+                                         epochs=3, limit=20000, device="cpu")  # the notebooks' CPU defaults
+    runs = lab.pretrain_runs(settings, announce=lambda *a, **k: None)
+    device, out = settings.device, settings.out
+    print("| graph (TypiClust's images on rotation's features) | 1 | 2 | 4 | seconds |\n|---|---|---|---|---|")
+
+    def show(label, compute):
+        started = time.perf_counter()
+        accs = compute()
+        print(f"| {label} | " + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |",
+              flush=True)
+
+    for label, extra in SETTINGS:
+        show(label, lambda extra=extra: setting_row(runs["rotation"], extra, device, out))
+    for methods in JOINED:
+        show("rotation joined with " + " + ".join(methods),
+             lambda methods=methods: joined_row(runs, methods, device, out))
+    for steps in (50, 200):
+        show(f"Poisson learning, {steps} steps", lambda steps=steps: poisson_row(runs["rotation"], steps, device, out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
