@@ -88,6 +88,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="which images are labeled: balanced (K of every class, the study's draw), uniform (K × classes "
                         "at random from the pool, classes unknown), typical (TypiClust) or cover (ProbCover), both "
                         "from the method's features without labels")
+    p.add_argument("--select-starts", type=int, default=1,
+                   help="typical: k-means++ starts of the clustering, the one of lowest inertia kept (scikit-learn's "
+                        "n_init: TypiClust's code ran 10); default 1")
     p.add_argument("--choice-margin", type=float, default=0.0,
                    help="labelprop and selftrain: leave the probe for another candidate only where it wins on the "
                         "validation images by more than this many standard errors of the paired difference (1: the "
@@ -330,17 +333,19 @@ def _eval_config(args):
     """The evaluation settings the command line sets, checked under their flags' names."""
     from .evaluate import EvalConfig
     from .evaluate.cells import FM_THRESHOLD_MODES, ST_PREDICTS, ST_STARTS, check_choice_folds, check_choice_margin
-    from .evaluate.selection import SELECTIONS
+    from .evaluate.selection import MAX_STARTS, SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
+    check_int("--select-starts", args.select_starts, 1, " (k-means starts)", maximum=MAX_STARTS)
     check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
     check_choice_margin("--choice-margin", args.choice_margin)
     check_choice_folds("--choice-folds", args.choice_folds)
     check_choice("--st-start", args.st_start, ST_STARTS)
     check_choice("--st-predict", args.st_predict, ST_PREDICTS)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
+                      select_starts=args.select_starts,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin,
                       choice_folds=args.choice_folds, st_start=args.st_start, st_predict=args.st_predict,

@@ -32,6 +32,44 @@ def test_kmeans_finds_separated_blobs_exactly():
     assert len(pairs) == 3 and len({a for a, _ in pairs}) == 3
 
 
+def _inertia(points: torch.Tensor, assign: torch.Tensor) -> float:
+    """The sum of squared distances of the points to their cluster's mean, with loops."""
+    total = 0.0
+    for c in assign.unique().tolist():
+        members = points[assign == c].double()
+        total += float(((members - members.mean(0)) ** 2).sum())
+    return total
+
+
+def test_one_start_of_the_fast_lloyd_finds_the_blobs_and_its_inertia():
+    points, classes = blobs([40, 25, 10], dims=3)
+    assign, inertia = selection._lloyd(points, 3, seed=0, iterations=100)
+    assert len(set(zip(assign.tolist(), classes.tolist()))) == 3 and len(assign.unique()) == 3
+    assert inertia == pytest.approx(_inertia(points, assign), rel=1e-4)
+
+
+def test_several_starts_keep_the_start_of_lowest_inertia():
+    # ten blobs in two dimensions, close enough that k-means++ starts end in different optima
+    points, _ = blobs([30] * 10, dims=2, spread=2.0, seed=3)
+    for seed in range(4):
+        singles = [selection._lloyd(points.float(), 10, seed + i * selection.START_STRIDE, 100)[0] for i in range(8)]
+        inertias = [_inertia(points, a) for a in singles]
+        best = kmeans(points, 10, seed, starts=8)
+        assert torch.equal(best, singles[int(np.argmin(inertias))])
+        assert _inertia(points, best) == pytest.approx(min(inertias))
+    # the starts do differ here, so keeping the best is not a no-op
+    assert len({round(_inertia(points, selection._lloyd(points, 10, i, 100)[0]), 3) for i in range(8)}) > 1
+
+
+def test_one_start_is_the_choice_stored_before_starts_existed():
+    points, _ = blobs([30] * 10, dims=2, spread=2.0, seed=3)
+    # the picks of the lab's k-means before it had starts (commit 7bca44c), on these points: one
+    # start keeps that loop (cdist and argmin), so a choice stored then is made again bit for bit
+    assert select_typical(points, 10, 5, neighbours=5).tolist() == [160, 247, 72, 100, 5, 298, 51, 76, 220, 228]
+    assert select_typical(points, 10, 5, neighbours=5, starts=10).tolist() != [160, 247, 72, 100, 5, 298, 51, 76,
+                                                                               220, 228]
+
+
 def test_typicality_is_the_inverse_mean_distance_to_the_nearest_neighbours():
     points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
     expected = []
@@ -197,6 +235,12 @@ def test_a_selection_is_part_of_the_cells_key_and_its_row(noise_run, tmp_path):
     keys = {chosen: _cell(noise_run, chosen).key for chosen in ("balanced", "uniform", "typical", "cover")}
     assert len({str(sorted(k.items())) for k in keys.values()}) == 4
     assert keys["typical"]["select_k"] == 20 and "select_k" not in keys["uniform"]
+    # the k-means starts are in a typical cell's key where they are not 1 (typical cells stored
+    # before starts existed keep their key), and in no other selection's
+    assert "select_starts" not in keys["typical"]
+    ten = _cell(noise_run, "typical", select_starts=10).key
+    assert ten["select_starts"] == 10 and {k: v for k, v in ten.items() if k != "select_starts"} == keys["typical"]
+    assert "select_starts" not in _cell(noise_run, "cover", select_starts=10).key
     row = cells.open_cell("labelprop", noise_run, 2, 0, device="cpu", out=str(tmp_path),
                           config=EvalConfig(selection="typical", lp_pca=8, lp_k=5, val_per_class=0)
                           ).computed(__import__("sslab.evaluate.labelprop", fromlist=["x"]).compute_labelprop)
@@ -238,3 +282,21 @@ def test_a_choice_is_kept_in_the_runs_folder_and_read_back_by_another_process(no
     kept.write_bytes(kept.read_bytes()[:-20])  # damaged: made again, the same choice
     assert torch.equal(_cell(noise_run, "typical", val_per_class=0).labeled_split()[0], first[0])
 
+
+
+def noise_run_classes(run) -> int:
+    return cells.dataset_splits(run.config).train.num_classes
+
+
+def test_choices_with_other_k_means_starts_are_stored_apart(noise_run, monkeypatch):
+    from pathlib import Path
+    one = _cell(noise_run, "typical", budget=3, val_per_class=0).labeled_split()[0]
+    stored = set(Path(noise_run.path).glob("selection-*.pt"))
+    monkeypatch.setattr(selection, "_SPLITS", {})  # nothing kept in memory: the files alone
+    ten = _cell(noise_run, "typical", budget=3, val_per_class=0, select_starts=10).labeled_split()[0]
+    # a choice of its own, made with ten starts (not read back from the one-start file)
+    assert len(set(Path(noise_run.path).glob("selection-*.pt")) - stored) == 1
+    assert len(ten) == len(one) == 3 * noise_run_classes(noise_run)
+    # and the one-start file is still the one-start choice
+    monkeypatch.setattr(selection, "_SPLITS", {})
+    assert torch.equal(_cell(noise_run, "typical", budget=3, val_per_class=0).labeled_split()[0], one)

@@ -29,7 +29,7 @@ from .features import dataset_splits, cached_features
 from .heads import HEADS
 from .metrics import classification_metrics
 from .pool import pool_of
-from .selection import EMBEDDED, SELECTIONS, labeled_split, random_init_config
+from .selection import EMBEDDED, MAX_STARTS, SELECTIONS, labeled_split, random_init_config
 
 
 # FixMatch's thresholds: fixed τ (Sohn et al. 2020), or FreeMatch's self-adaptive τ_t(c) (Wang et al. 2023)
@@ -53,6 +53,7 @@ class EvalConfig:
     selection: str = "balanced"
     select_k: int = 20  # typical: neighbours of the typicality (TypiClust's)
     select_min_cluster: int = 5  # typical: clusters of at most this many images are dropped (TypiClust's)
+    select_starts: int = 1  # typical: k-means++ starts, the lowest inertia kept (TypiClust's scikit-learn ran 10)
     select_purity: float = 0.95  # cover: the share of δ-balls that must stay pure (ProbCover's α)
     # labeled images per class held out for early stopping and choices; 0: none, every trained
     # protocol runs its fixed schedule and a budget of k labels per class is k × classes labels in all
@@ -155,6 +156,8 @@ class EvalConfig:
             check_int(name, getattr(self, name), 1, maximum=MAX_COUNT)
         for name in ("val_per_class", "select_min_cluster"):
             check_int(name, getattr(self, name), 0, maximum=MAX_COUNT)
+        check_int("select_starts", self.select_starts, 1, " (k-means starts of the typical selection)",
+                  maximum=MAX_STARTS)
         check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)", maximum=MAX_COUNT)
         check_number("st_threshold", self.st_threshold, 0.0, 1.0, low_open=False, high_open=True)
         check_number("st_labeled_fraction", self.st_labeled_fraction, 0.0, 1.0, high_open=True)
@@ -238,11 +241,12 @@ CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch"
 
 # Settings in a cell's key only when they differ from these values (what cells stored before them did).
 KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1, "st_start": "fresh", "fm_backbone_lr_scale": 1.0,
-                      "fm_warmup": 0.0}
+                      "fm_warmup": 0.0, "select_starts": 1}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).
-SELECTION_FIELDS = {"typical": ("layer", "grid", "precision", "lp_pca", "select_k", "select_min_cluster"),
+SELECTION_FIELDS = {"typical": ("layer", "grid", "precision", "lp_pca", "select_k", "select_min_cluster",
+                                "select_starts"),
                     "cover": ("layer", "grid", "precision", "lp_pca", "select_purity")}
 
 

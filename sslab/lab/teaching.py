@@ -332,10 +332,11 @@ def selection_points(run, settings: LabSettings, images: int = 2000) -> torch.Te
 
 def check_typical(points: torch.Tensor, budget: int, seed: int, page_picks: Sequence[int]) -> str:
     """A page's TypiClust picks (one per k-means cluster, the most typical member) against
-    :func:`~sslab.evaluate.selection.select_typical` on the same points, budget and seed: the
-    same images (in any order)."""
+    :func:`~sslab.evaluate.selection.select_typical` on the same points, budget and seed, with the
+    lab's default k-means starts: the same images (in any order)."""
+    from ..evaluate.cells import EvalConfig
     from ..evaluate.selection import select_typical
-    library = select_typical(points, budget, seed)
+    library = select_typical(points, budget, seed, starts=EvalConfig().select_starts)
     return agree("typical images", torch.tensor(sorted(page_picks)), library.sort().values)
 
 
