@@ -405,8 +405,10 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
         data = (pool.images,)
     train_config = config.train_config() if ddp is None else ddp.scale_lr(config.train_config())
     if options.compile_loss:  # never under torchrun: pretrain refuses that
-        # An instance attribute shadows the method: fit's train_step calls the compiled loss.
-        task.loss = torch.compile(task.loss)
+        # An instance attribute shadows the method: fit's train_step calls the compiled loss. Compiled
+        # once per batch size (an epoch's last batch is smaller): traced with a dynamic batch size,
+        # the augmentations' torch.rand(n) fails on the CPU.
+        task.loss = torch.compile(task.loss, dynamic=False)
     result: FitResult = fit(task, data, train_config, dev, checkpoint=work / "checkpoint.pt",
                             metrics_path=work / "metrics.jsonl", progress=options.progress,
                             desc=f"pretrain {config.method}", images_per_sample=task.images_per_sample,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -167,6 +168,21 @@ def test_compiled_pretraining_trains_the_same_model(tmp_path):
     assert compiled.summary["test_loss"] == pytest.approx(eager.summary["test_loss"], rel=1e-3)
     with pytest.raises(ValueError, match="compile='yes' is not allowed"):
         pretrain(config, device="cpu", out=str(tmp_path / "bad"), compile="yes")
+
+
+@pytest.mark.slow
+def test_compiled_rotation_pretraining_takes_batches_of_another_size(tmp_path):
+    """A compiled loss meets batches of other sizes (the epoch's last, the test set's): with shapes
+    left dynamic, the rotation task's augmentation (torch.rand of the batch's size) failed to trace
+    on the CPU; compiled per shape, the run completes."""
+    config = PretrainConfig(method="rotation", dataset="fashion-mnist", epochs=1, limit=100, width=0.125,
+                            settings={"batch_size": 16})
+    try:
+        run = pretrain(config, device="cpu", out=str(tmp_path), progress=False, eval_limit=12, compile=True)
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed here")
+    assert run.summary["compiled"] is True and math.isfinite(run.summary["final"]["loss"])
+    assert 0.0 <= run.summary["test_rot_acc"] <= 1.0 and math.isfinite(run.summary["test_loss"])
 
 
 def test_siamese_test_metrics_are_the_same_every_time_and_leave_the_callers_random_stream(tmp_path):
