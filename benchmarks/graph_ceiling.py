@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from sslab import lab
 from sslab.evaluate.cells import EvalConfig, open_cell
 from sslab.evaluate.features import cached_features
-from sslab.evaluate.graph import PoolGraph, Projection, knn_search, pca_project, propagate_cell
+from sslab.evaluate.graph import PoolGraph, Projection, cell_edges, knn_search, pca_project, propagate_cell
 from sslab.evaluate.labelprop import labelprop_cell
 from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
 
@@ -103,17 +103,11 @@ def poisson_row(run, steps: int, device, out) -> list:
             graph, _ = pool_graph(run, cell.cfg, cell.device)
             k, classes = cell.cfg.lp_k, cell.splits.train.num_classes
             labeled = graph.project(cell.features("train", train_idx))
-            kept = keep.nonzero().squeeze(1)
-            n_lab, n = len(labeled), len(labeled) + len(kept)
-            new_id = torch.full((len(keep),), -1, dtype=torch.long)
-            new_id[kept] = torch.arange(len(kept)) + n_lab
-            src = torch.arange(len(keep))[:, None].expand_as(graph.indices)
-            valid = keep[src] & keep[graph.indices]
-            lab_s, lab_i = knn_search(labeled, graph.nodes[kept], k)
-            rows = torch.cat([new_id[src[valid]], torch.arange(n_lab).repeat_interleave(k)])
-            cols = torch.cat([new_id[graph.indices[valid]], lab_i.flatten() + n_lab])
-            w = torch.cat([graph.sims[valid], lab_s.flatten()]).clamp(min=0).pow(cell.cfg.lp_gamma)
-            weights = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+            edges = cell_edges(graph, keep, labeled)  # the same graph label propagation builds, unnormalised
+            n_lab, n = len(labeled), len(labeled) + len(edges.kept)
+            w = edges.sims.clamp(min=0).pow(cell.cfg.lp_gamma)
+            weights = torch.sparse_coo_tensor(torch.stack([torch.cat([edges.rows, edges.cols]),
+                                                           torch.cat([edges.cols, edges.rows])]),
                                               torch.cat([w, w]), (n, n)).coalesce().to_sparse_csr()
             degree = (weights @ torch.ones(n, 1)).clamp(min=1e-12)
             onehot = F.one_hot(cell.splits.train.labels[train_idx], classes).float()
@@ -122,7 +116,7 @@ def poisson_row(run, steps: int, device, out) -> list:
             u = torch.zeros(n, classes)
             for _ in range(steps):
                 u = u + (source - (degree * u - weights @ u)) / degree
-            nodes = torch.cat([labeled, graph.nodes[kept]])
+            nodes = torch.cat([labeled, graph.nodes[edges.kept]])
             qs, qi = knn_search(graph.project(cell.features("test")), nodes, k)
             scores = (qs.clamp(min=0).pow(cell.cfg.lp_gamma).unsqueeze(2) * u[qi]).sum(1)
             per_seed.append(float((scores.argmax(1) == cell.splits.test.labels).float().mean()))

@@ -185,16 +185,23 @@ class Propagated:
     query_scores: list
 
 
-def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch.Tensor, labeled: torch.Tensor,
-                   queries: list, classes: int, alpha: float, gamma: float, iterations: int,
-                   known_neighbours: Optional[list] = None) -> Propagated:
-    """Join the L labeled images to the pool images ``keep`` (P bool), propagate, and score
-    ``queries`` (raw feature sets) inductively. Pool edges to dropped images are removed; each
-    labeled image links to its k nearest kept pool images, and W's symmetry links them back.
-    ``known_neighbours[i]``: query set i's nearest pool images, when the graph keeps them
-    (:func:`cell_neighbours`; None: searched)."""
+@dataclass
+class CellEdges:
+    """A cell's k-NN graph as directed edges ``rows[e] → cols[e]`` of cosine similarity ``sims[e]``
+    over its nodes (the L labeled images first, then the kept pool images ``kept``, pool positions);
+    ``new_id``: each pool position's node index (−1: dropped)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    sims: torch.Tensor
+    kept: torch.Tensor
+    new_id: torch.Tensor
+
+
+def cell_edges(graph: PoolGraph, keep: torch.Tensor, labeled_nodes: torch.Tensor) -> CellEdges:
+    """The edges of a cell's graph: the pool's edges between kept images, and each (projected)
+    labeled image's edges to its k nearest kept pool images (W's symmetry links them back)."""
     k = graph.indices.shape[1]
-    labeled_nodes = graph.project(labeled_features)
     kept = keep.nonzero().squeeze(1)
     n_lab = len(labeled_nodes)
     new_id = torch.full((len(keep),), -1, dtype=torch.long, device=keep.device)
@@ -205,7 +212,22 @@ def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch
     rows = torch.cat([new_id[src[valid]], torch.arange(n_lab, device=keep.device).repeat_interleave(lab_i.shape[1])])
     cols = torch.cat([new_id[graph.indices[valid]], lab_i.flatten() + n_lab])
     sims = torch.cat([graph.sims[valid], lab_s.flatten()])
-    affinity = normalized_affinity(rows, cols, sims, n_lab + len(kept), gamma)
+    return CellEdges(rows, cols, sims, kept, new_id)
+
+
+def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch.Tensor, labeled: torch.Tensor,
+                   queries: list, classes: int, alpha: float, gamma: float, iterations: int,
+                   known_neighbours: Optional[list] = None) -> Propagated:
+    """Join the L labeled images to the pool images ``keep`` (P bool), propagate, and score
+    ``queries`` (raw feature sets) inductively. Pool edges to dropped images are removed; each
+    labeled image links to its k nearest kept pool images, and W's symmetry links them back.
+    ``known_neighbours[i]``: query set i's nearest pool images, when the graph keeps them
+    (:func:`cell_neighbours`; None: searched)."""
+    k = graph.indices.shape[1]
+    labeled_nodes = graph.project(labeled_features)
+    edges = cell_edges(graph, keep, labeled_nodes)
+    kept, new_id = edges.kept, edges.new_id
+    affinity = normalized_affinity(edges.rows, edges.cols, edges.sims, len(labeled_nodes) + len(kept), gamma)
     labels = torch.cat([labeled, torch.full((len(kept),), -1, dtype=torch.long, device=keep.device)])
     probs = propagate(affinity, labels, classes, alpha, iterations)
     nodes = torch.cat([labeled_nodes, graph.nodes[kept]])
