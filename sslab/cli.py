@@ -91,6 +91,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--select-starts", type=int, default=1,
                    help="typical: k-means++ starts of the clustering, the one of lowest inertia kept (scikit-learn's "
                         "n_init: TypiClust's code ran 10); default 1")
+    p.add_argument("--lp-balance", type=int, default=0,
+                   help="labelprop and selftrain: Sinkhorn steps that scale the pool's propagated labels to equal "
+                        "class mass before the test images vote (class mass normalisation to a uniform prior: it "
+                        "assumes the classes about equally frequent); 0 (default): none")
     p.add_argument("--choice-margin", type=float, default=0.0,
                    help="labelprop and selftrain: leave the probe for another candidate only where it wins on the "
                         "validation images by more than this many standard errors of the paired difference (1: the "
@@ -339,13 +343,14 @@ def _eval_config(args):
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
     check_int("--select-starts", args.select_starts, 1, " (k-means starts)", maximum=MAX_STARTS)
+    check_int("--lp-balance", args.lp_balance, 0, " (Sinkhorn steps; 0: none)", maximum=MAX_STEPS)
     check_choice("--fm-threshold-mode", args.fm_threshold_mode, FM_THRESHOLD_MODES)
     check_choice_margin("--choice-margin", args.choice_margin)
     check_choice_folds("--choice-folds", args.choice_folds)
     check_choice("--st-start", args.st_start, ST_STARTS)
     check_choice("--st-predict", args.st_predict, ST_PREDICTS)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
-                      select_starts=args.select_starts,
+                      select_starts=args.select_starts, lp_balance=args.lp_balance,
                       precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin,
                       choice_folds=args.choice_folds, st_start=args.st_start, st_predict=args.st_predict,

@@ -600,6 +600,8 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
      "--choice-folds=0 is not allowed; allowed: an integer from 1 to 20"),
     (["evaluate", "--labels", "2", "--selection", "typical", "--select-starts", "0"],
      "--select-starts=0 is not allowed; allowed: an integer from 1 to 1000 (k-means starts)"),
+    (["evaluate", "--labels", "2", "--protocols", "labelprop", "--lp-balance", "-1"],
+     f"--lp-balance=-1 is not allowed; allowed: an integer from 0 to {MAX_STEPS} (Sinkhorn steps; 0: none)"),
     (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-start", "teacher"],
      "--st-start='teacher' is not known; allowed: fresh, probe"),
     (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-predict", "vote"],

@@ -144,3 +144,53 @@ def test_known_test_neighbours_give_the_same_scores_as_searching_every_node():
     plain = graph_module.propagate_cell(*args)
     fast = graph_module.propagate_cell(*args, known_neighbours=[known])
     torch.testing.assert_close(fast.query_scores[0], plain.query_scores[0], rtol=0, atol=1e-6)
+
+
+def test_balance_classes_is_sinkhorn_by_hand():
+    """One step by hand: columns to equal mass, then rows to distributions; many steps: every
+    class holds N / C; a class no row gives mass stays empty; 0 steps: unchanged."""
+    p = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]])
+    col = p / torch.tensor([[2.3, 0.7]])
+    torch.testing.assert_close(graph_module.balance_classes(p, 1), col / col.sum(1, keepdim=True))
+    many = graph_module.balance_classes(p, 200)
+    torch.testing.assert_close(many.sum(1), torch.ones(3))
+    torch.testing.assert_close(many.sum(0), torch.tensor([1.5, 1.5]), rtol=0, atol=1e-4)
+    assert many[:, 1].argmax() == 2 and many[:, 0].argmax() == 0  # the order within a class is kept
+    empty = graph_module.balance_classes(torch.tensor([[0.7, 0.3, 0.0], [0.5, 0.5, 0.0]]), 10)
+    assert torch.equal(empty[:, 2], torch.zeros(2))
+    assert graph_module.balance_classes(p, 0) is p
+
+
+def test_balance_moves_a_flooded_class_back_and_leaves_the_labeled_rows():
+    """Two clusters, one three times the other, the boundary image nearer the big cluster's label:
+    balancing the pool's class mass moves pool images to the small class, never away from it,
+    and the labeled images' rows stay what propagation gave them."""
+    generator = torch.Generator().manual_seed(0)
+    big, small = torch.randn(90, 4, generator=generator) * 0.6, torch.randn(30, 4, generator=generator) * 0.6 + 1.5
+    pool_points = torch.cat([big, small])
+    graph = graph_module.build_pool_graph(pool_points, k=8, pca=None)
+    keep = torch.ones(120, dtype=torch.bool)
+    labeled_features, labels = torch.stack([big.mean(0), small.mean(0)]), torch.tensor([0, 1])
+    args = (graph, keep, labeled_features, labels, [pool_points], 2, 0.99, 3.0, 20)
+    plain = graph_module.propagate_cell(*args)
+    balanced = graph_module.propagate_cell(*args, balance=5)
+    torch.testing.assert_close(balanced.probs[:2], plain.probs[:2], rtol=0, atol=0)
+    torch.testing.assert_close(balanced.probs[2:], graph_module.balance_classes(plain.probs[2:], 5))
+    before, after = plain.query_scores[0].argmax(1), balanced.query_scores[0].argmax(1)
+    assert not ((before == 1) & (after == 0)).any()
+    assert balanced.probs[2:, 1].sum() > plain.probs[2:, 1].sum()
+
+
+def test_lp_balance_is_keyed_only_when_on(tmp_path, make_noise_run):
+    from sslab.evaluate import cells
+    from sslab.evaluate.cells import EvalConfig
+    run = make_noise_run(tmp_path, 20)
+    for kind in ("labelprop", "selftrain"):
+        off = cells.open_cell(kind, run, 2, 0, device="cpu", config=EvalConfig()).key
+        on = cells.open_cell(kind, run, 2, 0, device="cpu", config=EvalConfig(lp_balance=5)).key
+        assert "lp_balance" not in off and on["lp_balance"] == 5
+        assert {k: v for k, v in on.items() if k != "lp_balance"} == off
+    assert "lp_balance" not in cells.open_cell("probe", run, 2, 0, device="cpu", config=EvalConfig(lp_balance=5)).key
+    with pytest.raises(ValueError, match=r"lp_balance=-1 is not allowed; allowed: an integer from 0 to \d+ "
+                                         r"\(Sinkhorn steps to equal class mass; 0: none\)"):
+        EvalConfig(lp_balance=-1).validate()

@@ -84,6 +84,9 @@ class EvalConfig:
     lp_alpha: float = 0.99
     lp_gamma: float = 3.0
     lp_iterations: int = 20
+    # Sinkhorn steps that scale the pool's propagated distributions to equal class mass (Zhu,
+    # Ghahramani & Lafferty's class mass normalisation, to a uniform prior); 0: none
+    lp_balance: int = 0
     # the weights w of the probe against the graph (test scores w · probe + (1 − w) · graph), the
     # best on the validation images; (0.0,): the graph alone
     lp_probe_weights: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -158,6 +161,8 @@ class EvalConfig:
             check_int(name, getattr(self, name), 0, maximum=MAX_COUNT)
         check_int("select_starts", self.select_starts, 1, " (k-means starts of the typical selection)",
                   maximum=MAX_STARTS)
+        check_int("lp_balance", self.lp_balance, 0, " (Sinkhorn steps to equal class mass; 0: none)",
+                  maximum=MAX_STEPS)
         check_int("lp_pca", self.lp_pca, 0, " (principal components of the graph's space; 0: all)", maximum=MAX_COUNT)
         check_number("st_threshold", self.st_threshold, 0.0, 1.0, low_open=False, high_open=True)
         check_number("st_labeled_fraction", self.st_labeled_fraction, 0.0, 1.0, high_open=True)
@@ -228,8 +233,8 @@ CELL_FIELDS = {
     "finetune": _SHARED + _PROBE + ("finetune_epochs", "finetune_lr", "finetune_patience", "backbone_lr_scale"),
     # labelprop weighs the graph against the probe (lp_probe_weights): the probe's settings count too
     "labelprop": ("layer", "grid", "selection", "val_per_class", "precision", "lp_k", "lp_pca", "lp_alpha",
-                  "lp_gamma", "lp_iterations", "lp_probe_weights", "choice_margin", "choice_folds", "hidden",
-                  "batch_size", "samples_per_epoch", "weight_decay") + _PROBE,
+                  "lp_gamma", "lp_iterations", "lp_balance", "lp_probe_weights", "choice_margin", "choice_folds",
+                  "hidden", "batch_size", "samples_per_epoch", "weight_decay") + _PROBE,
 }
 CELL_FIELDS["selftrain"] = CELL_FIELDS["labelprop"] + ("st_rounds", "st_per_class", "st_threshold", "st_steps",
                                                        "st_lr", "st_labeled_fraction", "st_teacher", "st_predict",
@@ -241,7 +246,7 @@ CELL_FIELDS["fixmatch"] = ("head",) + _SHARED + _PROBE + ("fm_steps", "fm_batch"
 
 # Settings in a cell's key only when they differ from these values (what cells stored before them did).
 KEYED_WHEN_CHANGED = {"choice_margin": 0.0, "choice_folds": 1, "st_start": "fresh", "fm_backbone_lr_scale": 1.0,
-                      "fm_warmup": 0.0, "select_starts": 1}
+                      "fm_warmup": 0.0, "select_starts": 1, "lp_balance": 0}
 
 
 # The settings an embedded selection chooses with (the space of .graph, and its own constants).

@@ -87,7 +87,7 @@ def held_out_scores(cell: Cell, val_probe: torch.Tensor, val_graph: torch.Tensor
         x_held, y_held = probe.val
         propagated = propagate_cell(graph, keep, cell.features("train", fold_train), labels[fold_train].to(dev),
                                     [x_held], cell.splits.train.num_classes, cfg.lp_alpha, cfg.lp_gamma,
-                                    cfg.lp_iterations)
+                                    cfg.lp_iterations, balance=cfg.lp_balance)
         scores.append(HeldOut(probe_probabilities(probe.model.eval(), x_held, cfg.precision),
                               propagated.query_scores[0], y_held))
     return scores

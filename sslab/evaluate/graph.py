@@ -135,6 +135,21 @@ def propagate(affinity: torch.Tensor, labels: torch.Tensor, classes: int, alpha:
     return torch.where(total > 0, z / total.clamp(min=1e-30), torch.full_like(z, 1.0 / classes))
 
 
+def balance_classes(probs: torch.Tensor, steps: int) -> torch.Tensor:
+    """Class distributions N×C scaled towards equal class mass (Sinkhorn–Knopp): each step
+    divides every class's column by its total mass (each class then holds N / C) and every row
+    by its sum (each row a distribution again). The rows come back as distributions, the
+    columns' sums the nearer N / C the more steps. Zhu, Ghahramani & Lafferty (ICML 2003) scale
+    once ("class mass normalisation"); the prior here is uniform: every class as frequent as the
+    others. A class no row gives any mass stays at 0. ``steps`` 0: ``probs`` unchanged."""
+    p = probs
+    for _ in range(steps):
+        mass = p.sum(0, keepdim=True)
+        p = torch.where(mass > 0, p / mass.clamp(min=1e-30), p)
+        p = p / p.sum(1, keepdim=True).clamp(min=1e-30)
+    return p
+
+
 def inductive_scores(queries: torch.Tensor, nodes: torch.Tensor, node_probs: torch.Tensor, k: int = 20,
                      gamma: float = 3.0, neighbours: Optional[tuple] = None) -> torch.Tensor:
     """Class scores of images outside the graph: each query's ``k`` nearest nodes vote with their
@@ -217,12 +232,13 @@ def cell_edges(graph: PoolGraph, keep: torch.Tensor, labeled_nodes: torch.Tensor
 
 def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch.Tensor, labeled: torch.Tensor,
                    queries: list, classes: int, alpha: float, gamma: float, iterations: int,
-                   known_neighbours: Optional[list] = None) -> Propagated:
+                   known_neighbours: Optional[list] = None, balance: int = 0) -> Propagated:
     """Join the L labeled images to the pool images ``keep`` (P bool), propagate, and score
     ``queries`` (raw feature sets) inductively. Pool edges to dropped images are removed; each
     labeled image links to its k nearest kept pool images, and W's symmetry links them back.
     ``known_neighbours[i]``: query set i's nearest pool images, when the graph keeps them
-    (:func:`cell_neighbours`; None: searched)."""
+    (:func:`cell_neighbours`; None: searched). ``balance``: :func:`balance_classes` steps on the
+    pool images' distributions before the queries vote (the labeled images' are left as they are)."""
     k = graph.indices.shape[1]
     labeled_nodes = graph.project(labeled_features)
     edges = cell_edges(graph, keep, labeled_nodes)
@@ -230,6 +246,9 @@ def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch
     affinity = normalized_affinity(edges.rows, edges.cols, edges.sims, len(labeled_nodes) + len(kept), gamma)
     labels = torch.cat([labeled, torch.full((len(kept),), -1, dtype=torch.long, device=keep.device)])
     probs = propagate(affinity, labels, classes, alpha, iterations)
+    if balance:
+        n_labeled = len(labeled_nodes)
+        probs = torch.cat([probs[:n_labeled], balance_classes(probs[n_labeled:], balance)])
     nodes = torch.cat([labeled_nodes, graph.nodes[kept]])
     known = known_neighbours or [None] * len(queries)
     scores = []

@@ -82,5 +82,6 @@ def labelprop_of(cell: Cell) -> tuple:
     y = cell.splits.train.labels.to(dev)
     result = propagate_cell(graph, keep, cell.features("train", train_idx), y[train_idx.to(dev)],
                             [cell.features("train", val_idx), cell.features("test")], cell.splits.train.num_classes,
-                            cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations, [None, graph.test_neighbours])
+                            cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations, [None, graph.test_neighbours],
+                            balance=cfg.lp_balance)
     return result, (train_idx, val_idx)

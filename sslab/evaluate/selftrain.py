@@ -266,5 +266,5 @@ def student_propagation(student: ImageClassifier, cfg: EvalConfig, dev, pool: to
     graph = build_pool_graph(features(pool), cfg.lp_k, cfg.lp_pca or None)
     keep = torch.ones(len(pool), dtype=torch.bool, device=dev)
     return propagate_cell(graph, keep, features(labeled), labels.to(dev), [features(q) for q in queries], classes,
-                          cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations)
+                          cfg.lp_alpha, cfg.lp_gamma, cfg.lp_iterations, balance=cfg.lp_balance)
 
