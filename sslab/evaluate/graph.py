@@ -137,9 +137,9 @@ def propagate(affinity: torch.Tensor, labels: torch.Tensor, classes: int, alpha:
 
 def balance_classes(probs: torch.Tensor, steps: int) -> torch.Tensor:
     """Class distributions N×C scaled towards equal class mass (Sinkhorn–Knopp): each step
-    divides every class's column by its total mass (each class then holds N / C) and every row
-    by its sum (each row a distribution again). The rows come back as distributions, the
-    columns' sums the nearer N / C the more steps. Zhu, Ghahramani & Lafferty (ICML 2003) scale
+    divides every class's column by its total mass (every class then holds the same mass) and
+    every row by its sum (each row a distribution again). The rows come back as distributions,
+    the columns' sums the nearer N / C the more steps. Zhu, Ghahramani & Lafferty (ICML 2003) scale
     once ("class mass normalisation"); the prior here is uniform: every class as frequent as the
     others. A class no row gives any mass stays at 0. ``steps`` 0: ``probs`` unchanged."""
     p = probs
