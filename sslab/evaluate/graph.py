@@ -143,9 +143,8 @@ def balance_classes(probs: torch.Tensor, steps: int) -> torch.Tensor:
     once ("class mass normalisation"); the prior here is uniform: every class as frequent as the
     others. A class no row gives any mass stays at 0. ``steps`` 0: ``probs`` unchanged."""
     p = probs
-    for _ in range(steps):
-        mass = p.sum(0, keepdim=True)
-        p = torch.where(mass > 0, p / mass.clamp(min=1e-30), p)
+    for _ in range(steps):  # the entries are ≥ 0, so a class of mass 0 is a column of zeros and stays one
+        p = p / p.sum(0, keepdim=True).clamp(min=1e-30)
         p = p / p.sum(1, keepdim=True).clamp(min=1e-30)
     return p
 
