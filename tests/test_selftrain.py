@@ -144,3 +144,23 @@ def test_labelprop_weighs_the_probe_against_the_graph(noise_run, tmp_path):
 def test_bad_teacher_prediction_and_weight_settings_are_one_line(field, value):
     with pytest.raises(ValueError, match=rf"^{field}=.* is not (allowed|known); allowed: "):
         replace(ev.EvalConfig(), **{field: value}).validate()
+
+
+def test_every_round_pseudo_labels_pool_images_only(noise_run, tmp_path, monkeypatch):
+    """A second round learns from the student's graph, whose first nodes are the labeled images:
+    its teacher must score the pool images alone, in the pool's order, as the first round's does."""
+    from sslab.evaluate import selftrain
+    sizes, real = [], selftrain.select_balanced
+
+    def recording(probs, confidence, per_class, threshold):
+        sizes.append(len(probs))
+        return real(probs, confidence, per_class, threshold)
+
+    monkeypatch.setattr(selftrain, "select_balanced", recording)
+    row = ev.selftrain_cell(noise_run, 2, device="cpu", out=str(tmp_path),
+                            config=replace(CFG, st_rounds=2, st_teacher="labelprop"))
+    # 20 train images per class, 3 classes; the cell labels 2 and validates on 2 per class
+    assert sizes == [60 - 3 * 4] * 2
+    assert [h["round"] for h in row["history"]] == [1, 2]
+    assert [h["teacher"] for h in row["history"]] == ["labelprop", "student graph"]
+    assert all(0.0 <= h["pseudo_acc"] <= 1.0 for h in row["history"])

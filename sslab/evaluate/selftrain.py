@@ -107,7 +107,8 @@ def compute_selftrain(cell: Cell) -> dict:
                         "pseudo_acc": None if pool_truth is None else
                         float((pseudo.cpu() == pool_truth[chosen]).float().mean()),
                         "val_acc": _accuracy(propagated.query_scores[0], val_y)})
-        teacher, name = graph_teacher(propagated, 0), "student graph"
+        # the next round learns from the student's graph: its pool images come after the labeled ones
+        teacher, name = graph_teacher(propagated, len(propagated.probs) - len(propagated.pool_rows)), "student graph"
     # The test prediction: the student's graph, its head, both, the first teacher's own prediction,
     # the probe it started from, or the teacher and the student's graph together.
     head_val, head_test = (predict(student, x.to(dev), precision=cfg.precision).softmax(1)
