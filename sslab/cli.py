@@ -9,8 +9,8 @@ import argparse
 import sys
 import time
 
-from .checks import (MAX_COUNT, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list, check_int,
-                     check_int_list, check_number)
+from .checks import (MAX_COUNT, MAX_EPOCHS, MAX_STEPS, HelpFormatter, Parser, check_choice, check_choice_list,
+                     check_int, check_int_list, check_number)
 from .data import DATASETS, check_budgets_fit, load_dataset
 
 
@@ -104,6 +104,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "more held-out splits of the labeled and validation images (each trains the probe and "
                         "propagates labels again); default 5; 1: the validation images alone, as in the study")
     p.add_argument("--st-steps", type=int, default=600, help="selftrain: training steps of each student")
+    p.add_argument("--st-rounds", type=int, default=1,
+                   help="selftrain: rounds; each round after the first learns from the last student's graph "
+                        "(default 1)")
+    p.add_argument("--st-per-class", type=int, default=1000,
+                   help="selftrain: the teacher's most confident pseudo-labels of each class a student trains on "
+                        "(default 1000)")
     p.add_argument("--st-start", default="fresh",
                    help="selftrain: the student's head starts fresh (random weights, the default) or as the "
                         "budget's probe head (probe: linear probing, then fine-tuning)")
@@ -339,6 +345,8 @@ def _eval_config(args):
     from .evaluate.cells import FM_THRESHOLD_MODES, ST_PREDICTS, ST_STARTS, check_choice_folds, check_choice_margin
     from .evaluate.selection import MAX_STARTS, SELECTIONS
     check_int("--st-steps", args.st_steps, 1, maximum=MAX_STEPS)
+    check_int("--st-rounds", args.st_rounds, 1, maximum=MAX_STEPS)
+    check_int("--st-per-class", args.st_per_class, 1, " (pseudo-labels per class)", maximum=MAX_COUNT)
     check_int("--fm-steps", args.fm_steps, 1, maximum=MAX_STEPS)
     check_int("--val-per-class", args.val_per_class, 0, maximum=MAX_COUNT)
     check_choice("--selection", args.selection, SELECTIONS)
@@ -351,12 +359,14 @@ def _eval_config(args):
     check_choice("--st-predict", args.st_predict, ST_PREDICTS)
     return EvalConfig(layer=args.layer, head=args.head, val_per_class=args.val_per_class, selection=args.selection,
                       select_starts=args.select_starts, lp_balance=args.lp_balance,
-                      precision=args.precision, st_steps=args.st_steps, fm_steps=args.fm_steps,
+                      precision=args.precision, st_steps=args.st_steps, st_rounds=args.st_rounds,
+                      st_per_class=args.st_per_class, fm_steps=args.fm_steps,
                       fm_threshold_mode=args.fm_threshold_mode, choice_margin=args.choice_margin,
                       choice_folds=args.choice_folds, st_start=args.st_start, st_predict=args.st_predict,
                       fm_backbone_lr_scale=check_number("--fm-backbone-lr-scale", args.fm_backbone_lr_scale, 0.0, 1.0,
                                                         low_open=False),
-                      fm_warmup=check_number("--fm-warmup", args.fm_warmup, 0.0, 1000.0, low_open=False)).validate()
+                      fm_warmup=check_number("--fm-warmup", args.fm_warmup, 0.0, float(MAX_EPOCHS),
+                                             low_open=False)).validate()
 
 
 def cmd_curve(args) -> int:

@@ -609,7 +609,11 @@ def test_probe_command_accepts_the_semi_supervised_protocols(complete_run, monke
     (["evaluate", "--labels", "2", "--protocols", "fixmatch", "--fm-backbone-lr-scale", "2"],
      "--fm-backbone-lr-scale=2.0 is not allowed; allowed: a number in [0, 1]"),
     (["evaluate", "--labels", "2", "--protocols", "fixmatch", "--fm-warmup", "-1"],
-     "--fm-warmup=-1.0 is not allowed; allowed: a number in [0, 1000]"),
+     f"--fm-warmup=-1.0 is not allowed; allowed: a number in [0, {MAX_EPOCHS}]"),
+    (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-rounds", "0"],
+     f"--st-rounds=0 is not allowed; allowed: an integer from 1 to {MAX_STEPS}"),
+    (["evaluate", "--labels", "2", "--protocols", "selftrain", "--st-per-class", "0"],
+     f"--st-per-class=0 is not allowed; allowed: an integer from 1 to {MAX_COUNT} (pseudo-labels per class)"),
 ])
 def test_step_and_count_flags_have_an_upper_bound_that_names_itself(complete_run, argv, message, tmp_path, capsys):
     """--fm-steps 99999999999999999999 was accepted: a run of 10^16 hours."""
