@@ -129,3 +129,46 @@ def test_embed_returns_coordinates_labels_and_score(monkeypatch):
     result = embed.embed("rotation", features, y, "conv4", ["a", "b"])
     assert result.coords.shape == (20, 2) and result.score == 1.0
     assert result.score_label == "5-NN acc 100.0%" and result.classes == ["a", "b"]
+
+
+UMAP_PROBE = """
+import numpy as np
+from sslab.embed import keep_umap_compiled, umap_2d
+import umap.layouts
+epoch = umap.layouts._nb_optimize_layout_euclidean_single_epoch
+switched = keep_umap_compiled()
+assert keep_umap_compiled() == 0  # once done, nothing more to switch
+coords = umap_2d(np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32))
+print(switched, type(epoch._cache).__name__, sum(epoch.stats.cache_hits.values()), coords[:3].round(4).tolist())
+"""
+
+
+@pytest.mark.slow
+def test_umap_compiles_once_and_a_later_process_loads_the_same_code(tmp_path):
+    """umap-learn compiles its layout optimiser at each process's first fit and does not keep it:
+    with keep_umap_compiled the first process writes it to numba's disk cache, a second loads it
+    (a cache hit, no compiling) and draws the same coordinates."""
+    pytest.importorskip("umap")
+    import os
+    import subprocess
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", UMAP_PROBE], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split(" ", 3) for _ in range(2))
+    assert int(first[0]) > 0 and first[1] != "NullCache"  # switched to a disk cache before compiling
+    assert int(first[2]) == 0 and int(second[2]) >= 1  # compiled by the first process, loaded by the second
+    assert first[3] == second[3]
+
+
+def test_the_umap_warm_up_starts_only_before_the_umap_notebook_and_at_the_lowest_priority():
+    import os
+
+    from sslab.lab.notebooks import warm_umap_in_background
+    assert warm_umap_in_background(["00_from_scratch", "02_probe", "04_label_curves"]) is None
+    assert warm_umap_in_background(["03_latent_umap", "04_label_curves"]) is None  # nothing runs before it
+    pytest.importorskip("umap")
+    warming = warm_umap_in_background(["01_pretext", "03_latent_umap"])
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, warming.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)
+    finally:
+        warming.kill()
+        warming.wait()

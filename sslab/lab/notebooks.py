@@ -75,8 +75,6 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
     """Execute the notebooks in order with papermill (each gets only the parameters it
     declares); returns ``[(name, output path, seconds)]``. Stops at the first failure with the
     notebook, cell and error."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
     source = notebooks_dir()
     # A name no notebook declares (a typo such as 'lables') would be dropped without a word.
     known = set().union(*(notebook_parameters(source / f"{n}.ipynb") for n in NOTEBOOKS))
@@ -94,27 +92,60 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
     output_dir = Path(output_dir) if output_dir else store.outputs_root() / "notebooks"
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []
-    for name in names:
-        src = source / f"{name}.ipynb"
-        dst = output_dir / f"{name}.ipynb"
-        declared = notebook_parameters(src)
-        mine = {k: v for k, v in params.items() if k in declared}
-        announce(f"[{len(done) + 1}/{len(names)}] {name} " + (" ".join(f"{k}={v}" for k, v in mine.items()) or
-                                                                "(defaults)"))
-        started = time.perf_counter()
-        try:
-            with _Heartbeat(announce, started) as heartbeat:
-                papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
-                                           kernel_name="python3", progress_bar=False, log_output=False,
-                                           kernel_manager_class=_local_kernels(),
-                                           on_cell_start=_cell_announcer(heartbeat))
-        except PapermillExecutionError as exc:
-            raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
-                               f"the executed copy with the error is {dst}") from None
-        seconds = time.perf_counter() - started
-        announce(f"      done in {seconds:.0f} s → {dst}")
-        done.append((name, dst, seconds))
+    warming = warm_umap_in_background(names)
+    try:
+        for name in names:
+            done.append(_execute_one(name, params, source, output_dir, len(done), len(names), announce))
+    finally:
+        if warming is not None and warming.poll() is None:
+            warming.kill()
+        if warming is not None:
+            warming.wait()
     return done
+
+
+UMAP_NOTEBOOK = "03_latent_umap"
+
+
+def warm_umap_in_background(names: Sequence[str]):
+    """Where the UMAP notebook is to run, compile umap's numba functions into numba's disk cache in a
+    process of the lowest priority, started now (:func:`sslab.embed.warm_umap`): it takes the core
+    time the notebooks before it leave idle, and the UMAP workers then load the compiled code
+    instead of each compiling it (about 20 s of each worker's time in a fresh environment). Returns
+    the process, or None where there is nothing to warm."""
+    import importlib.util
+    import os
+    import subprocess
+    if UMAP_NOTEBOOK not in names or names[0] == UMAP_NOTEBOOK or importlib.util.find_spec("umap") is None:
+        return None
+    return subprocess.Popen([sys.executable, "-c", "from sslab.embed import warm_umap; warm_umap()"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.nice(19))
+
+
+def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index: int, count: int, announce) -> tuple:
+    """Execute one notebook with papermill (the parameters it declares); ``(name, output path,
+    seconds)``, or a RuntimeError with the notebook, cell and error."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    src = source / f"{name}.ipynb"
+    dst = output_dir / f"{name}.ipynb"
+    declared = notebook_parameters(src)
+    mine = {k: v for k, v in params.items() if k in declared}
+    announce(f"[{index + 1}/{count}] {name} " + (" ".join(f"{k}={v}" for k, v in mine.items()) or "(defaults)"))
+    started = time.perf_counter()
+    try:
+        with _Heartbeat(announce, started) as heartbeat:
+            papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
+                                       kernel_name="python3", progress_bar=False, log_output=False,
+                                       kernel_manager_class=_local_kernels(),
+                                       on_cell_start=_cell_announcer(heartbeat))
+    except PapermillExecutionError as exc:
+        raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
+                           f"the executed copy with the error is {dst}") from None
+    seconds = time.perf_counter() - started
+    announce(f"      done in {seconds:.0f} s → {dst}")
+    return name, dst, seconds
 
 
 def lab_environment() -> None:
