@@ -20,10 +20,11 @@ import json, sys, time
 import numpy as np
 started = time.perf_counter()
 import umap  # noqa: F401  (the import compiles and caches umap's and pynndescent's own cached functions)
-from sslab.embed import keep_umap_compiled, umap_2d
+import sslab.embed
 imported = time.perf_counter() - started
-if sys.argv[1] == "kept":
-    keep_umap_compiled()
+if sys.argv[1] != "kept":  # umap_2d as it would be without the lab's switch
+    sslab.embed.keep_umap_compiled = lambda: 0
+umap_2d = sslab.embed.umap_2d
 points = np.random.default_rng(0).standard_normal((2000, 128)).astype(np.float32)
 fits = []
 for _ in range(2):

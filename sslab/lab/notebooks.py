@@ -127,8 +127,8 @@ def lowest_priority() -> None:
     """This process runs only on the core time others leave idle: nice 19, and where Linux groups
     the processes of a session for the scheduler (autogroup), its session's group at nice 19 too.
     A nice value weighs only within the group, and each notebook's kernel is a session of its own:
-    at nice 19 alone in make lab's group, a busy process took half a core from a two-thread kernel
-    (a two-thread matrix product 2.5 times slower), and none in its own group at nice 19."""
+    at nice 19 in make lab's group, the UMAP warm-up took half a core from notebook 00's kernel (its
+    training cell 36 s instead of 20 s; docs/BENCHMARKS.md)."""
     import os
     os.nice(19)
     try:
