@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from sslab import lab
 from sslab.evaluate.cells import EvalConfig, open_cell
 from sslab.evaluate.features import cached_features
-from sslab.evaluate.graph import PoolGraph, Projection, cell_edges, knn_search, pca_project, propagate_cell
+from sslab.evaluate.graph import (PoolGraph, Projection, cell_edges, inductive_scores, knn_search, pca_project,
+                                 propagate_cell)
 from sslab.evaluate.labelprop import labelprop_cell
 from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
 
@@ -127,14 +128,6 @@ def poisson_row(run, steps: int, device, out) -> list:
     return accs
 
 
-def vote(sims: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor, k: int, gamma: float,
-         classes: int) -> torch.Tensor:
-    """Each query's class by its ``k`` nearest labeled nodes (``sims``, ``indices``: Q×K, nearest
-    first), each weighing its similarity to the power ``gamma`` (negative similarities count 0)."""
-    weights = sims[:, :k].clamp(min=0).pow(gamma)
-    return torch.zeros(len(sims), classes).scatter_add_(1, labels[indices[:, :k]], weights).argmax(1)
-
-
 def every_label_row(run, device, out, steps: int = 300) -> list:
     """What the graph's space allows when every pool image is labeled: the test images' 1-NN and
     20-NN votes over the whole labeled pool (the lab's γ), and a softmax regression on the same
@@ -146,10 +139,10 @@ def every_label_row(run, device, out, steps: int = 300) -> list:
     classes, y_test = cell.splits.train.num_classes, cell.splits.test.labels
     y_pool = cell.splits.train.labels[rows]
     sims, indices = graph.test_neighbours
-    accs = [float((vote(sims, indices, y_pool, k, cell.cfg.lp_gamma, classes) == y_test).float().mean())
-            for k in (1, 20)]
+    labeled = F.one_hot(y_pool, classes).float()  # every pool image's own label, the vote's distribution
+    accs = [float((inductive_scores(None, None, labeled, k, cell.cfg.lp_gamma, (sims[:, :k], indices[:, :k]))
+                   .argmax(1) == y_test).float().mean()) for k in (1, 20)]
     x, x_test = graph.nodes.float(), graph.project(cell.features("test")).float()
-    torch.manual_seed(0)
     weight = torch.zeros(x.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
     optimiser = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")

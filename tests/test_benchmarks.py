@@ -200,17 +200,3 @@ def test_cpu_busy_splits_the_samples_by_notebook_and_counts_idle_core_seconds():
     assert rows[0][1:] == (2.0, 1.0, 0.0)
     assert rows[1][1] == 3.0 and rows[1][2] == pytest.approx(5 / 12) and rows[1][3] == pytest.approx(3.5)
 
-
-def test_the_ceiling_vote_weighs_each_neighbour_by_its_similarity_to_the_power_gamma():
-    from benchmarks.graph_ceiling import vote
-    sims = torch.tensor([[0.9, 0.8, 0.7], [0.5, -0.9, 0.45]])
-    indices = torch.tensor([[0, 1, 2], [2, 0, 1]])
-    labels = torch.tensor([1, 0, 0])
-    # query 0: 1-NN class 1; 3 neighbours, γ 1: class 0 has 0.8 + 0.7 > 0.9
-    assert vote(sims, indices, labels, 1, 1.0, 2).tolist()[0] == 1
-    assert vote(sims, indices, labels, 3, 1.0, 2).tolist()[0] == 0
-    # γ 3: 0.8³ + 0.7³ = 0.855 still beats 0.9³ = 0.729; γ 6: 0.9⁶ = 0.531 beats 0.8⁶ + 0.7⁶ = 0.380
-    assert vote(sims, indices, labels, 3, 3.0, 2).tolist()[0] == 0
-    assert vote(sims, indices, labels, 3, 6.0, 2).tolist()[0] == 1
-    # query 1: the negative similarity counts nothing, so class 0 (0.5 + 0.45 against 0) wins at k 3
-    assert vote(sims, indices, labels, 3, 1.0, 2).tolist()[1] == 0

@@ -194,3 +194,23 @@ def test_lp_balance_is_keyed_only_when_on(tmp_path, make_noise_run):
     with pytest.raises(ValueError, match=r"lp_balance=-1 is not allowed; allowed: an integer from 0 to \d+ "
                                          r"\(Sinkhorn steps to equal class mass; 0: none\)"):
         EvalConfig(lp_balance=-1).validate()
+
+
+def test_a_vote_of_one_hot_labels_weighs_each_neighbour_by_its_similarity_to_the_power_gamma():
+    """inductive_scores with known neighbours and one-hot node labels: a weighted k-NN vote (what
+    benchmarks/graph_ceiling.py --every-label counts)."""
+    sims = torch.tensor([[0.9, 0.8, 0.7], [0.5, -0.9, 0.45]])
+    indices = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    labels = torch.nn.functional.one_hot(torch.tensor([1, 0, 0]), 2).float()
+
+    def vote(k, gamma):
+        return graph_module.inductive_scores(None, None, labels, k, gamma, (sims[:, :k], indices[:, :k])).argmax(1)
+
+    # query 0: 1-NN class 1; 3 neighbours, γ 1: class 0 has 0.8 + 0.7 > 0.9
+    assert vote(1, 1.0).tolist()[0] == 1
+    assert vote(3, 1.0).tolist()[0] == 0
+    # γ 3: 0.8³ + 0.7³ = 0.855 still beats 0.9³ = 0.729; γ 6: 0.9⁶ = 0.531 beats 0.8⁶ + 0.7⁶ = 0.380
+    assert vote(3, 3.0).tolist()[0] == 0
+    assert vote(3, 6.0).tolist()[0] == 1
+    # query 1: the negative similarity counts nothing, so class 0 (0.5 + 0.45 against 0) wins at k 3
+    assert vote(3, 1.0).tolist()[1] == 0

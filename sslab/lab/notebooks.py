@@ -97,9 +97,8 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
         for name in names:
             done.append(_execute_one(name, params, source, output_dir, len(done), len(names), announce))
     finally:
-        if warming is not None and warming.poll() is None:
+        if warming is not None:  # done by now, or no longer of use
             warming.kill()
-        if warming is not None:
             warming.wait()
     return done
 
