@@ -1,6 +1,8 @@
 """sslab.models: the AlexNet backbone's geometry at 28, 32 and 96 px, its taps, heads and decoder."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -146,3 +148,58 @@ def test_backbone_out_dim_is_the_built_backbones_and_draws_no_random_numbers(arc
     dim = backbone_out_dim(config)
     assert torch.equal(torch.get_rng_state(), state)
     assert dim == build_backbone(config).out_dim
+
+
+def _as_written(backbone, x, layer):
+    """The taps by the stages as written: conv, BN, ReLU, then the pool that follows."""
+    x = (x - 0.5) * 4.0
+    stages = (("conv1", backbone.conv1, backbone.pool1), ("conv2", backbone.conv2, backbone.pool2),
+              ("conv3", backbone.conv3, None), ("conv4", backbone.conv4, None), ("conv5", backbone.conv5, None))
+    for name, stage, pool in stages:
+        for module in stage:
+            x = module(x)
+        if name == layer:
+            return x
+        if pool is not None:
+            x = pool(x)
+    return backbone.pool5(x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 96)])
+def test_relu_after_the_pool_gives_the_same_values_and_gradients_bit_for_bit(precision, channels, size):
+    from sslab.precision import autocast
+    from sslab.train import prepare_model
+    torch.manual_seed(0)
+    backbone = AlexNetBackbone(BackboneConfig(in_channels=channels, image_size=size, width=WIDTH)).train()
+    prepare_model(backbone, precision)
+    twin = copy.deepcopy(backbone)
+    images = torch.rand(8, channels, size, size)
+    for layer in ("conv1", "conv2", "conv4", "pool5"):
+        grads = []
+        runs = ((backbone, lambda m, x: m.features(x, layer)), (twin, lambda m, x: _as_written(m, x, layer)))
+        for model, run in runs:
+            model.zero_grad(set_to_none=True)
+            x = images.clone().requires_grad_(True)
+            with autocast(torch.device("cpu"), precision):
+                out = run(model, x)
+            # a head reads it flattened, so its gradient comes back in another layout
+            (out.float().flatten(1) * torch.linspace(-1, 1, out[0].numel())).sum().backward()
+            grads.append((out.detach(), x.grad, [p.grad for p in model.parameters()],
+                          [b.clone() for b in model.buffers()]))
+        (out_a, gx_a, gp_a, buf_a), (out_b, gx_b, gp_b, buf_b) = grads
+        assert torch.equal(out_a, out_b), layer
+        assert out_a.min() >= 0 and out_a.max() > 0, layer  # after the ReLU, and not all zero
+        assert torch.equal(gx_a, gx_b), layer
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(gp_a, gp_b)), layer
+        assert all(torch.equal(a, b) for a, b in zip(buf_a, buf_b)), layer  # BatchNorm's running statistics
+
+
+def test_pool5_gradient_comes_back_in_the_maps_layout():
+    from sslab.models import _GradInLayoutOf
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = _GradInLayoutOf.apply(x)
+    assert torch.equal(y, x)
+    (y.flatten(1) * torch.arange(75.0)).sum().backward()  # the flattened copy's gradient is contiguous
+    assert x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()
+    assert torch.equal(x.grad, torch.arange(75.0).view(1, 3, 5, 5).expand(4, -1, -1, -1))
