@@ -1,5 +1,6 @@
 """ReLU after the max-pool: the AlexNet backbone's training step with each pooled stage's ReLU
-before its pool (every tap computed, as the stages are written) and after it (what the lab runs).
+before its pool (every tap computed, as the stages are written) and after it (what the lab runs),
+for each pretext task and for the classifier the end-to-end protocols train.
 
 Two copies of each pretext task, the same weights and the same batches, one per order, take their
 steps in turn on one thread (so a change of the machine's speed hits both); the median step gives
@@ -19,13 +20,16 @@ import time
 import torch
 
 from sslab.allocator import keep_freed_memory_here
-from sslab.models import AlexNetBackbone, BackboneConfig
+from sslab.evaluate.heads import FeatureHead, ImageClassifier
+from sslab.models import AlexNetBackbone, BackboneConfig, pooled_dim
 from sslab.pretext import TASKS, build_task
 from sslab.pretrain import DEFAULT_WIDTH, PretrainConfig
 from sslab.train import make_optimizer, prepare_model, train_step
 
 WIDTH = DEFAULT_WIDTH["cpu"]
 VIEWS = {"rotation": 4, "simclr": 2}  # images per source image, as pretrain counts them
+CLASSIFIER = "classifier"
+CLASSIFIER_BATCH = 256  # a FixMatch step's 32 labeled + 224 strong views
 
 
 def relu_first(self, x: torch.Tensor, layer: str = "conv4") -> torch.Tensor:
@@ -33,14 +37,22 @@ def relu_first(self, x: torch.Tensor, layer: str = "conv4") -> torch.Tensor:
     return self._taps(x, layer, every=True)[layer]
 
 
+def classifier(size: int) -> ImageClassifier:
+    """What the end-to-end protocols train (scratch, fine-tuning, FixMatch, self-training's
+    students): the backbone, its conv4 map pooled to 4×4, the lab's MLP head."""
+    backbone = AlexNetBackbone(BackboneConfig(1, size, WIDTH))
+    return ImageClassifier(backbone, FeatureHead(pooled_dim(backbone, "conv4", 4), 10), "conv4", 4)
+
+
 def one_task(method: str, precision: str, steps: int, warmup: int, size: int, seed: int = 0) -> dict:
     device = torch.device("cpu")
     torch.manual_seed(seed)
-    task = build_task(method, BackboneConfig(1, size, WIDTH)).train()
+    task = (classifier(size) if method == CLASSIFIER else build_task(method, BackboneConfig(1, size, WIDTH))).train()
     prepare_model(task, precision)
     twin = copy.deepcopy(task)
-    cfg = PretrainConfig(method=method, epochs=1, width=WIDTH).resolved(device).train_config()
-    batch = cfg.batch_size
+    cfg = PretrainConfig(method="rotation" if method == CLASSIFIER else method, epochs=1,
+                         width=WIDTH).resolved(device).train_config()
+    batch = CLASSIFIER_BATCH if method == CLASSIFIER else cfg.batch_size
 
     def optimizer_of(model):
         return make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}], cfg)
@@ -48,6 +60,7 @@ def one_task(method: str, precision: str, steps: int, warmup: int, size: int, se
     models = {"ReLU, then pool": (twin, optimizer_of(twin), {}), "pool, then ReLU": (task, optimizer_of(task), {})}
     generator = torch.Generator().manual_seed(seed)
     pool = torch.randint(0, 256, (4 * batch, 1, size, size), dtype=torch.uint8, generator=generator)
+    data = (pool, torch.randint(0, 10, (len(pool),), generator=generator)) if method == CLASSIFIER else (pool,)
     seconds = {name: [] for name in models}
     original = AlexNetBackbone.features
     for step in range(warmup + steps):
@@ -58,7 +71,7 @@ def one_task(method: str, precision: str, steps: int, warmup: int, size: int, se
                 # the same augmentation draws for both copies
                 torch.manual_seed(seed + step)
                 started = time.perf_counter()
-                train_step(model, (pool,), index, optimizer, cfg.lr, sums, precision)
+                train_step(model, data, index, optimizer, cfg.lr, sums, precision)
                 elapsed = time.perf_counter() - started
             finally:
                 AlexNetBackbone.features = original
@@ -75,7 +88,8 @@ def one_task(method: str, precision: str, steps: int, warmup: int, size: int, se
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(TASKS))
+    parser.add_argument("--methods", default=",".join(tuple(TASKS) + (CLASSIFIER,)),
+                        help=f"pretext tasks, and {CLASSIFIER}: the end-to-end protocols' classifier")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
