@@ -163,7 +163,7 @@ class AlexNetBackbone(nn.Module):
         ReLU then pool and pool then ReLU give the same map and, in the backward pass, the same
         gradients, bit for bit. Where a stage's own tap is not asked for, its ReLU runs after the
         pool that follows it, on a quarter of the values: a training step of the CPU default
-        (quarter width, 28 px, bf16) is about a tenth faster (``python -m benchmarks.relu_after_pool``)."""
+        (quarter width, 28 px, bf16) is about a tenth faster (``python -m benchmarks.backbone_step``)."""
         # Centre on 0 so the first BN sees a symmetric input; BN takes care of the scale.
         x = (x - 0.5) * 4.0
         out = {}
@@ -362,13 +362,54 @@ class ConvDecoder(nn.Module):
 GLOBAL_TAPS = ("pool",)
 
 
+def _windows(size: int, out: int) -> list:
+    """Adaptive pooling's windows along one axis: output i averages inputs [⌊i·size/out⌋, ⌈(i+1)·size/out⌉)."""
+    return [((i * size) // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+class _GridAveragePool(torch.autograd.Function):
+    """``F.adaptive_avg_pool2d(x, grid)`` for a small map on the CPU, whose backward adds each
+    output's share to its window one output at a time, in the order torch's own kernel does: the
+    same input gradient bit for bit, with whole-tensor operations. A head reads the pooled map
+    flattened, so its gradient arrives contiguous while the map is channels-last, and torch's
+    backward over the two layouts goes element by element; for conv4's 7 × 7 map pooled to 4 × 4
+    this is several times faster (``python -m benchmarks.backbone_step``, docs/BENCHMARKS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: int) -> torch.Tensor:
+        ctx.shape, ctx.dtype = x.shape, x.dtype
+        ctx.layout = torch.channels_last if not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return F.adaptive_avg_pool2d(x, grid)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        height, width = ctx.shape[-2:]
+        grad_input = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device).contiguous(memory_format=ctx.layout)
+        for i, (h0, h1) in enumerate(_windows(height, grad.shape[-2])):
+            for j, (w0, w1) in enumerate(_windows(width, grad.shape[-1])):
+                grad_input[:, :, h0:h1, w0:w1] += grad[:, :, i:i + 1, j:j + 1] / (h1 - h0) / (w1 - w0)
+        return grad_input, None
+
+
+def average_pool_to_grid(feats: torch.Tensor, grid: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(feats, grid)``, the same values and gradients; on the CPU, a map of
+    at most 8 × 8 that needs a gradient, pooled to a grid of 2 × 2 or more, takes
+    :class:`_GridAveragePool`'s faster backward."""
+    # (torch pools to one value per map as a mean, whose backward divides once)
+    small = feats.dim() == 4 and feats.shape[-1] * feats.shape[-2] <= 64 and grid > 1
+    if feats.requires_grad and feats.device.type == "cpu" and small:
+        return _GridAveragePool.apply(feats, grid)
+    return F.adaptive_avg_pool2d(feats, grid)
+
+
 def pooled_features(backbone: nn.Module, x: torch.Tensor, layer: str, grid: int) -> torch.Tensor:
     """``layer`` features average-pooled to a ``grid``×``grid`` map and flattened (N×C·grid²), so a
     classifier head on any layer stays small. A global tap (ResNet-18's ``pool``, N×C×1×1) is
     returned as it is, N×C, whatever ``grid``: copying one value grid² times adds no information."""
     feats = backbone.features(x, layer)
     if layer not in GLOBAL_TAPS and (feats.shape[-1] != grid or feats.shape[-2] != grid):
-        feats = F.adaptive_avg_pool2d(feats, grid)
+        feats = average_pool_to_grid(feats, grid)
     return feats.flatten(1)
 
 

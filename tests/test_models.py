@@ -203,3 +203,31 @@ def test_pool5_gradient_comes_back_in_the_maps_layout():
     (y.flatten(1) * torch.arange(75.0)).sum().backward()  # the flattened copy's gradient is contiguous
     assert x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()
     assert torch.equal(x.grad, torch.arange(75.0).view(1, 3, 5, 5).expand(4, -1, -1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size, grid", [(7, 4), (8, 4), (5, 4), (7, 2), (3, 4), (6, 1), (4, 2)])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+def test_grid_pool_matches_torchs_adaptive_average_pool_bit_for_bit(dtype, size, grid, layout):
+    from sslab.models import average_pool_to_grid
+    generator = torch.Generator().manual_seed(size * 10 + grid)
+    maps = torch.randn(6, 5, size, size, generator=generator).to(dtype).contiguous(memory_format=layout)
+    weights = torch.randn(6, 5 * grid * grid, generator=generator).to(dtype)
+    results = []
+    for pool in (average_pool_to_grid, torch.nn.functional.adaptive_avg_pool2d):
+        x = maps.clone().requires_grad_(True)
+        y = pool(x, grid)
+        (y.flatten(1) * weights).sum().backward()  # flattened, as a head reads it: a contiguous gradient
+        results.append((y.detach(), x.grad))
+    (y_lab, g_lab), (y_torch, g_torch) = results
+    assert y_lab.shape == (6, 5, grid, grid)
+    assert torch.equal(y_lab, y_torch)
+    assert torch.equal(g_lab, g_torch)
+    assert g_lab.is_contiguous(memory_format=layout)
+
+
+def test_grid_pool_windows_are_adaptive_poolings():
+    from sslab.models import _windows
+    assert _windows(7, 4) == [(0, 2), (1, 4), (3, 6), (5, 7)]  # overlapping: 7 / 4 is not whole
+    assert _windows(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert _windows(3, 4) == [(0, 1), (0, 2), (1, 3), (2, 3)]  # a grid larger than the map
