@@ -109,7 +109,7 @@ def _check_arch_is(config: BackboneConfig, arch: str) -> None:
 class _GradInLayoutOf(torch.autograd.Function):
     """The identity, whose gradient comes back in its input's memory layout. A head flattens the
     channels-last pool5 map into a contiguous copy, so its gradient arrives contiguous; ReLU's
-    backward over two layouts walks memory element by element, ten times slower than over one.
+    backward over two layouts walks memory element by element, many times slower than over one.
     Only the layout changes, never a value."""
 
     @staticmethod
@@ -385,7 +385,7 @@ class _GridAveragePool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         height, width = ctx.shape[-2:]
-        grad_input = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device).contiguous(memory_format=ctx.layout)
+        grad_input = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device, memory_format=ctx.layout).zero_()
         for i, (h0, h1) in enumerate(_windows(height, grad.shape[-2])):
             for j, (w0, w1) in enumerate(_windows(width, grad.shape[-1])):
                 grad_input[:, :, h0:h1, w0:w1] += grad[:, :, i:i + 1, j:j + 1] / (h1 - h0) / (w1 - w0)
