@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.step import VIEWS  # images per source image, as pretrain counts them
 from sslab import models
 from sslab.allocator import keep_freed_memory_here
 from sslab.evaluate.heads import FeatureHead, ImageClassifier
@@ -35,7 +36,6 @@ from sslab.pretrain import DEFAULT_WIDTH, PretrainConfig
 from sslab.train import make_optimizer, prepare_model, train_step
 
 WIDTH = DEFAULT_WIDTH["cpu"]
-VIEWS = {"rotation": 4, "simclr": 2}  # images per source image, as pretrain counts them
 CLASSIFIER = "classifier"
 CLASSIFIER_BATCH = 256  # a FixMatch step's 32 labeled + 224 strong views
 AS_WRITTEN, RELU_AFTER_POOL, LAB = "as written", "ReLU after the pool", "the lab's step"

@@ -106,6 +106,12 @@ def _check_arch_is(config: BackboneConfig, arch: str) -> None:
                          f"build_backbone(config), which picks the class the config names")
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a map stored channels-last (and not also contiguous), else contiguous."""
+    last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if last else torch.contiguous_format
+
+
 class _GradInLayoutOf(torch.autograd.Function):
     """The identity, whose gradient comes back in its input's memory layout. A head flattens the
     channels-last pool5 map into a contiguous copy, so its gradient arrives contiguous; ReLU's
@@ -114,8 +120,7 @@ class _GradInLayoutOf(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.layout = _layout(x)
         return x.view_as(x)
 
     @staticmethod
@@ -377,9 +382,7 @@ class _GridAveragePool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, grid: int) -> torch.Tensor:
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        ctx.layout = torch.channels_last if not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        ctx.shape, ctx.dtype, ctx.layout = x.shape, x.dtype, _layout(x)
         return F.adaptive_avg_pool2d(x, grid)
 
     @staticmethod
