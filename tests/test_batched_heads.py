@@ -88,3 +88,50 @@ def test_stacking_checks_its_inputs():
     with pytest.raises(ValueError, match="optimizer='sgd'"):
         cfg = TrainConfig(epochs=1, batch_size=8, optimizer="sgd")
         train_heads([_head("mlp", 0, feats)], train[:1], val[:1], cfg, [0], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("batch", [16, 128])
+def test_a_stacked_step_computes_the_bits_of_torchs_own_products(precision, batch, monkeypatch):
+    """One training step of stacked heads, as train_heads takes it (features standardised once,
+    in the type the first product reads, and the lab's product with its own backward), against
+    the same step with torch's autograd of ``bmm(x, weight.transpose(1, 2))`` on features
+    standardised by hand in float32: the same logits and the same gradients, bit for bit, and
+    each weight's gradient in the weight's own layout."""
+    from sslab.evaluate import batched_heads
+    from sslab.precision import autocast
+    generator = torch.Generator().manual_seed(batch)
+    dim = 96
+    probes = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        probes.append(FeatureHead(dim, CLASSES, "mlp", HIDDEN, torch.randn(dim, generator=generator),
+                                  torch.rand(dim, generator=generator) + 0.5))
+    features = torch.randn(3, batch, dim, generator=generator) * 3
+    labels = torch.randint(0, CLASSES, (3, batch), generator=generator)
+
+    def step(model, x, standardised):
+        model.train()
+        with autocast("cpu", precision):
+            logits = model(x, standardised=standardised)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        loss.backward()
+        return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    lab = StackedHeads(probes)
+    x = lab.standardise(features)
+    if precision == "bf16":
+        x = x.to(torch.bfloat16)
+    logits, grads = step(lab, x, True)
+    with monkeypatch.context() as patched:
+        patched.setattr(batched_heads._StackedProduct, "apply",
+                        staticmethod(lambda x, weight: torch.bmm(x, weight.transpose(1, 2))))
+        reference = StackedHeads(probes)
+        means, spreads = torch.stack([p.mean for p in probes]), torch.stack([p.std for p in probes])
+        by_hand = (features - means[:, None]) / spreads[:, None]
+        reference_logits, reference_grads = step(reference, by_hand, True)  # float32: autocast casts in the product
+    assert logits.dtype == reference_logits.dtype and torch.equal(logits, reference_logits)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, reference_grads[name]), name
+        assert grad.stride() == getattr(lab, name).stride(), name  # no copy needed into the weight's layout
