@@ -19,7 +19,9 @@ import re
 from pathlib import Path
 
 # (phase, the function names that mark it), the first match wins: features and the graph wherever
-# they are computed, then a probe trained inside a fine-tuning cell counts as fine-tuning.
+# they are computed, then a probe trained inside a fine-tuning cell counts as fine-tuning, a head
+# trained for a held-out split of a choice counts as that split's, and the labeled images a sweep
+# chooses before training its probe heads count as choosing.
 PHASES = (
     ("frozen features", ("extract_features",)),
     ("k-NN graph", ("build_pool_graph",)),
@@ -29,9 +31,12 @@ PHASES = (
     ("fine-tuning cells", ("compute_finetune", "finetune_cell")),
     ("scratch cells", ("compute_scratch", "scratch_cell")),
     ("pretraining (fit)", ("_train_into", "timed_pretrain")),
+    # the choices' extra held-out splits (choice_folds): their probe heads and propagations
+    ("choices' held-out splits", ("held_out_scores",)),
+    # a sweep chooses its cells' labeled images (TypiClust, ProbCover) before it trains their heads
+    ("choosing labeled images", ("labeled_split", "selection_picks")),
     ("probe heads (batched and single)", ("train_heads", "compute_probe", "probe_cells_together", "probe_cell")),
     ("label propagation cells", ("compute_labelprop", "labelprop_cell")),
-    ("choosing labeled images", ("labeled_split", "selection_picks")),
     ("UMAP", ("umap_2d", "embed")),
     ("method pages and their checks", ("check_pretext_loss", "check_probe_step", "check_finetune_step",
                                        "check_fixmatch_mask", "check_propagation", "check_selection",
