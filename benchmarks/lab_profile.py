@@ -31,7 +31,8 @@ PHASES = (
     ("fine-tuning cells", ("compute_finetune", "finetune_cell")),
     ("scratch cells", ("compute_scratch", "scratch_cell")),
     ("pretraining (fit)", ("_train_into", "timed_pretrain")),
-    # the choices' extra held-out splits (choice_folds): their probe heads and propagations
+    # the extra held-out splits (choice_folds) of label propagation's choice: their probe heads and
+    # propagations (a self-training cell's count as self-training, above)
     ("choices' held-out splits", ("held_out_scores",)),
     # a sweep chooses its cells' labeled images (TypiClust, ProbCover) before it trains their heads
     ("choosing labeled images", ("labeled_split", "selection_picks")),
