@@ -30,6 +30,36 @@ def test_workers_are_other_processes_on_one_thread_each():
     assert parallel.run_all([(torch.get_num_threads, (), {})] * 2, 2) == [1, 1]
 
 
+def _variable(name):
+    return os.environ.get(name)
+
+
+def test_each_job_sees_the_environment_of_the_process_that_asked(monkeypatch):
+    # a worker forked by a fork server started earlier would otherwise see the server's environment
+    parallel.start_early()
+    monkeypatch.setenv("SSLAB_OUTPUTS", "/somewhere/else")
+    monkeypatch.delenv("SSLAB_DATA", raising=False)
+    assert parallel.run_all([(_variable, ("SSLAB_OUTPUTS",), {}), (_variable, ("SSLAB_DATA",), {})], 2) == [
+        "/somewhere/else", None]
+    monkeypatch.setenv("SSLAB_OUTPUTS", "/a/third/place")
+    assert parallel.run_all([(_variable, ("SSLAB_OUTPUTS",), {}), (_variable, ("OMP_NUM_THREADS",), {})], 2) == [
+        "/a/third/place", "1"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no fork server on Windows")
+def test_workers_come_from_the_fork_server_with_torch_imported(monkeypatch):
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "2")
+    parallel.start_early()
+    assert parallel._context().get_start_method() == "forkserver"
+    # a forked worker has the preloaded modules without importing them itself
+    loaded = parallel.run_all([(_modules_loaded, (), {})] * 2, 2)
+    assert all({"torch", "sslab.evaluate.curve", "sslab.lab.runs"} <= names for names in loaded)
+
+
+def _modules_loaded():
+    return set(sys.modules)
+
+
 def test_one_worker_runs_everything_here():
     assert parallel.run_all([(os.getpid, (), {})] * 3, 1) == [os.getpid()] * 3
 
@@ -80,9 +110,8 @@ def test_progress_lines_count_to_the_total(capfd):
     assert capfd.readouterr().err == ""
 
 
-def _workers_of(pid: int) -> list:
-    """The worker processes whose parent is ``pid`` (from /proc; not multiprocessing's resource
-    tracker, which ends by itself when its pipe closes)."""
+def _children(pid: int) -> list:
+    """``(pid, command line)`` of each process whose parent is ``pid`` (from /proc)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -90,8 +119,20 @@ def _workers_of(pid: int) -> list:
             command = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and b"spawn_main" in command:
-            found.append(int(stat.parent.name))
+        if int(fields[1]) == pid:
+            found.append((int(stat.parent.name), command))
+    return found
+
+
+def _workers_of(pid: int) -> list:
+    """The worker processes of ``pid``'s sweep: spawned by it, or forked by its fork server (not
+    multiprocessing's resource tracker, which ends by itself when its pipe closes)."""
+    found = []
+    for child, command in _children(pid):
+        if b"spawn_main" in command:
+            found.append(child)
+        elif b"forkserver" in command:
+            found += [worker for worker, _ in _children(child)]
     return found
 
 

@@ -264,6 +264,8 @@ def check_notebook_params(**params) -> LabSettings:
         settings.device = resolve_device("auto")
     if settings.deterministic:
         make_deterministic()  # process-wide: feature extraction and the UMAP inputs repeat too
+    from ..parallel import start_early
+    start_early()  # the workers' fork server imports torch while the notebook's first cells run
     return settings
 
 
