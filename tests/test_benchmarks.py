@@ -212,3 +212,10 @@ def test_cpu_busy_splits_the_samples_by_notebook_and_counts_idle_core_seconds():
     assert rows[0][1:] == (2.0, 1.0, 0.0)
     assert rows[1][1] == 3.0 and rows[1][2] == pytest.approx(5 / 12) and rows[1][3] == pytest.approx(3.5)
 
+
+
+def test_worker_start_times_each_batch_in_a_fresh_process():
+    from benchmarks import worker_start
+    for way, early in (("spawn", False), ("forkserver", True)):
+        seconds = worker_start.batches(way, early, repeats=2, head_start=0.1)
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)

@@ -320,6 +320,21 @@ def test_sweeps_computed_in_one_batch_are_the_cells_label_curve_reads(tiny_runs,
     assert [sorted(map(key, t)) for t in tables] == [sorted(map(key, t)) for t in reference]
 
 
+def test_the_workers_take_the_longest_cells_first(tiny_runs, monkeypatch, tmp_path):
+    from sslab.evaluate import curve
+    runs, _ = tiny_runs
+    order = []
+    monkeypatch.setattr(curve, "run_all", lambda jobs, workers, describe=None, report=None: order.extend(
+        describe(job) for job in jobs))
+    curve.compute_sweeps([(runs[:1], ["probe", "finetune", "scratch"], TINY)], budgets=(1, 3), seeds=(0, 1),
+                         device="cpu", out=str(tmp_path), workers=2)
+    # fine-tuning before scratch, and within each the larger budget (longer epochs) first; the probes
+    # were trained here before the batch
+    assert order == ["rotation finetune k=3 seed=0", "rotation finetune k=3 seed=1", "rotation finetune k=1 seed=0",
+                     "rotation finetune k=1 seed=1", "scratch scratch k=3 seed=0", "scratch scratch k=3 seed=1",
+                     "scratch scratch k=1 seed=0", "scratch scratch k=1 seed=1"]
+
+
 @pytest.mark.slow
 def test_probe_command_prints_top1_and_top5(tiny_runs):
     (run, _), out = tiny_runs

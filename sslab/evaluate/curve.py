@@ -184,7 +184,8 @@ def label_curve(pretrained_runs, budgets=BUDGETS, seeds=(0, 1, 2), layer: Option
     return table
 
 
-# The order the workers take the missing cells in: the longest first, so the last to finish is short.
+# The order the workers take the missing cells in: the longest first, so the last to finish is short
+# (by protocol, and within one the largest budget first: its epochs are longer).
 COST_ORDER = ("fixmatch", "selftrain", "finetune", "scratch", "labelprop", "probe")
 # Cells of these protocols take a second or two once their run's graph and features are loaded:
 # one job computes all of a run's, so each worker process does not load them again.
@@ -204,7 +205,7 @@ def _compute_in_workers(cells: list, by_method: dict, like: Run, device, out, de
     dev = resolve_device(device)
     missing = [(method, protocol, budget, seed, cfg) for method, protocol, budget, seed, cfg in cells
                if stored_row(cell_key(protocol, budget, seed, by_method.get(method, like), cfg), out) is None]
-    missing.sort(key=lambda c: COST_ORDER.index(c[1]))
+    missing.sort(key=lambda c: (COST_ORDER.index(c[1]), -c[2]))
     jobs, names, grouped = [], [], {}
     for method, protocol, budget, seed, cfg in missing:
         cell = (protocol, budget, seed, by_method.get(method, like), cfg, dev, out, deterministic)
