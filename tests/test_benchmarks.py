@@ -213,7 +213,6 @@ def test_cpu_busy_splits_the_samples_by_notebook_and_counts_idle_core_seconds():
     assert rows[1][1] == 3.0 and rows[1][2] == pytest.approx(5 / 12) and rows[1][3] == pytest.approx(3.5)
 
 
-
 def test_worker_start_times_each_batch_in_a_fresh_process():
     from benchmarks import worker_start
     for way, early in (("spawn", False), ("forkserver", True)):

@@ -36,6 +36,7 @@ def _variable(name):
 
 def test_each_job_sees_the_environment_of_the_process_that_asked(monkeypatch):
     # a worker forked by a fork server started earlier would otherwise see the server's environment
+    monkeypatch.setenv(parallel.WORKERS_VARIABLE, "2")
     parallel.start_early()
     monkeypatch.setenv("SSLAB_OUTPUTS", "/somewhere/else")
     monkeypatch.delenv("SSLAB_DATA", raising=False)
