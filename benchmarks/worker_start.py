@@ -20,11 +20,10 @@ import subprocess
 import sys
 
 SCRIPT = """
-import json, os, sys, time
+import json, sys, time
 from sslab import parallel
 if sys.argv[1] == "spawn":
     parallel._context = lambda: __import__("multiprocessing").get_context("spawn")
-started = time.perf_counter()
 if sys.argv[2] == "early":
     parallel.start_early()
     time.sleep(float(sys.argv[4]))  # what a notebook's first cells take before its first sweep

@@ -115,24 +115,22 @@ def _end_with_parent(owner: int) -> None:
     threading.Thread(target=watch, name="sslab-owner-watch", daemon=True).start()
 
 
-def _one_thread(owner: int) -> None:
+def _one_thread(owner: int, environ: dict) -> None:
     import torch
 
     from .allocator import keep_freed_memory_here
     _end_with_parent(owner)
+    # a forked worker starts with the fork server's environment, from when the server started: it
+    # takes the one of the process whose sweep it works for, as a spawned worker does
+    for name in set(os.environ) - set(environ):
+        del os.environ[name]
+    os.environ.update(environ)
     keep_freed_memory_here()  # a worker's steps reuse freed memory (the same results, less system time)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 
-def _call(function: Callable, args: tuple, kwargs: dict, environ: Optional[dict] = None):
-    if environ is not None:
-        # a forked worker starts with the fork server's environment, from when the server
-        # started: each job sees the one of the process that asked for it, as a spawned worker does
-        for name in set(os.environ) - set(environ):
-            del os.environ[name]
-        os.environ.update(environ)
-        os.environ["OMP_NUM_THREADS"] = "1"
+def _call(function: Callable, args: tuple, kwargs: dict):
     return function(*args, **kwargs)
 
 
@@ -151,10 +149,9 @@ def run_all(jobs: Sequence[tuple], workers: int, describe: Optional[Callable] = 
                 report.done(describe(job) if describe else "")
         return results
     results: dict = {}
-    environ = dict(os.environ)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(),
-                             initializer=_one_thread, initargs=(os.getpid(),)) as pool:
-        pending = {pool.submit(_call, *job, environ): i for i, job in enumerate(jobs)}
+                             initializer=_one_thread, initargs=(os.getpid(), dict(os.environ))) as pool:
+        pending = {pool.submit(_call, *job): i for i, job in enumerate(jobs)}
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
