@@ -5,7 +5,7 @@
     python -m benchmarks.stacked_heads
 
 With ``--products``: what the lab's stacked product (``_StackedProduct``: the weights' gradient
-written in their own layout, in one copy) saves against torch's own autograd of
+computed in their own layout, one cast to float32) saves against torch's own autograd of
 ``bmm(x, weight.transpose(1, 2))``, for the group notebook 07 trains without validation images
 (12 heads, 60 epochs, no early stopping), on 1 and 2 threads: each version trains the same heads
 from the same weights on the same data, in turn, three times; the median seconds of each, and

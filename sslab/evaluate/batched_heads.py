@@ -39,10 +39,11 @@ class _StackedProduct(torch.autograd.Function):
     """``x @ weightᵀ`` for H stacked heads (``x`` H×B×I, ``weight`` H×O×I as nn.Linear keeps it),
     computed as ``torch.bmm(x, weight.transpose(1, 2))`` is under the ambient autocast: the same
     casts and the same products, forward and backward, so the same bits. Only the weights'
-    gradient is written differently: autograd leaves it in the transposed layout and copies it
-    twice (back to float32, then into the weights' layout for their ``.grad``), here one copy does
-    both: 2–6 % of a 12-head group's training on this lab's CPU (``python -m benchmarks.stacked_heads
-    --products``)."""
+    gradient is computed differently: autograd computes xᵀ · grad, whose transpose it then copies
+    twice (back to float32, then into the weights' layout for their ``.grad``); here gradᵀ · x gives
+    it in the weights' layout at once and one cast makes it float32: the same bits
+    (``tests/test_batched_heads.py`` compares them with torch's own; ``python -m
+    benchmarks.stacked_heads --products`` times the two)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -61,10 +62,8 @@ class _StackedProduct(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             if ctx.needs_input_grad[0]:  # bmm's backward, then the cast's
                 grad_x = torch.bmm(grad, w_cast.transpose(1, 2)).to(ctx.x_dtype)
-            if ctx.needs_input_grad[1]:  # bmm's product for its second factor, cast and laid out at once
-                product = torch.bmm(x_cast.transpose(1, 2), grad)
-                grad_w = torch.empty(product.shape[0], product.shape[2], product.shape[1], dtype=ctx.w_dtype,
-                                     device=product.device).copy_(product.transpose(1, 2))
+            if ctx.needs_input_grad[1]:  # bmm's product for its second factor, in the weights' layout
+                grad_w = torch.bmm(grad.transpose(1, 2), x_cast).to(ctx.w_dtype)
         return grad_x, grad_w
 
 
