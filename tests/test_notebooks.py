@@ -1040,6 +1040,49 @@ def test_make_lab_says_a_line_while_a_long_cell_runs_silently():
     assert len(said) == count  # stopped with the notebook
 
 
+def test_a_notebooks_kernel_is_started_ahead_with_its_first_cells_imports(tmp_path):
+    """make lab starts each notebook's kernel while the one before runs, with the imports of its
+    first cell done (IPython's exec_lines: no cell, no execution count), runs the notebook in it and
+    stops it; a notebook that fails has its kernel stopped too, and close() stops one not taken."""
+    import json
+
+    from sslab.lab import notebooks
+    (tmp_path / "stamp.py").write_text("import time\nimported_at = time.time()\n")
+    first = nbformat.v4.new_code_cell("import stamp  # a module that notes when it was imported\nimport time\n"
+                                      "started = time.time()")
+    probe = nbformat.v4.new_code_cell("print(started - stamp.imported_at > 1.0)")
+    paths = []
+    for name, cells in (("a", [nbformat.v4.new_markdown_cell("# a"), first, probe]),
+                        ("b", [first, nbformat.v4.new_code_cell("raise ValueError('stop here')")]),
+                        ("c", [first])):
+        nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                            "display_name": "Python 3"}})
+        nbformat.write(nb, str(tmp_path / f"{name}.ipynb"))
+        paths.append(tmp_path / f"{name}.ipynb")
+    assert notebooks.first_imports(paths[0]) == ["import stamp", "import time"]
+    ahead = notebooks.KernelsAhead(paths, tmp_path)
+    try:
+        kernel = ahead.take(0)
+        assert sorted(ahead.started) == [1]  # the next one is starting while this one runs
+        time.sleep(3.0)  # as the notebook before it would run
+        out = tmp_path / "out"
+        out.mkdir()
+        notebooks._execute_one("a", {}, tmp_path, out, 0, 3, lambda text: None, kernel)
+        assert not kernel.has_kernel  # stopped once the notebook ended
+        executed = json.load(open(out / "a.ipynb"))["cells"]
+        assert "".join(executed[2]["outputs"][0]["text"]) == "True\n"  # imported seconds before the first cell ran
+        assert [executed[1]["execution_count"], executed[2]["execution_count"]] == [1, 2]  # counted as without
+        kernel = ahead.take(1)
+        with pytest.raises(RuntimeError, match="notebook b failed in cell 2: ValueError: stop here"):
+            notebooks._execute_one("b", {}, tmp_path, out, 1, 3, lambda text: None, kernel)
+        assert not kernel.has_kernel
+        waiting = ahead.started[2]
+        assert waiting.has_kernel
+    finally:
+        ahead.close()
+    assert not waiting.has_kernel and ahead.started == {}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_papermill_reads_every_parameter_of_the_parameters_cell(path):
     """make lab passes a notebook only the parameters papermill finds in it: a line papermill cannot

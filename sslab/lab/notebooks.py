@@ -93,14 +93,73 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     done = []
     warming = warm_umap_in_background(names)
+    kernels = KernelsAhead([source / f"{name}.ipynb" for name in names], source)
     try:
-        for name in names:
-            done.append(_execute_one(name, params, source, output_dir, len(done), len(names), announce))
+        for index, name in enumerate(names):
+            done.append(_execute_one(name, params, source, output_dir, index, len(names), announce,
+                                     kernels.take(index)))
     finally:
+        kernels.close()
         if warming is not None:  # done by now, or no longer of use
             warming.kill()
             warming.wait()
     return done
+
+
+def first_imports(path: Path) -> list:
+    """The import statements of the notebook's first code cell (its lines that start with ``import``
+    or ``from``, comments dropped): what its kernel can import before the notebook runs."""
+    import nbformat
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type == "code" and cell.source.strip():
+            return [line.split("#")[0].rstrip() for line in cell.source.splitlines()
+                    if line.startswith(("import ", "from "))]
+    return []
+
+
+class KernelsAhead:
+    """The notebooks' kernels, each started as the notebook before it starts (the first two
+    together): a kernel starts and imports what its notebook's first cell imports (torch, the lab:
+    about 2 s of one core) while the notebook before it runs, on the core that notebook's own first
+    seconds leave idle, so the next notebook's first cell finds them imported. The imports run as
+    IPython's ``exec_lines``: no cell, no output, no execution count, and a notebook computes the same
+    with them done ahead. ``take(i)`` hands over notebook i's kernel; :meth:`stop` ends one at once (its
+    notebook has run and every output is in, so nothing waits for a graceful shutdown, which
+    ipykernel spends up to 2.5 s of on the fork server and multiprocessing's resource tracker, its
+    child processes that end with it anyway); :meth:`close` ends the ones not taken."""
+
+    def __init__(self, paths: Sequence[Path], cwd: Path):
+        self.paths, self.cwd = list(paths), cwd
+        self.started: dict = {}
+
+    def _start(self, index: int) -> None:
+        if index >= len(self.paths) or index in self.started:
+            return
+        from jupyter_core.utils import run_sync
+        km = _local_kernels()(kernel_name="python3")
+        preload = [f"--IPKernelApp.exec_lines={line}" for line in first_imports(self.paths[index])]
+        run_sync(km.start_kernel)(cwd=str(self.cwd), extra_arguments=preload)
+        self.started[index] = km
+
+    def take(self, index: int):
+        """Notebook ``index``'s kernel (started now if it was not), and the next notebook's started."""
+        self._start(index)
+        km = self.started.pop(index)
+        self._start(index + 1)
+        return km
+
+    @staticmethod
+    def stop(km) -> None:
+        from jupyter_core.utils import run_sync
+        for client in km.clients:
+            client.stop_channels()
+        if km.has_kernel:
+            run_sync(km.shutdown_kernel)(now=True)
+
+    def close(self) -> None:
+        for km in self.started.values():
+            self.stop(km)
+        self.started.clear()
 
 
 UMAP_NOTEBOOK = "03_latent_umap"
@@ -137,9 +196,11 @@ def lowest_priority() -> None:
         pass
 
 
-def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index: int, count: int, announce) -> tuple:
-    """Execute one notebook with papermill (the parameters it declares); ``(name, output path,
-    seconds)``, or a RuntimeError with the notebook, cell and error."""
+def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index: int, count: int, announce,
+                 kernel=None) -> tuple:
+    """Execute one notebook with papermill (the parameters it declares) in ``kernel`` (a kernel
+    manager of :class:`KernelsAhead`, stopped when the notebook ends; None: papermill starts one);
+    ``(name, output path, seconds)``, or a RuntimeError with the notebook, cell and error."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     src = source / f"{name}.ipynb"
@@ -152,11 +213,14 @@ def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index:
         with _Heartbeat(announce, started) as heartbeat:
             papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
                                        kernel_name="python3", progress_bar=False, log_output=False,
-                                       kernel_manager_class=_local_kernels(),
+                                       kernel_manager_class=_local_kernels(), km=kernel,
                                        on_cell_start=_cell_announcer(heartbeat))
     except PapermillExecutionError as exc:
         raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
                            f"the executed copy with the error is {dst}") from None
+    finally:
+        if kernel is not None:
+            KernelsAhead.stop(kernel)
     seconds = time.perf_counter() - started
     announce(f"      done in {seconds:.0f} s → {dst}")
     return name, dst, seconds
@@ -181,12 +245,28 @@ def lab_environment() -> None:
 def _local_kernels():
     """Kernels that talk to make lab over local sockets (IPC), not TCP: a kernel on TCP warns at
     every start that its traffic is unencrypted, and a batch run never needs the network."""
+    import os
+    import uuid
+
     from jupyter_client import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
 
     class LocalKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
             super().__init__(**kwargs)
+            # The sockets' path made absolute (IPC's default is relative to the working folder), so a
+            # kernel started in the notebooks' folder is reached from any other.
+            runtime = jupyter_runtime_dir()
+            os.makedirs(runtime, exist_ok=True)
+            self.ip = os.path.join(runtime, f"kernel-{uuid.uuid4().hex[:12]}-ipc")
+            self.clients: list = []
+
+        def client(self, **kwargs):
+            """A client of this kernel, remembered so :meth:`KernelsAhead.stop` can close it."""
+            made = super().client(**kwargs)
+            self.clients.append(made)
+            return made
 
     return LocalKernelManager
 
