@@ -1,4 +1,4 @@
-"""Three of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
+"""Four of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
 the lab uses:
 
 - the optimiser step: torch's per-tensor Adam and SGD against their fused form (one kernel a
@@ -8,12 +8,18 @@ the lab uses:
   (k = 20, the notebooks' pool), with the sparse matrix in coordinate form and in compressed rows;
 - building that normalised affinity: two passes of torch's ``coalesce`` (the first sums W = A + Aᵀ,
   the second re-sorts what is already sorted) against one sort of the flat positions, which gives
-  the same matrix bit for bit (checked here; tests/test_labelprop.py checks it on a k-NN graph).
+  the same matrix bit for bit (checked here; tests/test_labelprop.py checks it on a k-NN graph);
+- ProbCover's δ and its δ-balls for the notebooks' pool size (20 000 points, 128 dimensions, ten
+  clusters, balls the size of notebook 07's: :func:`cover_points`): a pass over all the distances
+  for δ and another for the balls, against the one pass that keeps the balls' pairs as it finds δ
+  (the same δ and pairs, checked here).
 
-    python -m benchmarks.levers            # one thread, the median of 5 repeats each
+    python -m benchmarks.levers            # one thread, the median of 5 repeats each (3 for ProbCover)
+    python -m benchmarks.levers --only cover
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 import warnings
@@ -98,18 +104,77 @@ def affinity_build(how: str, nodes: int = 20000, k: int = 20) -> float:
     return _median_seconds(lambda: build(rows, cols, sims, nodes + 40), per_repeat=1)
 
 
-def main() -> int:
+def radius_alone(points: torch.Tensor, clusters: int, seed: int, purity: float = 0.95, block: int = 2048) -> float:
+    """ProbCover's δ as the lab computed it before the balls came with it: a pass of its own."""
+    from sslab.evaluate.selection import kmeans
+    assign = kmeans(points, clusters, seed)
+    other = torch.empty(points.shape[0])
+    for start in range(0, points.shape[0], block):
+        distances = torch.cdist(points[start:start + block].float(), points.float())
+        distances[assign[start:start + block, None] == assign[None, :]] = float("inf")
+        other[start:start + block] = distances.min(1).values
+    finite = other[torch.isfinite(other)]
+    return float(torch.quantile(finite, 1 - purity))
+
+
+def cover_points(nodes: int = 20000, dims: int = 128, latent: int = 6, clusters: int = 10) -> torch.Tensor:
+    """Points like the ones ProbCover chooses from: ``clusters`` Gaussian blobs in a ``latent``-
+    dimensional space, mapped into ``dims`` dimensions (with a little noise) and onto the unit
+    sphere. With 6 latent dimensions a δ-ball holds ~20 points, as on SimCLR's pool in notebook 07
+    (rotation's: 40–50); where the points fill all 128 dimensions, the pairs just above δ are too
+    many to keep and the lab makes its second pass as before."""
+    generator = torch.Generator().manual_seed(0)
+    centres = 2 * torch.randn(clusters, latent, generator=generator)
+    members = torch.randint(clusters, (nodes,), generator=generator)
+    inner = centres[members] + torch.randn(nodes, latent, generator=generator)
+    noise = 0.05 * torch.randn(nodes, dims, generator=generator)
+    outer = inner @ torch.randn(latent, dims, generator=generator) + noise
+    return torch.nn.functional.normalize(outer, dim=1)
+
+
+def cover_passes(how: str, points: torch.Tensor, clusters: int = 10, repeats: int = 3) -> float:
+    """Seconds for δ and its balls, ``how``: two passes (before) or one (the lab's)."""
+    from sslab.evaluate import selection
+    radius = radius_alone(points, clusters, 0)
+    selection._KEPT.clear()
+    assert selection.purity_radius(points, clusters, 0) == radius
+    kept = selection.ball_edges(points, radius)
+    alone = selection._ball_edges(points, radius, 2048)
+    assert torch.equal(kept[0], alone[0]) and torch.equal(kept[1], alone[1])
+
+    def step():
+        selection._KEPT.clear()
+        if how == "two passes":
+            selection._ball_edges(points, radius_alone(points, clusters, 0), 2048)
+        else:
+            selection.ball_edges(points, selection.purity_radius(points, clusters, 0))
+    return _median_seconds(step, repeats=repeats, per_repeat=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("optimizer", "propagation", "affinity", "cover"), help="one row")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| what | before | after | speed-up |\n|---|---|---|---|")
-    for kind, what in (("adam", "Adam step, 32 stacked probe heads"), ("sgd", "SGD step, quarter-width AlexNet")):
-        before, after = optimizer_step(kind, False), optimizer_step(kind, True)
-        print(f"| {what} | {1e3 * before:.2f} ms (per tensor) | {1e3 * after:.2f} ms (fused) | {before / after:.1f}× |")
-    before, after = propagation("coo"), propagation("csr")
-    print(f"| label propagation, 20 steps on 20 000 nodes | {1e3 * before:.0f} ms (coordinates) | "
-          f"{1e3 * after:.0f} ms (compressed rows) | {before / after:.1f}× |")
-    before, after = affinity_build("coalesce"), affinity_build("sort")
-    print(f"| its normalised affinity, built from the k-NN edges (20 000 + 40 nodes) | {1e3 * before:.0f} ms "
-          f"(coalesce twice) | {1e3 * after:.0f} ms (one sort, the same matrix) | {before / after:.1f}× |")
+    if args.only in (None, "optimizer"):
+        for kind, what in (("adam", "Adam step, 32 stacked probe heads"), ("sgd", "SGD step, quarter-width AlexNet")):
+            before, after = optimizer_step(kind, False), optimizer_step(kind, True)
+            print(f"| {what} | {1e3 * before:.2f} ms (per tensor) | {1e3 * after:.2f} ms (fused) | "
+                  f"{before / after:.1f}× |")
+    if args.only in (None, "propagation"):
+        before, after = propagation("coo"), propagation("csr")
+        print(f"| label propagation, 20 steps on 20 000 nodes | {1e3 * before:.0f} ms (coordinates) | "
+              f"{1e3 * after:.0f} ms (compressed rows) | {before / after:.1f}× |")
+    if args.only in (None, "affinity"):
+        before, after = affinity_build("coalesce"), affinity_build("sort")
+        print(f"| its normalised affinity, built from the k-NN edges (20 000 + 40 nodes) | {1e3 * before:.0f} ms "
+              f"(coalesce twice) | {1e3 * after:.0f} ms (one sort, the same matrix) | {before / after:.1f}× |")
+    if args.only in (None, "cover"):
+        points = cover_points()
+        before, after = cover_passes("two passes", points), cover_passes("one pass", points)
+        print(f"| ProbCover's δ and δ-balls, 20 000 points | {before:.2f} s (two passes) | {after:.2f} s (one pass, "
+              f"the same δ and balls) | {before / after:.2f}× |")
     return 0
 
 

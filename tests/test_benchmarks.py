@@ -218,3 +218,17 @@ def test_worker_start_times_each_batch_in_a_fresh_process():
     for way, early in (("spawn", False), ("forkserver", True)):
         seconds = worker_start.batches(way, early, repeats=2, head_start=0.1)
         assert len(seconds) == 2 and all(s > 0 for s in seconds)
+
+
+def test_the_cover_lever_times_two_passes_and_one_that_give_the_same_radius_and_balls():
+    """benchmarks.levers' ProbCover row: its points have balls of a few dozen points at δ, so the lab's
+    one pass hands the balls over (the row would time the same two passes otherwise); both ways
+    give the same δ and pairs (cover_passes asserts it) and a time each."""
+    from benchmarks.levers import cover_passes, cover_points
+    from sslab.evaluate import selection
+    points = cover_points(nodes=3000)
+    selection._KEPT.clear()
+    radius = selection.purity_radius(points, 10, 0)
+    assert any(key[0] == "edges" and key[2] == radius for key in selection._KEPT)
+    for how in ("two passes", "one pass"):
+        assert 0 < cover_passes(how, points, repeats=1) < 60

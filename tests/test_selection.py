@@ -162,7 +162,7 @@ def test_a_second_budget_reuses_the_radius_and_balls_of_the_same_points_only(mon
     # a larger budget from the same points: the same δ, the same balls, and the greedy order's prefix
     assert purity_radius(points, 4, seed=0) == radius
     assert select_cover(points, 9, radius)[:3].tolist() == first.tolist()
-    assert made == ["_purity_radius", "_ball_edges"]
+    assert made == ["_purity_radius"]  # the balls came with the radius (one block: δ is within its bound)
     # the reused answers are the ones computed afresh
     selection._KEPT.clear()
     assert purity_radius(points, 4, seed=0) == radius
@@ -173,6 +173,35 @@ def test_a_second_budget_reuses_the_radius_and_balls_of_the_same_points_only(mon
     purity_radius(moved, 4, seed=0)
     purity_radius(points, 4, seed=1)
     assert made.count("_purity_radius") == 4
+
+
+@pytest.mark.parametrize("block, spread, own_pass", [(300, 60.0, False), (64, 60.0, True), (300, 1.0, True)])
+def test_the_radius_pass_hands_over_the_balls_its_bound_holds_and_only_those(block, spread, own_pass, monkeypatch):
+    """The radius pass keeps the pairs under EDGE_BOUND × its first block's radius; where δ is under
+    that bound, ball_edges returns them without a pass of its own, exactly the pairs its own pass
+    finds. Here the clusters are the two sides of x = 0 and the first rows hold the only four
+    pairs that straddle it: with all the rows in one block the bound is EDGE_BOUND × δ itself;
+    with 64-row blocks the first block's radius is one of those tiny gaps, too small a bound for
+    δ; and where the points crowd (``spread`` 1) more than EDGE_CAP pairs a point lie under the
+    bound. In the last two ball_edges makes its own pass."""
+    generator = torch.Generator().manual_seed(5)
+    straddling = torch.tensor([[0.005, 0.3 * i] for i in range(4)] + [[-0.005, 0.3 * i] for i in range(4)])
+    far = torch.rand(292, 2, generator=generator) * torch.tensor([1.0, spread]) + torch.tensor([1.0, 0.0])
+    far[::2, 0] *= -1
+    points = torch.cat([straddling, far])
+    monkeypatch.setattr(selection, "kmeans", lambda pts, k, seed: (pts[:, 0] > 0).long())
+    made = []
+    original = selection._ball_edges
+    monkeypatch.setattr(selection, "_ball_edges", lambda *a: made.append(a) or original(*a))
+    selection._KEPT.clear()
+    radius = purity_radius(points, 2, seed=0, block=block)
+    assert radius > 1.0  # the 5 % quantile of the distances to the other side: not one of the four gaps
+    rows, cols = selection.ball_edges(points, radius, block=block)
+    assert len(made) == own_pass
+    selection._KEPT.clear()
+    expected = original(points, radius, block)
+    assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
+    assert torch.equal(torch.stack([rows, cols], 1), (torch.cdist(points, points) < radius).nonzero())
 
 
 def test_on_imbalanced_blobs_typical_and_cover_find_every_class_where_uniform_misses_some():
