@@ -146,6 +146,36 @@ def test_known_test_neighbours_give_the_same_scores_as_searching_every_node():
     torch.testing.assert_close(fast.query_scores[0], plain.query_scores[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [3.0, 2.7])
+def test_a_cells_propagations_share_the_pools_sorted_edges_and_give_the_same_bits(gamma):
+    """propagate_cell sorts the pool's share of W's positions once per kept set and merges each
+    labeled set's few in: the same affinity, distributions and votes, bit for bit, as building the
+    cell's whole graph (cell_edges) and its normalised affinity each time — for the held-out splits
+    of one cell (the same kept images and number of labeled images, other labeled images), also
+    where γ is no integer (the weights are computed over the edges in the same order)."""
+    generator = torch.Generator().manual_seed(7)
+    pool_points = torch.randn(400, 6, generator=generator)
+    graph = graph_module.build_pool_graph(pool_points, k=6, pca=None)
+    queries = torch.randn(30, 6, generator=generator)
+    keep = torch.ones(400, dtype=torch.bool)
+    keep[:25] = False
+    graph_module._POOL_PARTS.clear()
+    for split in range(4):
+        rows = torch.randperm(25, generator=generator)[:8]  # a held-out split's labeled images
+        labeled_features, labels = pool_points[rows] + 0.01, torch.arange(8) % 3
+        got = graph_module.propagate_cell(graph, keep, labeled_features, labels, [queries], 3, 0.9, gamma, 10)
+        nodes = graph.project(labeled_features)
+        edges = graph_module.cell_edges(graph, keep, nodes)
+        affinity = graph_module.normalized_affinity(edges.rows, edges.cols, edges.sims, 8 + len(edges.kept), gamma)
+        probs = graph_module.propagate(affinity, torch.cat([labels, torch.full((len(edges.kept),), -1)]), 3, 0.9, 10)
+        scores = graph_module.inductive_scores(graph.project(queries), torch.cat([nodes, graph.nodes[edges.kept]]),
+                                               probs, 6, gamma)
+        assert torch.equal(got.probs, probs) and torch.equal(got.query_scores[0], scores)
+        assert len(graph_module._POOL_PARTS) == 1  # one kept set, one number of labeled images: one part
+    graph_module.propagate_cell(graph, keep, pool_points[:5], torch.arange(5) % 3, [queries], 3, 0.9, gamma, 10)
+    assert len(graph_module._POOL_PARTS) == 2  # five labeled images: node indices move, another part
+
+
 def test_balance_classes_is_sinkhorn_by_hand():
     """One step by hand: columns to equal mass, then rows to distributions; many steps: every
     class holds N / C; a class no row gives mass stays empty; 0 steps: unchanged."""

@@ -8,6 +8,7 @@ stays O(block² + N·k) whatever the pool's size (100 000 images and more).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -79,11 +80,22 @@ def normalized_affinity(rows: torch.Tensor, cols: torch.Tensor, sims: torch.Tens
     # ``sparse_coo_tensor(...).coalesce()`` gives, by one sort of the flat positions (twice as fast:
     # benchmarks/levers.py; the same sums: a pair is at most i → j and j → i in a k-NN graph, and
     # a + b = b + a).
-    flat, order = (torch.cat([rows, cols]) * n + torch.cat([cols, rows])).sort(stable=True)
+    flat, order = _flat_positions(rows, cols, n)
+    return _affinity_of_sorted(flat, torch.cat([weights, weights])[order], n)
+
+
+def _flat_positions(rows: torch.Tensor, cols: torch.Tensor, n: int) -> tuple:
+    """W's positions i · n + j of the edges both ways (i → j, then j → i), sorted (stable), and the
+    sort's order."""
+    return (torch.cat([rows, cols]) * n + torch.cat([cols, rows])).sort(stable=True)
+
+
+def _affinity_of_sorted(flat: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """D^−½ W D^−½ from W's sorted flat positions (repeats: a pair's two edges) and their weights."""
     flat, entry = torch.unique_consecutive(flat, return_inverse=True)
-    values = torch.zeros(len(flat), device=sims.device).index_add_(0, entry, torch.cat([weights, weights])[order])
+    values = torch.zeros(len(flat), device=weights.device).index_add_(0, entry, weights)
     i, j = torch.div(flat, n, rounding_mode="floor"), flat % n
-    degree = torch.zeros(n, device=sims.device).index_add_(0, i, values)
+    degree = torch.zeros(n, device=weights.device).index_add_(0, i, values)
     inv_sqrt = degree.clamp(min=1e-12).rsqrt()
     return torch.sparse_coo_tensor(torch.stack([i, j]), values * inv_sqrt[i] * inv_sqrt[j], (n, n),
                                    check_invariants=False, is_coalesced=True)
@@ -229,6 +241,63 @@ def cell_edges(graph: PoolGraph, keep: torch.Tensor, labeled_nodes: torch.Tensor
     return CellEdges(rows, cols, sims, kept, new_id)
 
 
+@dataclass
+class _PoolPart:
+    """What every propagation of one cell shares (the same kept pool images and number of labeled
+    images: its own labeled images and each held-out split of them, :mod:`.choice`): the pool's
+    edges between kept images in node indices, and W's flat positions of those edges sorted."""
+
+    graph: PoolGraph
+    keep_key: bytes
+    labeled: int
+    edges: CellEdges
+    kept_nodes: torch.Tensor
+    flat: torch.Tensor
+    order: torch.Tensor
+
+
+_POOL_PARTS: list = []  # the last two cells' parts (a label propagation cell and its held-out splits)
+
+
+def _pool_part(graph: PoolGraph, keep: torch.Tensor, labeled: int) -> _PoolPart:
+    keep_key = hashlib.blake2b(keep.cpu().numpy().tobytes(), digest_size=16).digest()
+    for part in _POOL_PARTS:
+        if part.graph is graph and part.keep_key == keep_key and part.labeled == labeled:
+            return part
+    pool = cell_edges(graph, keep, graph.nodes[:0])  # no labeled node yet: the pool's edges alone
+    new_id = torch.where(pool.new_id >= 0, pool.new_id + labeled, pool.new_id)
+    edges = CellEdges(pool.rows + labeled, pool.cols + labeled, pool.sims, pool.kept, new_id)
+    flat, order = _flat_positions(edges.rows, edges.cols, labeled + len(pool.kept))
+    part = _PoolPart(graph, keep_key, labeled, edges, graph.nodes[pool.kept], flat, order)
+    _POOL_PARTS.insert(0, part)
+    del _POOL_PARTS[2:]
+    return part
+
+
+def _joined_affinity(part: _PoolPart, labeled_nodes: torch.Tensor, k: int, gamma: float) -> torch.Tensor:
+    """:func:`normalized_affinity` of :func:`cell_edges`' graph (the pool's edges between kept images,
+    then each labeled image's k nearest kept pool images), the pool's share of the sort taken from
+    ``part``: the labeled images' few positions are sorted alone and merged in. The same matrix bit
+    for bit: the same weights (computed over the edges in the same order), the same sorted positions
+    (a labeled image's pair never repeats a pool pair) and the same sums."""
+    n_lab, edges = len(labeled_nodes), part.edges
+    n = n_lab + len(edges.kept)
+    lab_s, lab_i = knn_search(labeled_nodes, part.kept_nodes, k)
+    lab_rows = torch.arange(n_lab, device=lab_i.device).repeat_interleave(lab_i.shape[1])
+    lab_cols = lab_i.flatten() + n_lab
+    weights = torch.cat([edges.sims, lab_s.flatten()]).clamp(min=0).pow(gamma)
+    pool_w, lab_w = weights[:len(edges.sims)], weights[len(edges.sims):]
+    lab_flat, lab_order = _flat_positions(lab_rows, lab_cols, n)
+    at = torch.searchsorted(part.flat, lab_flat) + torch.arange(len(lab_flat), device=lab_flat.device)
+    from_pool = torch.ones(len(part.flat) + len(lab_flat), dtype=torch.bool, device=lab_flat.device)
+    from_pool[at] = False
+    flat = torch.empty(len(from_pool), dtype=part.flat.dtype, device=lab_flat.device)
+    flat[from_pool], flat[at] = part.flat, lab_flat
+    merged = torch.empty(len(from_pool), dtype=weights.dtype, device=weights.device)
+    merged[from_pool], merged[at] = torch.cat([pool_w, pool_w])[part.order], torch.cat([lab_w, lab_w])[lab_order]
+    return _affinity_of_sorted(flat, merged, n)
+
+
 def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch.Tensor, labeled: torch.Tensor,
                    queries: list, classes: int, alpha: float, gamma: float, iterations: int,
                    known_neighbours: Optional[list] = None, balance: int = 0) -> Propagated:
@@ -240,15 +309,15 @@ def propagate_cell(graph: PoolGraph, keep: torch.Tensor, labeled_features: torch
     pool images' distributions before the queries vote (the labeled images' are left as they are)."""
     k = graph.indices.shape[1]
     labeled_nodes = graph.project(labeled_features)
-    edges = cell_edges(graph, keep, labeled_nodes)
-    kept, new_id = edges.kept, edges.new_id
-    affinity = normalized_affinity(edges.rows, edges.cols, edges.sims, len(labeled_nodes) + len(kept), gamma)
+    part = _pool_part(graph, keep, len(labeled_nodes))
+    kept, new_id = part.edges.kept, part.edges.new_id
+    affinity = _joined_affinity(part, labeled_nodes, k, gamma)
     labels = torch.cat([labeled, torch.full((len(kept),), -1, dtype=torch.long, device=keep.device)])
     probs = propagate(affinity, labels, classes, alpha, iterations)
     if balance:
         n_labeled = len(labeled_nodes)
         probs = torch.cat([probs[:n_labeled], balance_classes(probs[n_labeled:], balance)])
-    nodes = torch.cat([labeled_nodes, graph.nodes[kept]])
+    nodes = torch.cat([labeled_nodes, part.kept_nodes])
     known = known_neighbours or [None] * len(queries)
     scores = []
     for q, pool_neighbours in zip(queries, known):
