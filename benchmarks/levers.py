@@ -1,4 +1,4 @@
-"""Four of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
+"""Five of the levers that shortened `make lab`, each timed against what it replaced, on the shapes
 the lab uses:
 
 - the optimiser step: torch's per-tensor Adam and SGD against their fused form (one kernel a
@@ -12,7 +12,12 @@ the lab uses:
 - ProbCover's δ and its δ-balls for the notebooks' pool size (20 000 points, 128 dimensions, ten
   clusters, balls the size of notebook 07's: :func:`cover_points`): a pass over all the distances
   for δ and another for the balls, against the one pass that keeps the balls' pairs as it finds δ
-  (the same δ and pairs, checked here).
+  (the same δ and pairs, checked here);
+- a label propagation cell's five propagations over one graph (its own labeled images and four
+  held-out splits of them, as ``choice_folds`` 5 makes them: the same kept pool images, other
+  labeled ones), each building its whole graph and sorting all of W's positions, against the
+  pool's share built and sorted once and each labeled set's few positions merged in (the same
+  distributions bit for bit, checked here).
 
     python -m benchmarks.levers            # one thread, the median of 5 repeats each (3 for ProbCover)
     python -m benchmarks.levers --only cover
@@ -151,9 +156,40 @@ def cover_passes(how: str, points: torch.Tensor, clusters: int = 10, repeats: in
     return _median_seconds(step, repeats=repeats, per_repeat=1)
 
 
+def shared_propagations(how: str, nodes: int = 20000, k: int = 20, labeled: int = 40, repeats: int = 5) -> float:
+    """Seconds for five propagations of one cell over a ``nodes``-node k-NN graph (``labeled``
+    labeled images each, the kept pool images the same), ``how``: each its whole graph (before) or
+    the pool's share kept (the lab's :func:`~sslab.evaluate.graph.propagate_cell`)."""
+    from sslab.evaluate import graph as g
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(nodes, 32, generator=generator)
+    graph = g.build_pool_graph(points, k=k, pca=None)
+    keep = torch.ones(nodes, dtype=torch.bool)
+    keep[:100] = False  # the cell's labeled and validation images
+    sets = [points[torch.randperm(100, generator=generator)[:labeled]] for _ in range(5)]
+    labels = torch.arange(labeled) % 10
+
+    def whole(features):
+        labeled_nodes = graph.project(features)
+        edges = g.cell_edges(graph, keep, labeled_nodes)
+        affinity = g.normalized_affinity(edges.rows, edges.cols, edges.sims, labeled + len(edges.kept))
+        return g.propagate(affinity, torch.cat([labels, torch.full((len(edges.kept),), -1)]), 10)
+
+    def shared(features):
+        return g.propagate_cell(graph, keep, features, labels, [], 10, 0.99, 3.0, 20).probs
+    g._POOL_PARTS.clear()
+    assert all(torch.equal(whole(f), shared(f)) for f in sets)
+
+    def step():
+        g._POOL_PARTS.clear()  # each repeat a cell of its own
+        for features in sets:
+            (whole if how == "whole" else shared)(features)
+    return _median_seconds(step, repeats=repeats, per_repeat=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("optimizer", "propagation", "affinity", "cover"), help="one row")
+    parser.add_argument("--only", choices=("optimizer", "propagation", "affinity", "cover", "shared"), help="one row")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print("| what | before | after | speed-up |\n|---|---|---|---|")
@@ -170,6 +206,11 @@ def main(argv=None) -> int:
         before, after = affinity_build("coalesce"), affinity_build("sort")
         print(f"| its normalised affinity, built from the k-NN edges (20 000 + 40 nodes) | {1e3 * before:.0f} ms "
               f"(coalesce twice) | {1e3 * after:.0f} ms (one sort, the same matrix) | {before / after:.1f}× |")
+    if args.only in (None, "shared"):
+        before, after = shared_propagations("whole"), shared_propagations("shared")
+        print(f"| a cell's five propagations, 20 000 nodes (its own labeled images and four held-out splits) | "
+              f"{1e3 * before:.0f} ms (each its whole graph) | {1e3 * after:.0f} ms (the pool's sorted share kept, "
+              f"the same distributions) | {before / after:.2f}× |")
     if args.only in (None, "cover"):
         points = cover_points()
         before, after = cover_passes("two passes", points), cover_passes("one pass", points)

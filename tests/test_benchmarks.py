@@ -232,3 +232,33 @@ def test_the_cover_lever_times_two_passes_and_one_that_give_the_same_radius_and_
     assert any(key[0] == "edges" and key[2] == radius for key in selection._KEPT)
     for how in ("two passes", "one pass"):
         assert 0 < cover_passes(how, points, repeats=1) < 60
+
+
+def test_the_shared_propagations_lever_checks_the_two_ways_agree_and_times_each():
+    from benchmarks.levers import shared_propagations
+    for how in ("whole", "shared"):
+        assert 0 < shared_propagations(how, nodes=500, k=5, labeled=20, repeats=1) < 60
+
+
+def test_kernel_gaps_reads_papermills_times_of_each_cell(tmp_path, capsys):
+    import nbformat
+
+    from benchmarks import kernel_gaps
+
+    def cell(start, end):
+        made = nbformat.v4.new_code_cell("x = 1")
+        made.metadata["papermill"] = {"start_time": f"2026-12-07T10:00:{start:06.3f}Z",
+                                      "end_time": f"2026-12-07T10:00:{end:06.3f}Z"}
+        return made
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# a"), cell(0.5, 2.0), cell(2.0, 2.1),
+                                         cell(2.1, 3.0), cell(3.0, 20.0)])
+    nb.metadata["papermill"] = {"start_time": "2026-12-07T10:00:00.000Z", "end_time": "2026-12-07T10:00:22.625Z"}
+    nbformat.write(nb, str(tmp_path / "01_a.ipynb"))
+    assert kernel_gaps.gaps(tmp_path / "01_a.ipynb") == pytest.approx(
+        {"to first cell": 0.5, "to third cell's end": 3.0, "after last cell": 2.625, "notebook": 22.625})
+    assert kernel_gaps.main([str(tmp_path)]) == 0
+    assert "| 01_a | 0.50 | 3.00 | 2.62 | 22.62 |" in capsys.readouterr().out
+    del nb.metadata["papermill"]
+    nbformat.write(nb, str(tmp_path / "01_a.ipynb"))
+    with pytest.raises(ValueError, match="has no papermill times; allowed: an executed copy"):
+        kernel_gaps.gaps(tmp_path / "01_a.ipynb")
