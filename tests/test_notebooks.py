@@ -1040,6 +1040,22 @@ def test_make_lab_says_a_line_while_a_long_cell_runs_silently():
     assert len(said) == count  # stopped with the notebook
 
 
+def test_make_labs_kernels_put_their_sockets_at_an_absolute_path_short_enough_for_a_socket(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from sslab.lab import notebooks
+    short = tempfile.mkdtemp(prefix="rt")  # a runtime folder of a usual length
+    monkeypatch.setattr("jupyter_core.paths.jupyter_runtime_dir", lambda: short)
+    km = notebooks._local_kernels()(kernel_name="python3")
+    os.rmdir(short)
+    assert km.transport == "ipc" and km.ip.startswith(short + "/kernel-") and km.ip.endswith("-ipc")
+    deep = tmp_path / ("d" * 70)
+    monkeypatch.setattr("jupyter_core.paths.jupyter_runtime_dir", lambda: str(deep))
+    km = notebooks._local_kernels()(kernel_name="python3")
+    assert km.ip.startswith(tempfile.gettempdir() + "/kernel-") and len(km.ip) < 100
+
+
 def test_a_notebooks_kernel_is_started_ahead_with_its_first_cells_imports(tmp_path):
     """make lab starts each notebook's kernel while the one before runs, with the imports of its
     first cell done (IPython's exec_lines: no cell, no execution count), runs the notebook in it and
@@ -1060,6 +1076,9 @@ def test_a_notebooks_kernel_is_started_ahead_with_its_first_cells_imports(tmp_pa
         nbformat.write(nb, str(tmp_path / f"{name}.ipynb"))
         paths.append(tmp_path / f"{name}.ipynb")
     assert notebooks.first_imports(paths[0]) == ["import stamp", "import time"]
+    several = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("from os import (path,\n  sep)\nimport json")])
+    nbformat.write(several, str(tmp_path / "several.ipynb"))
+    assert notebooks.first_imports(tmp_path / "several.ipynb") == ["import json"]  # a part of a statement is left out
     ahead = notebooks.KernelsAhead(paths, tmp_path)
     try:
         kernel = ahead.take(0)

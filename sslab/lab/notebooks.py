@@ -108,13 +108,23 @@ def execute_notebooks(params: dict, names: Sequence[str] = NOTEBOOKS, output_dir
 
 def first_imports(path: Path) -> list:
     """The import statements of the notebook's first code cell (its lines that start with ``import``
-    or ``from``, comments dropped): what its kernel can import before the notebook runs."""
+    or ``from`` and are whole statements, comments dropped): what its kernel can import before the
+    notebook runs."""
     import nbformat
     for cell in nbformat.read(str(path), as_version=4).cells:
         if cell.cell_type == "code" and cell.source.strip():
-            return [line.split("#")[0].rstrip() for line in cell.source.splitlines()
-                    if line.startswith(("import ", "from "))]
+            lines = [line.split("#")[0].rstrip() for line in cell.source.splitlines()
+                     if line.startswith(("import ", "from "))]
+            return [line for line in lines if _whole_statement(line)]
     return []
+
+
+def _whole_statement(line: str) -> bool:
+    try:
+        compile(line, "<first cell>", "exec")
+    except SyntaxError:  # the first line of an import over several lines: left to the cell
+        return False
+    return True
 
 
 class KernelsAhead:
@@ -246,6 +256,7 @@ def _local_kernels():
     """Kernels that talk to make lab over local sockets (IPC), not TCP: a kernel on TCP warns at
     every start that its traffic is unencrypted, and a batch run never needs the network."""
     import os
+    import tempfile
     import uuid
 
     from jupyter_client import AsyncKernelManager
@@ -256,10 +267,13 @@ def _local_kernels():
             kwargs.setdefault("transport", "ipc")
             super().__init__(**kwargs)
             # The sockets' path made absolute (IPC's default is relative to the working folder), so a
-            # kernel started in the notebooks' folder is reached from any other.
-            runtime = jupyter_runtime_dir()
-            os.makedirs(runtime, exist_ok=True)
-            self.ip = os.path.join(runtime, f"kernel-{uuid.uuid4().hex[:12]}-ipc")
+            # kernel started in the notebooks' folder is reached from any other; in the temporary
+            # folder where Jupyter's runtime folder would make it longer than a socket's path may be.
+            folder = jupyter_runtime_dir()
+            if len(folder) > 64:
+                folder = tempfile.gettempdir()
+            os.makedirs(folder, exist_ok=True)
+            self.ip = os.path.join(folder, f"kernel-{uuid.uuid4().hex[:12]}-ipc")
             self.clients: list = []
 
         def client(self, **kwargs):
