@@ -25,7 +25,6 @@ a label; the chosen images then get their dataset labels. The validation images 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -234,10 +233,11 @@ def _purity_radius(points: torch.Tensor, clusters: int, seed: int, purity: float
     for start in range(0, n, block):
         distances = torch.cdist(points[start:start + block].float(), points.float())
         same = assign[start:start + block, None] == assign[None, :]
-        if start == 0:
-            first = distances.masked_fill(same, float("inf")).min(1).values
+        if start == 0:  # the first block's distances are still needed whole, for its pairs
+            other[:len(distances)] = distances.masked_fill(same, float("inf")).min(1).values
+            first = other[:len(distances)]
             first = first[torch.isfinite(first)]
-            if len(first) and math.isfinite(float(first.max())):
+            if len(first):
                 bound = EDGE_BOUND * float(torch.quantile(first, 1 - purity))
         if near is not None and bound is not None:
             pairs = (distances < bound).nonzero()
@@ -246,8 +246,9 @@ def _purity_radius(points: torch.Tensor, clusters: int, seed: int, purity: float
                 near = None
             else:
                 near.append((pairs[:, 0] + start, pairs[:, 1], distances[pairs[:, 0], pairs[:, 1]]))
-        distances[same] = float("inf")
-        other[start:start + block] = distances.min(1).values
+        if start > 0:
+            distances[same] = float("inf")
+            other[start:start + block] = distances.min(1).values
     finite = other[torch.isfinite(other)]
     radius = float(torch.quantile(finite, 1 - purity)) if len(finite) else float("inf")
     if near and radius <= bound:  # every pair closer than δ is among those kept: ball_edges' answer

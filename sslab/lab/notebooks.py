@@ -207,10 +207,10 @@ def lowest_priority() -> None:
 
 
 def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index: int, count: int, announce,
-                 kernel=None) -> tuple:
+                 kernel) -> tuple:
     """Execute one notebook with papermill (the parameters it declares) in ``kernel`` (a kernel
-    manager of :class:`KernelsAhead`, stopped when the notebook ends; None: papermill starts one);
-    ``(name, output path, seconds)``, or a RuntimeError with the notebook, cell and error."""
+    manager of :class:`KernelsAhead`, stopped when the notebook ends); ``(name, output path,
+    seconds)``, or a RuntimeError with the notebook, cell and error."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
     src = source / f"{name}.ipynb"
@@ -223,14 +223,12 @@ def _execute_one(name: str, params: dict, source: Path, output_dir: Path, index:
         with _Heartbeat(announce, started) as heartbeat:
             papermill.execute_notebook(str(src), str(dst), parameters=mine, cwd=str(source),
                                        kernel_name="python3", progress_bar=False, log_output=False,
-                                       kernel_manager_class=_local_kernels(), km=kernel,
-                                       on_cell_start=_cell_announcer(heartbeat))
+                                       km=kernel, on_cell_start=_cell_announcer(heartbeat))
     except PapermillExecutionError as exc:
         raise RuntimeError(f"notebook {name} failed in cell {exc.exec_count}: {exc.ename}: {exc.evalue}; "
                            f"the executed copy with the error is {dst}") from None
     finally:
-        if kernel is not None:
-            KernelsAhead.stop(kernel)
+        KernelsAhead.stop(kernel)
     seconds = time.perf_counter() - started
     announce(f"      done in {seconds:.0f} s → {dst}")
     return name, dst, seconds
