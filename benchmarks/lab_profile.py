@@ -38,6 +38,10 @@ PHASES = (
     ("choosing labeled images", ("labeled_split", "selection_picks")),
     ("probe heads (batched and single)", ("train_heads", "compute_probe", "probe_cells_together", "probe_cell")),
     ("label propagation cells", ("compute_labelprop", "labelprop_cell")),
+    # make lab compiles umap's code at the lowest priority beside 00 and 01 (sslab.embed.warm_umap):
+    # a sampler cannot tell a process that waits for a core from one that runs, so its samples
+    # are mostly waiting, not CPU time
+    ("UMAP's compile warm-up (lowest priority, mostly waiting)", ("warm_umap",)),
     ("UMAP", ("umap_2d", "embed")),
     ("method pages and their checks", ("check_pretext_loss", "check_probe_step", "check_finetune_step",
                                        "check_fixmatch_mask", "check_propagation", "check_selection",
@@ -48,9 +52,13 @@ PHASES = (
 )
 
 
-# Threads that wait (the kernels' event loops, heartbeat and output pipes): the sampler sees them
-# in a system call, but they take no CPU; their samples are left out.
-WAITING = {"EpollSelector.select", "OutStream._watch_pipe_fd", "Heartbeat.run", "ParentPollerUnix.run"}
+# Threads that wait (the kernels' event loops, heartbeat and output pipes, IPython's history
+# thread, a runner waiting for its workers, a worker's watch on the process it works for, the
+# executor's queue feeder, tqdm's monitor): the sampler sees them in a system call or a lock's wait,
+# but they take no CPU; their samples are left out.
+WAITING = {"EpollSelector.select", "OutStream._watch_pipe_fd", "Heartbeat.run", "ParentPollerUnix.run",
+           "Condition.wait", "_PollLikeSelector.select", "_end_with_parent.<locals>.watch",
+           "GarbageCollectorThread.run", "TMonitor.run"}
 
 
 def phase_of(frames: list) -> str:

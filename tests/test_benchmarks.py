@@ -184,6 +184,9 @@ def test_the_lab_profile_puts_each_sample_in_its_phase_and_leaves_waiting_thread
         'extract_features (sslab/models.py:3) 10',  # features count as features wherever computed
         '<module> (4567.py:3);Conv2d.forward (torch/nn/modules/conv.py:1) 20',  # a notebook cell's own code
         'Thread.run (threading.py:1);Heartbeat.run (ipykernel/heartbeat.py:2) 500',  # a waiting thread
+        # the runner waiting for its workers: a lock's wait, no CPU
+        '<module> (9.py:1);run_all (sslab/parallel.py:200);Event.wait (threading.py:629);'
+        'Condition.wait (threading.py:327) 300',
         # a label propagation cell: its own propagation, and a head of one of its choice's held-out splits
         '_call (sslab/parallel.py:1);compute_labelprop (sslab/evaluate/labelprop.py:48);'
         'propagate_cell (sslab/evaluate/graph.py:2) 6',
@@ -194,12 +197,16 @@ def test_the_lab_profile_puts_each_sample_in_its_phase_and_leaves_waiting_thread
         '(sslab/evaluate/selection.py:240);select_typical (sslab/evaluate/selection.py:130) 12',
         '<module> (89.py:1);probe_cells_together (sslab/evaluate/probe.py:95);train_heads '
         '(sslab/evaluate/batched_heads.py:9) 14',
+        # make lab's UMAP warm-up compiles through the same umap_2d as notebook 03's figures
+        '<module> (<string>:1);warm_umap (sslab/embed.py:90);umap_2d (sslab/embed.py:110) 16',
+        '<module> (7.py:2);embeddings (sslab/lab/embeddings.py:30);umap_2d (sslab/embed.py:110) 18',
     ]) + "\n")
     seconds = lab_profile.profile(raw, rate=20.0)
     assert seconds == {"FixMatch cells": 2.0, "frozen features": 0.5,
                        "plain PyTorch in notebook cells (00, the method pages)": 1.0,
                        "label propagation cells": 0.3, "choices' held-out splits": 0.4,
-                       "choosing labeled images": 0.6, "probe heads (batched and single)": 0.7}
+                       "choosing labeled images": 0.6, "probe heads (batched and single)": 0.7,
+                       "UMAP's compile warm-up (lowest priority, mostly waiting)": 0.8, "UMAP": 0.9}
 
 
 def test_cpu_busy_splits_the_samples_by_notebook_and_counts_idle_core_seconds():
