@@ -244,3 +244,23 @@ def test_a_vote_of_one_hot_labels_weighs_each_neighbour_by_its_similarity_to_the
     assert vote(3, 6.0).tolist()[0] == 1
     # query 1: the negative similarity counts nothing, so class 0 (0.5 + 0.45 against 0) wins at k 3
     assert vote(3, 1.0).tolist()[1] == 0
+
+
+def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):
+    """benchmarks.graph_ceiling's vote of the graphs, with rotation's graph alone, gives the top-1 of
+    the lab's label propagation cell on the same images (its graph alone); two votes of the same
+    graph give it too (the scores only double)."""
+    from benchmarks import graph_ceiling
+    from sslab.evaluate.cells import EvalConfig
+    from sslab.evaluate.labelprop import labelprop_cell
+    run = make_noise_run(tmp_path, 12)
+    settings = dict(graph_ceiling.GRAPH_ONLY, lp_k=3, lp_pca=0, val_per_class=2, select_min_cluster=0)
+    monkeypatch.setattr(graph_ceiling, "GRAPH_ONLY", settings)
+    monkeypatch.setattr(graph_ceiling, "BUDGETS", (1, 2))
+    monkeypatch.setattr(graph_ceiling, "SEEDS", (0, 1))
+    out = str(tmp_path / "out")
+    expected = [[labelprop_cell(run, b, s, device="cpu", out=out, config=EvalConfig(**settings))["graph_top1"]
+                 for s in (0, 1)] for b in (1, 2)]
+    assert len({a for row in expected for a in row}) > 1  # the seeds and budgets label differently
+    assert graph_ceiling.voted_row({"rotation": run}, (), "cpu", out) == expected
+    assert graph_ceiling.voted_row({"rotation": run, "again": run}, ("again",), "cpu", out) == expected
