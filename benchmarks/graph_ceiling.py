@@ -6,7 +6,7 @@ graph, then one setting changed at a time (neighbours, PCA dimensions, diffusion
 edges' exponent γ, the pooling grid), then the graph built on rotation's features joined with
 another task's (each task's PCA-128 features L2-normalised, concatenated, normalised again),
 then each task's own graph propagating from the same images with the test images' scores
-averaged over rotation's and another task's graphs (a vote of the graphs, where joining builds one
+summed over rotation's and other tasks' graphs (a vote of the graphs, where joining builds one
 graph), then Poisson learning (Calder et al., ICML 2020) in place of Zhou et al.'s propagation on
 the same graph. TypiClust chooses in the graph's space, so the rows that change the PCA or the grid
 label other images; every other row labels the same images as the lab's graph.
