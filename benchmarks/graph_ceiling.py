@@ -11,10 +11,14 @@ graph), then Poisson learning (Calder et al., ICML 2020) in place of Zhou et al.
 the same graph. TypiClust chooses in the graph's space, so the rows that change the PCA or the grid
 label other images; every other row labels the same images as the lab's graph.
 
+With ``--mirrored``, the lab's graph and one built on the mean of each image's features and its
+mirror image's (left to right), the pool, labeled and test images alike: features that a
+horizontal flip, label-preserving on these images, moves less.
+
 With ``--every-label``, only what each method's graph space allows when every pool image is
 labeled: the test images' 1-NN and 20-NN votes over the labeled pool, and a softmax regression.
 
-    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted]
+    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --mirrored]
 
 The notebooks' runs (rotation, SimCLR, the VAEs, the random-init backbone at their CPU defaults)
 are pretrained first if the store lacks them, as the notebooks would.
@@ -31,10 +35,11 @@ import torch.nn.functional as F
 from sslab import lab
 from sslab.evaluate.cells import EvalConfig, open_cell
 from sslab.evaluate.features import cached_features
-from sslab.evaluate.graph import (PoolGraph, Projection, cell_edges, inductive_scores, knn_search, pca_project,
-                                 propagate_cell)
+from sslab.evaluate.graph import (SPARE_NEIGHBOURS, PoolGraph, Projection, build_pool_graph, cell_edges,
+                                 inductive_scores, knn_search, pca_project, propagate_cell)
 from sslab.evaluate.labelprop import labelprop_cell
 from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
+from sslab.models import extract_features
 
 BUDGETS = (1, 2, 4)
 SEEDS = (0, 1, 2)
@@ -124,6 +129,48 @@ def voted_row(runs: dict, methods: tuple, device, out) -> list:
     return accs
 
 
+def mirrored(cell, split: str, rows) -> torch.Tensor:
+    """The cell's frozen features (its layer, grid and precision) of rows ``rows`` of ``split`` (None:
+    all of them), each image mirrored left to right first."""
+    images = getattr(cell.splits, split).images
+    images = images if rows is None else images[rows.cpu()]
+    return extract_features(cell.run.load_backbone(cell.device), images.flip(-1), cell.cfg.layer, cell.cfg.grid,
+                            cell.device, precision=cell.cfg.precision)
+
+
+def mirrored_row(run, device, out) -> list:
+    """Label propagation as the lab's graph does it, every image's features (pool, labeled and test
+    images) replaced by the mean of its own and its mirror image's; the labeled images are the lab's
+    graph's (TypiClust's on the features themselves)."""
+    cfg = EvalConfig(**GRAPH_ONLY)
+    first = open_cell("labelprop", run, BUDGETS[0], SEEDS[0], device=device, out=out, config=cfg)
+    feats, rows = pool_of(run, first.cfg, first.device)
+    if rows is None:
+        raise ValueError(f"{run.path}'s pool is not the train split; allowed: a pool of train images, whose "
+                         f"mirror images this row reads")
+
+    def both(plain: torch.Tensor, split: str, index) -> torch.Tensor:
+        return (plain + mirrored(first, split, index)) / 2
+
+    graph = build_pool_graph(both(feats, "train", rows), first.cfg.lp_k, first.cfg.lp_pca or None)
+    test = both(first.features("test"), "test", None)
+    test_neighbours = knn_search(graph.project(test), graph.nodes, first.cfg.lp_k + SPARE_NEIGHBOURS)
+    accs = []
+    for b in BUDGETS:
+        per_seed = []
+        for s in SEEDS:
+            cell = open_cell("labelprop", run, b, s, device=device, out=out, config=cfg)
+            train_idx, val_idx = cell.labeled_split()
+            keep = pool_keep(rows, len(graph.nodes), (train_idx, val_idx), cell.device)
+            y = cell.splits.train.labels
+            result = propagate_cell(graph, keep, both(cell.features("train", train_idx), "train", train_idx),
+                                    y[train_idx], [test], cell.splits.train.num_classes, cfg.lp_alpha, cfg.lp_gamma,
+                                    cfg.lp_iterations, [test_neighbours], balance=cfg.lp_balance)
+            per_seed.append(float((result.query_scores[0].argmax(1) == cell.splits.test.labels).float().mean()))
+        accs.append(per_seed)
+    return accs
+
+
 def poisson_row(run, steps: int, device, out) -> list:
     """Poisson learning on the lab's graph: u ← u + D⁻¹(b − (D − W)u) from u = 0, b the labeled nodes'
     one-hot minus the labels' mean; the test images vote with their k nearest nodes' u."""
@@ -192,9 +239,12 @@ def every_label_row(run, device, out, steps: int = 300) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--every-label", action="store_true",
-                        help="only what each method's graph space allows with every pool image labeled")
-    parser.add_argument("--voted", action="store_true", help="only the lab's graph and the graphs' votes")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--every-label", action="store_true",
+                      help="only what each method's graph space allows with every pool image labeled")
+    only.add_argument("--voted", action="store_true", help="only the lab's graph and the graphs' votes")
+    only.add_argument("--mirrored", action="store_true",
+                      help="only the lab's graph and the graph of each image's and its mirror image's features")
     args = parser.parse_args()
     settings = lab.check_notebook_params(methods=["rotation", "simclr", "vae", "siamese-vae"], random_init=True,
                                          epochs=3, limit=20000, device="cpu")  # the notebooks' CPU defaults
@@ -214,8 +264,13 @@ def main() -> int:
         print(f"| {label} | " + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |",
               flush=True)
 
-    for label, extra in SETTINGS[:1] if args.voted else SETTINGS:
+    only = args.voted or args.mirrored
+    for label, extra in SETTINGS[:1] if only else SETTINGS:
         show(label, lambda extra=extra: setting_row(runs["rotation"], extra, device, out))
+    if args.mirrored:
+        show("the mean of each image's and its mirror image's features", lambda: mirrored_row(runs["rotation"],
+                                                                                               device, out))
+        return 0
     for methods in [] if args.voted else JOINED:
         show("rotation joined with " + " + ".join(methods),
              lambda methods=methods: joined_row(runs, methods, device, out))

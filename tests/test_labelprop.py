@@ -246,10 +246,9 @@ def test_a_vote_of_one_hot_labels_weighs_each_neighbour_by_its_similarity_to_the
     assert vote(3, 1.0).tolist()[1] == 0
 
 
-def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):
-    """benchmarks.graph_ceiling's vote of the graphs, with rotation's graph alone, gives the top-1 of
-    the lab's label propagation cell on the same images (its graph alone); two votes of the same
-    graph give it too (the scores only double)."""
+def _small_graph_rows(monkeypatch, tmp_path, make_noise_run) -> tuple:
+    """benchmarks.graph_ceiling set to 2 budgets × 2 seeds of a small noise run, and the graph's
+    top-1 of the lab's own label propagation cells there: ``(module, run, out, top-1s)``."""
     from benchmarks import graph_ceiling
     from sslab.evaluate.cells import EvalConfig
     from sslab.evaluate.labelprop import labelprop_cell
@@ -262,5 +261,43 @@ def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make
     expected = [[labelprop_cell(run, b, s, device="cpu", out=out, config=EvalConfig(**settings))["graph_top1"]
                  for s in (0, 1)] for b in (1, 2)]
     assert len({a for row in expected for a in row}) > 1  # the seeds and budgets label differently
+    return graph_ceiling, run, out, expected
+
+
+def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):
+    """benchmarks.graph_ceiling's vote of the graphs, with rotation's graph alone, gives the top-1 of
+    the lab's label propagation cell on the same images (its graph alone); two votes of the same
+    graph give it too (the scores only double)."""
+    graph_ceiling, run, out, expected = _small_graph_rows(monkeypatch, tmp_path, make_noise_run)
     assert graph_ceiling.voted_row({"rotation": run}, (), "cpu", out) == expected
     assert graph_ceiling.voted_row({"rotation": run, "again": run}, ("again",), "cpu", out) == expected
+
+
+def test_the_mirrored_graph_of_unmirrored_features_is_the_cells_own_graph(monkeypatch, tmp_path, make_noise_run):
+    """benchmarks.graph_ceiling's mirrored row averages each image's features with its mirror
+    image's: where the mirror gives the features themselves, its graph, labeled images and vote are
+    the lab's label propagation cell's (its graph alone, on the same images)."""
+    graph_ceiling, run, out, expected = _small_graph_rows(monkeypatch, tmp_path, make_noise_run)
+    monkeypatch.setattr(graph_ceiling, "mirrored", lambda cell, split, rows: cell.features(split, rows))
+    assert graph_ceiling.mirrored_row(run, "cpu", out) == expected
+
+
+def test_mirrored_features_are_the_features_of_the_images_flipped_left_to_right(tmp_path, make_noise_run):
+    """graph_ceiling.mirrored: the features of images flipped left to right (of the mirror images,
+    the features the cell itself reads), and the rows asked for, in their order."""
+    from benchmarks import graph_ceiling
+    from sslab.evaluate.cells import EvalConfig, open_cell
+    run = make_noise_run(tmp_path, 4)
+    cell = open_cell("labelprop", run, 1, 0, device="cpu", out=str(tmp_path / "out"),
+                     config=EvalConfig(val_per_class=1, select_min_cluster=0))
+    own = cell.features("test")
+    mirror = graph_ceiling.mirrored(cell, "test", None)
+    assert mirror.shape == own.shape and not torch.equal(mirror, own)  # noise images are not symmetric
+    rows = torch.tensor([5, 0, 3])
+    assert torch.equal(graph_ceiling.mirrored(cell, "test", rows), mirror[rows])
+    images = cell.splits.test.images
+    cell.splits.test.images = images.flip(-1)  # mirrored twice: the images themselves
+    try:
+        assert torch.equal(graph_ceiling.mirrored(cell, "test", None), own)
+    finally:
+        cell.splits.test.images = images
