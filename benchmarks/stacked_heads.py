@@ -12,11 +12,19 @@ from the same weights on the same data, in turn, three times; the median seconds
 whether the two ended with the same weights bit for bit.
 
     python -m benchmarks.stacked_heads --products
+
+With ``--groupings``: whether a head's weights depend on the heads it trains beside. The same 36
+heads trained as the lab's probe trains them (60 epochs, early stopping on 100 validation images,
+patience 10, bf16, one thread) all together, then in groups of 18, 12, 9, 4 and 3: how many heads
+end with weights other than together's, bit for bit, and the largest difference of any weight.
+
+    python -m benchmarks.stacked_heads --groupings
 """
 from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import statistics
 import time
 
@@ -77,10 +85,41 @@ def products(threads: int, count: int = 12, epochs: int = 60, repeats: int = 3) 
     return {name: statistics.median(values) for name, values in seconds.items()} | {"same weights": same}
 
 
+def groupings(sizes=(36, 18, 12, 9, 4, 3), count: int = 36, dim: int = 1024) -> dict:
+    """``{size: (heads whose weights differ from the first size's, largest difference)}`` for the
+    same ``count`` heads trained in groups of each of ``sizes`` (the first: the reference)."""
+    torch.set_num_threads(1)
+    cfg, probes, train, val = _group(count, dim, 60, 100, 0)
+    cfg = replace(cfg, patience=10)
+    weights = {}
+    for size in sizes:
+        heads = copy.deepcopy(probes)
+        for start in range(0, count, size):
+            part = slice(start, start + size)
+            train_heads(heads[part], train[part], val[part], cfg, list(range(count))[part], torch.device("cpu"),
+                        precision="bf16")
+        weights[size] = [head.state_dict() for head in heads]
+    reference = weights[sizes[0]]
+    found = {}
+    for size in sizes[1:]:
+        pairs = list(zip(reference, weights[size]))
+        differ = sum(any(not torch.equal(a[key], b[key]) for key in a) for a, b in pairs)
+        largest = max(float((a[key].double() - b[key].double()).abs().max()) for a, b in pairs for key in a)
+        found[size] = (differ, largest)
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--products", action="store_true", help="torch's product against the lab's (see above)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--products", action="store_true", help="torch's product against the lab's (see above)")
+    only.add_argument("--groupings", action="store_true", help="the same heads in groups of other sizes (see above)")
     args = parser.parse_args()
+    if args.groupings:
+        print("| heads a group | heads whose weights differ from 36 together's | largest difference |\n|---|---|---|")
+        for size, (differ, largest) in groupings().items():
+            print(f"| {size} | {differ} of 36 | {largest:.1e} |")
+        return 0
     if args.products:
         print("| threads | torch's product: s | the lab's product: s | speed-up | the same weights |")
         print("|---|---|---|---|---|")

@@ -241,6 +241,23 @@ def test_the_cover_lever_times_two_passes_and_one_that_give_the_same_radius_and_
         assert 0 < cover_passes(how, points, repeats=1) < 60
 
 
+def test_groupings_compares_each_grouping_with_all_heads_together():
+    """benchmarks.stacked_heads --groupings: one entry per group size after the first (the
+    reference), each a count of the heads whose weights differ and their largest difference."""
+    from benchmarks.stacked_heads import groupings
+    found = groupings(sizes=(4, 2, 3), count=4, dim=16)
+    assert set(found) == {2, 3}
+    for differ, largest in found.values():
+        assert 0 <= differ <= 4 and largest >= 0 and (largest == 0) == (differ == 0)
+
+
+def test_the_levers_refuse_a_thread_count_below_one(capsys):
+    from benchmarks.levers import main
+    with pytest.raises(SystemExit):
+        main(["--only", "cover", "--threads", "0"])
+    assert "--threads 0 is not allowed; allowed: 1 or more" in capsys.readouterr().err
+
+
 def test_the_shared_propagations_lever_checks_the_two_ways_agree_and_times_each():
     from benchmarks.levers import shared_propagations
     for how in ("whole", "shared"):

@@ -16,6 +16,10 @@ floating-point order of the sums differs from the one-at-a-time run (bmm against
 agree to rounding, not bit for bit, and Adam — which divides each step by the gradient's size —
 can turn that rounding into up to one learning-rate step on weights whose gradient is about
 zero (measured: weights within 1e-3, losses within 0.2 %, the same epochs and predictions).
+Stacked, a head's last bits can also depend on how many heads train beside it: the same heads in
+groups of 9, 18 or 3 instead of 36 ended with a last-layer bias a few 1e-9 apart in 1 to 7 of 36
+heads, in groups of 4 or 12 bit for bit the same (``python -m benchmarks.stacked_heads
+--groupings``).
 
 Heads train together when their epochs have the same number of steps of the same size: the
 same number of labeled samples per epoch (the same budget), the same feature size and kind.
