@@ -21,6 +21,7 @@ the lab uses:
 
     python -m benchmarks.levers            # one thread, the median of 5 repeats each (3 for ProbCover)
     python -m benchmarks.levers --only cover
+    python -m benchmarks.levers --only cover --threads 2   # as a notebook's kernel computes it
 """
 from __future__ import annotations
 
@@ -190,8 +191,12 @@ def shared_propagations(how: str, nodes: int = 20000, k: int = 20, labeled: int 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("optimizer", "propagation", "affinity", "cover", "shared"), help="one row")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch's threads (default 1: a worker's; a notebook's kernel has the machine's cores)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads} is not allowed; allowed: 1 or more")
+    torch.set_num_threads(args.threads)
     print("| what | before | after | speed-up |\n|---|---|---|---|")
     if args.only in (None, "optimizer"):
         for kind, what in (("adam", "Adam step, 32 stacked probe heads"), ("sgd", "SGD step, quarter-width AlexNet")):
