@@ -92,12 +92,15 @@ def test_stacking_checks_its_inputs():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("batch", [16, 128])
-def test_a_stacked_step_computes_the_bits_of_torchs_own_products(precision, batch, monkeypatch):
+def test_a_stacked_step_computes_torchs_own_products(precision, batch, monkeypatch):
     """One training step of stacked heads, as train_heads takes it (features standardised once,
     in the type the first product reads, and the lab's product with its own backward), against
     the same step with torch's autograd of ``bmm(x, weight.transpose(1, 2))`` on features
     standardised by hand in float32: the same logits and the same gradients, bit for bit, and
-    each weight's gradient in the weight's own layout."""
+    each weight's gradient in the weight's own layout. In float32 a weight's gradient is held to
+    rounding only: the lab computes it as gradᵀ · x and autograd as (xᵀ · grad)ᵀ, the same products,
+    which an AMD EPYC's float32 kernels summed in another order for the 10-class layer (bf16's
+    were the same bits on it and on an Intel Xeon; float32's too on the Xeon)."""
     from sslab.evaluate import batched_heads
     from sslab.precision import autocast
     generator = torch.Generator().manual_seed(batch)
@@ -133,5 +136,8 @@ def test_a_stacked_step_computes_the_bits_of_torchs_own_products(precision, batc
     assert logits.dtype == reference_logits.dtype and torch.equal(logits, reference_logits)
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
-        assert torch.equal(grad, reference_grads[name]), name
+        if precision == "fp32" and name.startswith("w"):
+            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+        else:
+            assert torch.equal(grad, reference_grads[name]), name
         assert grad.stride() == getattr(lab, name).stride(), name  # no copy needed into the weight's layout

@@ -144,9 +144,11 @@ def test_purity_radius_is_the_quantile_of_the_distance_to_another_cluster():
              for i in range(80)]
     radius = purity_radius(points, 4, seed=0, purity=0.9)
     assert radius == pytest.approx(float(np.quantile(other, 0.1)), rel=1e-5)
-    # at that radius, at least 90 % of the balls hold one cluster only
+    # at that radius, at least 90 % of the balls hold one cluster only; the float32 radius can round
+    # above a float64 distance that ties at the quantile (two points each other's nearest of another
+    # cluster: the clusters of an AMD EPYC's k-means), so the balls are taken a rounding smaller
     pure = [all(assign[j] == assign[i] for j in range(80) if math.dist(points[i].tolist(), points[j].tolist())
-                < radius) for i in range(80)]
+                < radius * (1 - 1e-6)) for i in range(80)]
     assert sum(pure) >= 0.9 * 80
 
 

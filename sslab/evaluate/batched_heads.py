@@ -45,9 +45,12 @@ class _StackedProduct(torch.autograd.Function):
     casts and the same products, forward and backward, so the same bits. Only the weights'
     gradient is computed differently: autograd computes xᵀ · grad, whose transpose it then copies
     twice (back to float32, then into the weights' layout for their ``.grad``); here gradᵀ · x gives
-    it in the weights' layout at once and one cast makes it float32: the same bits
-    (``tests/test_batched_heads.py`` compares them with torch's own; ``python -m
-    benchmarks.stacked_heads --products`` times the two)."""
+    it in the weights' layout at once and one cast makes it float32. In bf16 those are the same
+    bits on an Intel Xeon and an AMD EPYC; in float32 too on the Xeon, but on the EPYC the two
+    products of a 10-class layer sum in another order (last bits apart). ``tests/test_batched_heads.py``
+    compares them with torch's own; ``python -m benchmarks.stacked_heads --products`` times the two
+    (1.14× on one thread on the EPYC, where computing autograd's product and its transpose's
+    layout in one pass instead would save nothing)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
