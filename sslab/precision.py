@@ -11,6 +11,7 @@ resolved name is part of a run's config: the two give slightly different numbers
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -29,6 +30,53 @@ def native_bf16_cpu() -> bool:
         return hardware and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):  # an older torch without these reports: assume not
         return False
+
+
+def bf16_products() -> str:
+    """How this CPU computes bf16 dot products, as torch reports it: ``"AMX"`` (Intel's matrix
+    tiles), ``"AVX-512 BF16"`` (vector dot products), or ``""`` where neither is there (bf16 is
+    then emulated). oneDNN picks other kernels for each, which sum in another order: the same
+    bf16 run gives other last digits on the two kinds of processor."""
+    cpu = getattr(torch, "cpu", None)
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported")):
+        try:
+            if getattr(cpu, probe)():
+                return name
+        except (AttributeError, RuntimeError):  # an older torch without the report
+            continue
+    return ""
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The processor's model name as the system reports it (Linux's ``cpuinfo``, else
+    :func:`platform.processor`), or ``""`` where it says nothing."""
+    import platform
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.split(":")[0].strip() == "model name":
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor().strip()
+
+
+def processor(device) -> str:
+    """What computes a run on ``device``, in words: the GPU's name on CUDA; on a CPU its model and
+    how it computes bf16 products (:func:`bf16_products`), e.g. ``AMD EPYC, AVX-512 BF16``: what
+    decides a run's last digits besides its config, so the committed notebooks and each run's
+    summary name it."""
+    return _processor(str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=None)
+def _processor(device: str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return device.type
+    return f"{cpu_model() or 'an unnamed processor'}, {bf16_products() or 'no bf16 products'}"
 
 
 def resolve_precision(precision: str, device) -> str:

@@ -16,7 +16,7 @@ from .checks import MAX_COUNT, MAX_EPOCHS, check_bool, check_choice, check_int, 
 from .data import check_dataset_name, folder_classes, image_shape, load_dataset
 from .models import BackboneConfig, build_backbone, check_arch
 from .pretext import TASKS, PretextTask, TaskSettings, build_task, setting_names, task_settings
-from .precision import autocast, resolve_precision
+from .precision import autocast, processor, resolve_precision
 from .train import TrainConfig, fit, resolve_device
 
 # The full study net (width 1) on CUDA; a quarter-width net on CPU, ~15× cheaper, so a
@@ -427,7 +427,7 @@ def _train_into(config: PretrainConfig, dev: torch.device, work: Path, final: Pa
     store.save_torch(work / "model.pt", {"model": task.state_dict(), "backbone": asdict(backbone),
                                          "method": config.method},
                      provenance=model_provenance(config.method, asdict(backbone), identity))
-    summary = {"backbone": asdict(backbone), "device": str(dev), "images": len(pool),
+    summary = {"backbone": asdict(backbone), "device": str(dev), "processor": processor(dev), "images": len(pool),
                "precision": config.precision, "compiled": options.compile_loss,
                "epochs_run": result.epochs_run, "train_seconds": round(result.seconds, 3),
                "resumed_from_epoch": result.resumed_from, "final": result.history[-1] if result.history else {},
@@ -499,5 +499,6 @@ def describe(run: Run) -> str:
         return f"{RANDOM_INIT}: the {run.arch} backbone as initialised with seed {run.config.seed}, not trained"
     metrics = ", ".join(f"{k[5:]}={v:.4g}" for k, v in s.items() if k.startswith("test_"))
     precision = f" in {s['precision']}" if "precision" in s else ""
+    where = f"{s['device']} ({s['processor']})" if s.get("processor") else s["device"]
     return (f"{run.method}: {s['images']} images, {s['epochs_run']} epochs, {s['train_seconds']:.0f} s on "
-            f"{s['device']}{precision}; test {metrics}")
+            f"{where}{precision}; test {metrics}")

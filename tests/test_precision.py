@@ -12,7 +12,7 @@ from sslab.evaluate import EvalConfig, probe_cell
 from sslab.models import BackboneConfig
 from sslab.precision import autocast, memory_format, resolve_precision
 from sslab.pretext import build_task
-from sslab.pretrain import PretrainConfig, pretrain, run_folder
+from sslab.pretrain import PretrainConfig, describe, pretrain, run_folder
 from sslab.train import TrainConfig, fit
 
 CPU = torch.device("cpu")
@@ -40,6 +40,62 @@ def test_auto_follows_what_the_processor_reports():
     native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert precision_module.native_bf16_cpu() == (native and torch.backends.mkldnn.is_available())
     assert resolve_precision("auto", "cpu") == ("bf16" if precision_module.native_bf16_cpu() else "fp32")
+
+
+def test_the_bf16_path_is_named_from_what_torch_reports(monkeypatch):
+    cpu = torch.cpu
+    for amx, avx, expected in ((True, True, "AMX"), (False, True, "AVX-512 BF16"), (False, False, "")):
+        monkeypatch.setattr(cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(cpu, "_is_avx512_bf16_supported", lambda avx=avx: avx, raising=False)
+        assert precision_module.bf16_products() == expected
+
+
+def test_the_bf16_path_agrees_with_the_processors_flags():
+    """Linux's flags again, independent of torch's reports: AMX where the processor has its bf16
+    tiles, else AVX-512 BF16 where it has those dot products, else none."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo on this system")
+    expected = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else ""
+    assert precision_module.bf16_products() == expected
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_and_falls_back_to_platform(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD  EPYC 9R14 \nflags\t: fpu\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14\n")
+    assert precision_module.cpu_model(str(info)) == "AMD EPYC 9R14"
+    monkeypatch.setattr("platform.processor", lambda: "arm ")
+    assert precision_module.cpu_model(str(tmp_path / "missing")) == "arm"
+    info.write_text("processor\t: 0\n")  # no model name line: the platform's word
+    assert precision_module.cpu_model(str(info)) == "arm"
+
+
+def test_a_cpu_processor_is_its_model_and_bf16_path(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_model", lambda: "Some CPU")
+    monkeypatch.setattr(precision_module, "bf16_products", lambda: "AMX")
+    precision_module._processor.cache_clear()
+    try:
+        assert precision_module.processor("cpu") == "Some CPU, AMX"
+        precision_module._processor.cache_clear()
+        monkeypatch.setattr(precision_module, "bf16_products", lambda: "")
+        monkeypatch.setattr(precision_module, "cpu_model", lambda: "")
+        assert precision_module.processor(CPU) == "an unnamed processor, no bf16 products"
+    finally:
+        precision_module._processor.cache_clear()
+
+
+def test_the_published_notebooks_name_the_processor(monkeypatch):
+    from sslab.lab.notebooks import machine_description
+    monkeypatch.setattr(precision_module, "cpu_model", lambda: "Some CPU")
+    monkeypatch.setattr(precision_module, "bf16_products", lambda: "AVX-512 BF16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    precision_module._processor.cache_clear()
+    try:
+        assert machine_description().startswith("CPU: Some CPU, AVX-512 BF16 (")
+    finally:
+        precision_module._processor.cache_clear()
 
 
 def test_explicit_precisions_are_kept_and_others_refused():
@@ -110,11 +166,14 @@ def test_precision_is_part_of_a_runs_settings_and_recorded(tmp_path, images):
     assert run_folder(_tiny(images, "bf16").resolved(CPU), str(tmp_path)) == runs["bf16"].path
     for name, run in runs.items():
         assert run.summary["precision"] == name and run.config.precision == name
+        assert run.summary["processor"] == precision_module.processor("cpu")  # what made its last digits
+        assert f"on cpu ({run.summary['processor']}) in {name}" in describe(run)
         assert store.read_json(run.path / "config.json")["precision"] == name
     cells = {p: probe_cell(runs["bf16"], 1, device="cpu", out=str(tmp_path),
                            config=EvalConfig(val_per_class=2, probe_epochs=2, precision=p)) for p in ("bf16", "fp32")}
     assert cells["bf16"]["run"] != cells["fp32"]["run"]  # a cell of each, not one reused
     assert store.read_json(f"{cells['bf16']['run']}/config.json")["precision"] == "bf16"
+    assert cells["bf16"]["processor"] == cells["fp32"]["processor"] == precision_module.processor("cpu")
 
 
 def test_deterministic_bf16_pretraining_and_probe_repeat_bit_for_bit(tmp_path, images):

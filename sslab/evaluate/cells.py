@@ -21,7 +21,7 @@ from .. import integrity, store
 from ..checks import MAX_COUNT, MAX_EPOCHS, MAX_STEPS, check_choice, check_int, check_int_list, check_number, fail
 from ..data import DatasetSplits
 from ..models import ALL_LAYERS, resolve_layer
-from ..precision import PRECISIONS, resolve_precision
+from ..precision import PRECISIONS, processor, resolve_precision
 from ..pretrain import Run, load_run
 from ..checkpoint import CHECKPOINT_EVERY_S, FitResult
 from ..train import TrainConfig, fit, resolve_device
@@ -444,7 +444,8 @@ class Cell:
     def finish(self, row: dict, split: tuple, head_state: Optional[dict] = None) -> dict:
         """Store the computed cell (:func:`finish_cell`; the row also says how many classes its
         labeled images cover) and drop its resume checkpoint."""
-        row = {**row, "labeled_classes": int(self.splits.train.labels[split[0]].unique().numel())}
+        row = {**row, "labeled_classes": int(self.splits.train.labels[split[0]].unique().numel()),
+               "processor": processor(self.device)}  # a bf16 cell's last digits depend on it
         row = finish_cell(self.folder, self.key, row, split, head_state)
         store.remove(self.folder / "checkpoint.pt")
         return row

@@ -344,7 +344,9 @@ def machine_description() -> str:
     import os
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__.split('+')[0]}"
-    return (f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
+    from ..precision import processor
+    # the processor's name and bf16 path: a bf16 run's last digits depend on them
+    return (f"CPU: {processor('cpu')} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
             f"torch {torch.__version__.split('+')[0]}")
 
 
