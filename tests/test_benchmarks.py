@@ -286,3 +286,43 @@ def test_kernel_gaps_reads_papermills_times_of_each_cell(tmp_path, capsys):
     nbformat.write(nb, str(tmp_path / "01_a.ipynb"))
     with pytest.raises(ValueError, match="has no papermill times; allowed: an executed copy"):
         kernel_gaps.gaps(tmp_path / "01_a.ipynb")
+
+
+def test_compare_notebooks_counts_result_lines_that_differ_and_ignores_timings(tmp_path, capsys):
+    import nbformat
+
+    from benchmarks import compare_notebooks
+
+    def notebook(folder, printed, injected=False):
+        cells = [nbformat.v4.new_markdown_cell("# a")]
+        if injected:  # papermill's cell, in executed copies only
+            cells.append(nbformat.v4.new_code_cell("labels = 4", metadata={"tags": ["injected-parameters"]}))
+        for text in printed:
+            made = nbformat.v4.new_code_cell("print()")
+            made.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
+            cells.append(made)
+        folder.mkdir(exist_ok=True)
+        nbformat.write(nbformat.v4.new_notebook(cells=cells), str(folder / "02_a.ipynb"))
+
+    first = ["trained now in 86 s: rotation, 81 s on cpu; test loss=0.05998\n",
+             "        15 cells, 2 workers: 1/3 done (probe), 8 s\nrotation 69.1 ± 0.3\nscratch 66.1 ± 1.2\n"]
+    notebook(tmp_path / "a", first)
+    # the same results another time: other seconds, other progress, and papermill's cell
+    notebook(tmp_path / "b", [first[0].replace("86 s", "120 s").replace("81 s", "116 s"),
+                              "        15 cells, 2 workers: 3/3 done (probe), 14 s\nrotation 69.1 ± 0.3\n"
+                              "scratch 66.1 ± 1.2\n"], injected=True)
+    assert compare_notebooks.compare(tmp_path / "a" / "02_a.ipynb", tmp_path / "b" / "02_a.ipynb") == \
+        {"lines": 3, "differ": 0, "diff": []}
+    # other results: one line of three differs, in the second code cell
+    notebook(tmp_path / "c", [first[0], first[1].replace("69.1", "67.6")])
+    report = compare_notebooks.compare(tmp_path / "a" / "02_a.ipynb", tmp_path / "c" / "02_a.ipynb")
+    assert report == {"lines": 3, "differ": 1, "diff": ["[2] -rotation 69.1 ± 0.3", "[2] +rotation 67.6 ± 0.3"]}
+    assert compare_notebooks.main([str(tmp_path / "a"), str(tmp_path / "c"), "--show", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "| 02_a | 3 | 1 |" in out and "[2] +rotation 67.6 ± 0.3" in out
+    notebook(tmp_path / "d", first[:1])  # another notebook's cells
+    with pytest.raises(ValueError, match="different code cells; allowed: two runs of the same notebook"):
+        compare_notebooks.compare(tmp_path / "a" / "02_a.ipynb", tmp_path / "d" / "02_a.ipynb")
+    with pytest.raises(SystemExit):
+        compare_notebooks.main([str(tmp_path / "a"), str(tmp_path / "nowhere")])
+    assert "no notebook is in both" in capsys.readouterr().err
