@@ -63,9 +63,9 @@ def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def processor(device) -> str:
     """What computes a run on ``device``, in words: the GPU's name on CUDA; on a CPU its model and
-    how it computes bf16 products (:func:`bf16_products`), e.g. ``AMD EPYC, AVX-512 BF16``: what
-    decides a run's last digits besides its config, so the committed notebooks and each run's
-    summary name it."""
+    how it computes bf16 products (:func:`bf16_products`), e.g. ``AMD EPYC, AVX-512 BF16``. With
+    its config and thread count, the processor decides a run's last digits, so each run's summary,
+    each result row and the committed notebooks name it."""
     return _processor(str(torch.device(device)))
 
 
