@@ -22,13 +22,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX-512 BF16 or AMX tiles), as
-    torch reports it, and torch's oneDNN can use them."""
-    cpu = getattr(torch, "cpu", None)
-    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    torch reports it (:func:`bf16_products`), and torch's oneDNN can use them."""
     try:
-        hardware = any(probe() for probe in probes if probe is not None)
-        return hardware and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # an older torch without these reports: assume not
+        return bool(bf16_products()) and torch.backends.mkldnn.is_available() and \
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # an older torch without this report: assume not
         return False
 
 

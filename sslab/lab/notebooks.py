@@ -342,12 +342,11 @@ VOLATILE_CELL_KEYS = ("papermill", "execution", "ExecuteTime", "collapsed", "scr
 def machine_description() -> str:
     """What ran the notebooks, in words, for the committed notebooks' first cell."""
     import os
+    from ..precision import processor  # a run's last digits depend on it (on a CPU: its model and bf16 path)
+    version = torch.__version__.split('+')[0]
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA), torch {torch.__version__.split('+')[0]}"
-    from ..precision import processor
-    # the processor's name and bf16 path: a bf16 run's last digits depend on them
-    return (f"CPU: {processor('cpu')} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), "
-            f"torch {torch.__version__.split('+')[0]}")
+        return f"{processor('cuda:0')} (CUDA), torch {version}"
+    return f"CPU: {processor('cpu')} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {version}"
 
 
 def published_notebook(executed: Path, machine: str, total_seconds: Optional[float] = None):
