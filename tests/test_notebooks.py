@@ -198,9 +198,13 @@ def test_every_notebook_derives_the_same_pretraining_configs():
         assert configs[name] and all(c in first for c in configs[name]), name
 
 
-def test_smoke_and_full_params_are_valid_for_every_notebook():
-    for params_file in (SMOKE, ROOT / "params" / "full.yml", ROOT / "params" / "simclr-cifar10.yml"):
+def test_every_params_file_is_valid_for_every_notebook():
+    files = sorted((ROOT / "params").glob("*.yml"))
+    assert {f.name for f in files} >= {"smoke.yml", "full.yml", "simclr-cifar10.yml", "quick.yml"}, files
+    declared_anywhere = set().union(*(_parameters(path) for path in NOTEBOOKS))
+    for params_file in files:
         params = lab.load_params(params_file)
+        assert set(params) <= declared_anywhere, (params_file.name, set(params) - declared_anywhere)
         for path in NOTEBOOKS:
             declared = set(_parameters(path))
             mine = {k: v for k, v in params.items() if k in declared}
