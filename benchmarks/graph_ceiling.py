@@ -15,10 +15,13 @@ With ``--mirrored``, the lab's graph and one built on the mean of each image's f
 mirror image's (left to right), the pool, labeled and test images alike: features that a
 horizontal flip, label-preserving on these images, moves less.
 
+With ``--crossed``, TypiClust's images chosen on rotation's or SimCLR's features and propagated
+on rotation's or SimCLR's graph: whether one space chooses better and the other propagates better.
+
 With ``--every-label``, only what each method's graph space allows when every pool image is
 labeled: the test images' 1-NN and 20-NN votes over the labeled pool, and a softmax regression.
 
-    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --mirrored]
+    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --mirrored | --crossed]
 
 The notebooks' runs (rotation, SimCLR, the VAEs, the random-init backbone at their CPU defaults)
 are pretrained first if the store lacks them, as the notebooks would.
@@ -125,6 +128,27 @@ def voted_row(runs: dict, methods: tuple, device, out) -> list:
                                         balance=cfg.lp_balance)
                 scores = scores + result.query_scores[0]
             per_seed.append(float((scores.argmax(1) == chooser.splits.test.labels).float().mean()))
+        accs.append(per_seed)
+    return accs
+
+
+def crossed_row(runs: dict, chooser: str, graph: str, device, out) -> list:
+    """TypiClust's images chosen on ``chooser``'s features, propagated on ``graph``'s own graph (the
+    lab's settings): where the two are one method, the lab's label propagation cell."""
+    cfg = EvalConfig(**GRAPH_ONLY)
+    accs = []
+    for b in BUDGETS:
+        per_seed = []
+        for s in SEEDS:
+            choosing = open_cell("labelprop", runs[chooser], b, s, device=device, out=out, config=cfg)
+            train_idx, val_idx = choosing.labeled_split()
+            cell = open_cell("labelprop", runs[graph], b, s, device=device, out=out, config=cfg)
+            pool, rows = pool_graph(cell.run, cell.cfg, cell.device)
+            keep = pool_keep(rows, len(pool.nodes), (train_idx, val_idx), cell.device)
+            result = propagate_cell(pool, keep, cell.features("train", train_idx), cell.splits.train.labels[train_idx],
+                                    [cell.features("test")], cell.splits.train.num_classes, cfg.lp_alpha,
+                                    cfg.lp_gamma, cfg.lp_iterations, [pool.test_neighbours], balance=cfg.lp_balance)
+            per_seed.append(float((result.query_scores[0].argmax(1) == cell.splits.test.labels).float().mean()))
         accs.append(per_seed)
     return accs
 
@@ -243,6 +267,8 @@ def main() -> int:
     only.add_argument("--every-label", action="store_true",
                       help="only what each method's graph space allows with every pool image labeled")
     only.add_argument("--voted", action="store_true", help="only the lab's graph and the graphs' votes")
+    only.add_argument("--crossed", action="store_true",
+                      help="only the images chosen on one method's features and propagated on another's graph")
     only.add_argument("--mirrored", action="store_true",
                       help="only the lab's graph and the graph of each image's and its mirror image's features")
     args = parser.parse_args()
@@ -255,6 +281,15 @@ def main() -> int:
         for name, run in runs.items():
             print(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in every_label_row(run, device, out)) + " |",
                   flush=True)
+        return 0
+    if args.crossed:
+        print("| TypiClust's images chosen on | propagated on | 1 | 2 | 4 | seconds |\n|---|---|---|---|---|---|")
+        for chooser in ("rotation", "simclr"):
+            for graph in ("rotation", "simclr"):
+                started = time.perf_counter()
+                accs = crossed_row(runs, chooser, graph, device, out)
+                print(f"| {chooser} | {graph} | " + " | ".join(mean_std(a) for a in accs)
+                      + f" | {time.perf_counter() - started:.0f} |", flush=True)
         return 0
     print("| graph (TypiClust's images on rotation's features) | 1 | 2 | 4 | seconds |\n|---|---|---|---|---|")
 

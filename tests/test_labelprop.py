@@ -273,6 +273,16 @@ def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make
     assert graph_ceiling.voted_row({"rotation": run, "again": run}, ("again",), "cpu", out) == expected
 
 
+def test_choosing_and_propagating_in_one_run_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):
+    """benchmarks.graph_ceiling's crossed row, where the run that chooses is the run whose graph
+    propagates (under either name), gives the top-1 of the lab's label propagation cell (its graph
+    alone, on the same images)."""
+    graph_ceiling, run, out, expected = _small_graph_rows(monkeypatch, tmp_path, make_noise_run)
+    runs = {"rotation": run, "again": run}
+    assert graph_ceiling.crossed_row(runs, "rotation", "rotation", "cpu", out) == expected
+    assert graph_ceiling.crossed_row(runs, "again", "rotation", "cpu", out) == expected
+
+
 def test_the_mirrored_graph_of_unmirrored_features_is_the_cells_own_graph(monkeypatch, tmp_path, make_noise_run):
     """benchmarks.graph_ceiling's mirrored row averages each image's features with its mirror
     image's: where the mirror gives the features themselves, its graph, labeled images and vote are
