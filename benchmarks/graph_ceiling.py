@@ -15,13 +15,19 @@ With ``--mirrored``, the lab's graph and one built on the mean of each image's f
 mirror image's (left to right), the pool, labeled and test images alike: features that a
 horizontal flip, label-preserving on these images, moves less.
 
+With ``--seeds-voted``, the graphs of rotation runs pretrained with other seeds (each on its own
+20 000 images) vote with the notebooks' rotation graph from its TypiClust images: what an
+ensemble of pretraining runs gives; then each of those runs from TypiClust's images on its own
+features.
+
 With ``--crossed``, TypiClust's images chosen on rotation's or SimCLR's features and propagated
 on rotation's or SimCLR's graph: whether one space chooses better and the other propagates better.
 
 With ``--every-label``, only what each method's graph space allows when every pool image is
 labeled: the test images' 1-NN and 20-NN votes over the labeled pool, and a softmax regression.
 
-    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --mirrored | --crossed]
+    SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --seeds-voted | --mirrored
+                                                             | --crossed]
 
 The notebooks' runs (rotation, SimCLR, the VAEs, the random-init backbone at their CPU defaults)
 are pretrained first if the store lacks them, as the notebooks would.
@@ -29,6 +35,7 @@ are pretrained first if the store lacks them, as the notebooks would.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -41,6 +48,7 @@ from sslab.evaluate.features import cached_features
 from sslab.evaluate.graph import (SPARE_NEIGHBOURS, PoolGraph, Projection, build_pool_graph, cell_edges,
                                  inductive_scores, knn_search, pca_project, propagate_cell)
 from sslab.evaluate.labelprop import labelprop_cell
+from sslab.lab.runs import timed_pretrain
 from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
 from sslab.models import extract_features
 
@@ -55,6 +63,7 @@ SETTINGS = [("the lab's graph: k 20, PCA 128, γ 3, 20 steps, grid 4", {}),
             ("grid 2 (features pooled 2×2)", {"grid": 2}), ("grid 1 (global pooling)", {"grid": 1})]
 JOINED = [("simclr",), ("vae",), ("siamese-vae",), ("random-init",), ("simclr", "vae", "siamese-vae")]
 VOTED = [("simclr",), ("vae",), ("siamese-vae",), ("simclr", "vae", "siamese-vae")]
+PRETRAIN_SEEDS = (1, 2, 3)  # rotation pretrained again with these seeds, for --seeds-voted
 
 
 def mean_std(values: list) -> str:
@@ -105,10 +114,10 @@ def joined_row(runs: dict, methods: tuple, device, out) -> list:
     return accs
 
 
-def voted_row(runs: dict, methods: tuple, device, out) -> list:
+def voted_row(runs: dict, methods: tuple, device, out, alone: str = None) -> list:
     """Rotation's graph and ``methods``' own graphs each propagating from the same labeled images
     (TypiClust's on rotation's features), the test images' class scores summed over the graphs
-    (each weighs the same)."""
+    (each weighs the same). ``alone``: only that run's graph votes (still from rotation's images)."""
     cfg = EvalConfig(**GRAPH_ONLY)
     accs = []
     for b in BUDGETS:
@@ -118,7 +127,7 @@ def voted_row(runs: dict, methods: tuple, device, out) -> list:
             train_idx, val_idx = chooser.labeled_split()
             y = chooser.splits.train.labels
             scores = 0
-            for name in ("rotation",) + methods:
+            for name in (alone,) if alone else ("rotation",) + methods:
                 cell = open_cell("labelprop", runs[name], b, s, device=device, out=out, config=cfg)
                 graph, rows = pool_graph(cell.run, cell.cfg, cell.device)
                 keep = pool_keep(rows, len(graph.nodes), (train_idx, val_idx), cell.device)
@@ -151,6 +160,17 @@ def crossed_row(runs: dict, chooser: str, graph: str, device, out) -> list:
             per_seed.append(float((result.query_scores[0].argmax(1) == cell.splits.test.labels).float().mean()))
         accs.append(per_seed)
     return accs
+
+
+def seed_runs(settings) -> dict:
+    """Rotation's run of the notebooks' settings pretrained again with each of PRETRAIN_SEEDS
+    (the seed also draws the run's 20 000 images), trained side by side where the store lacks
+    them: ``{"rotation seed P": Run}``."""
+    base = settings.pretrain_config("rotation")
+    configs = {f"rotation seed {p}": dataclasses.replace(base, seed=p) for p in PRETRAIN_SEEDS}
+    lab.pretrain_runs(settings, announce=None, also=list(configs.values()))
+    options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
+    return {name: timed_pretrain(config, **options)[0] for name, config in configs.items()}
 
 
 def mirrored(cell, split: str, rows) -> torch.Tensor:
@@ -267,6 +287,8 @@ def main() -> int:
     only.add_argument("--every-label", action="store_true",
                       help="only what each method's graph space allows with every pool image labeled")
     only.add_argument("--voted", action="store_true", help="only the lab's graph and the graphs' votes")
+    only.add_argument("--seeds-voted", action="store_true",
+                      help="only the votes of rotation's graphs from runs pretrained with other seeds")
     only.add_argument("--crossed", action="store_true",
                       help="only the images chosen on one method's features and propagated on another's graph")
     only.add_argument("--mirrored", action="store_true",
@@ -281,6 +303,25 @@ def main() -> int:
         for name, run in runs.items():
             print(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in every_label_row(run, device, out)) + " |",
                   flush=True)
+        return 0
+    if args.seeds_voted:
+        runs.update(seed_runs(settings))
+        print("| graphs voting (TypiClust's images on the notebooks' rotation run's features) | 1 | 2 | 4 | seconds |\n"
+              "|---|---|---|---|---|")
+        seeds = tuple(f"rotation seed {p}" for p in PRETRAIN_SEEDS)
+        rows = [(name + "'s alone", (), name) for name in ("rotation",) + seeds]
+        rows += [(f"rotation's and {seeds[0]}'s", seeds[:1], None),
+                 ("rotation's and seeds " + ", ".join(str(p) for p in PRETRAIN_SEEDS) + "'", seeds, None)]
+        for label, voters, alone in rows:
+            started = time.perf_counter()
+            accs = voted_row(runs, voters, device, out, alone=alone)
+            print(f"| {label} | " + " | ".join(mean_std(a) for a in accs)
+                  + f" | {time.perf_counter() - started:.0f} |", flush=True)
+        for name in seeds:  # each run choosing its own images, on its own features
+            started = time.perf_counter()
+            accs = crossed_row(runs, name, name, device, out)
+            print(f"| {name}'s alone, from TypiClust's images on its own features | "
+                  + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |", flush=True)
         return 0
     if args.crossed:
         print("| TypiClust's images chosen on | propagated on | 1 | 2 | 4 | seconds |\n|---|---|---|---|---|---|")
