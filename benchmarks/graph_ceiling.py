@@ -18,7 +18,7 @@ horizontal flip, label-preserving on these images, moves less.
 With ``--seeds-voted``, the graphs of rotation runs pretrained with other seeds (each on its own
 20 000 images) vote with the notebooks' rotation graph from its TypiClust images: what an
 ensemble of pretraining runs gives; then each of those runs from TypiClust's images on its own
-features.
+features, and the notebooks' rotation graph from those images.
 
 With ``--crossed``, TypiClust's images chosen on rotation's or SimCLR's features and propagated
 on rotation's or SimCLR's graph: whether one space chooses better and the other propagates better.
@@ -321,6 +321,11 @@ def main() -> int:
             started = time.perf_counter()
             accs = crossed_row(runs, name, name, device, out)
             print(f"| {name}'s alone, from TypiClust's images on its own features | "
+                  + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |", flush=True)
+        for name in seeds:  # those images on the notebooks' run's graph
+            started = time.perf_counter()
+            accs = crossed_row(runs, name, "rotation", device, out)
+            print(f"| rotation's alone, from TypiClust's images on {name}'s features | "
                   + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |", flush=True)
         return 0
     if args.crossed:
