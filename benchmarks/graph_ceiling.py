@@ -20,6 +20,11 @@ With ``--seeds-voted``, the graphs of rotation runs pretrained with other seeds 
 ensemble of pretraining runs gives; then each of those runs from TypiClust's images on its own
 features, and the notebooks' rotation graph from those images.
 
+With ``--cover``, ProbCover's images with δ chosen at purities α below the paper's 0.95 (a
+larger δ), on rotation's and SimCLR's features, propagated on the same graph, with the classes
+the images cover; then a budget-aware δ (the smallest of those radii whose B balls cover half
+the pool) on those runs and on rotation pretrained with other seeds.
+
 With ``--crossed``, TypiClust's images chosen on rotation's or SimCLR's features and propagated
 on rotation's or SimCLR's graph: whether one space chooses better and the other propagates better.
 
@@ -27,7 +32,7 @@ With ``--every-label``, only what each method's graph space allows when every po
 labeled: the test images' 1-NN and 20-NN votes over the labeled pool, and a softmax regression.
 
     SSLAB_OUTPUTS=outputs python -m benchmarks.graph_ceiling [--every-label | --voted | --seeds-voted | --mirrored
-                                                             | --crossed]
+                                                             | --crossed | --cover]
 
 The notebooks' runs (rotation, SimCLR, the VAEs, the random-init backbone at their CPU defaults)
 are pretrained first if the store lacks them, as the notebooks would.
@@ -64,6 +69,11 @@ SETTINGS = [("the lab's graph: k 20, PCA 128, γ 3, 20 steps, grid 4", {}),
 JOINED = [("simclr",), ("vae",), ("siamese-vae",), ("random-init",), ("simclr", "vae", "siamese-vae")]
 VOTED = [("simclr",), ("vae",), ("siamese-vae",), ("simclr", "vae", "siamese-vae")]
 PRETRAIN_SEEDS = (1, 2, 3)  # rotation pretrained again with these seeds, for --seeds-voted
+PURITIES = (0.95, 0.9, 0.8, 0.65, 0.5)  # ProbCover's α (the paper's 0.95 first), for --cover
+# --cover's budget-aware radius: the smallest δ of this purity grid whose B greedy balls cover at
+# least COVERAGE of the pool
+PURITY_GRID = (0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3)
+COVERAGE = 0.5
 
 
 def mean_std(values: list) -> str:
@@ -139,6 +149,67 @@ def voted_row(runs: dict, methods: tuple, device, out, alone: str = None) -> lis
             per_seed.append(float((scores.argmax(1) == chooser.splits.test.labels).float().mean()))
         accs.append(per_seed)
     return accs
+
+
+def cover_row(run, purity: float, device, out) -> tuple:
+    """ProbCover's images (δ the largest radius whose balls stay ``purity`` pure) on ``run``'s
+    features, propagated on its graph: ``(top-1 per budget and seed, classes covered per budget and
+    seed)``."""
+    cfg = EvalConfig(**dict(GRAPH_ONLY, selection="cover", select_purity=purity))
+    rows = [[labelprop_cell(run, b, s, device=device, out=out, config=cfg) for s in SEEDS] for b in BUDGETS]
+    return ([[r["top1"] for r in per_seed] for per_seed in rows],
+            [[r["labeled_classes"] for r in per_seed] for per_seed in rows])
+
+
+def coverage_row(run, device, out) -> tuple:
+    """ProbCover's greedy cover with a budget-aware δ: of the radii PURITY_GRID's purities give
+    (ProbCover's rule at each α), the smallest whose B balls cover at least COVERAGE of the pool;
+    propagated on ``run``'s graph. ``(top-1, classes covered, α chosen)``, each per budget and seed."""
+    from sslab.evaluate import selection
+    cfg = EvalConfig(**GRAPH_ONLY)
+    accs, classes, alphas = ([[] for _ in BUDGETS] for _ in range(3))
+    for s in SEEDS:
+        cell = open_cell("labelprop", run, BUDGETS[0], s, device=device, out=out, config=cfg)
+        labels, classes_n = cell.splits.train.labels, cell.splits.train.num_classes
+        val = selection.validation_images(labels, s, cell.cfg.val_per_class)
+        candidates = selection.candidate_images(cell.run, labels, val)
+        graph, rows = pool_graph(cell.run, cell.cfg, cell.device)
+        points = graph.project(cached_features(cell.run, "train", cell.cfg.layer, cell.cfg.grid, cell.device,
+                                               index=candidates, precision=cell.cfg.precision)).cpu().float()
+        # each point's distance to the nearest point of another k-means cluster (the clusters
+        # ProbCover's rule judges purity by): the radius of purity α is its (1 − α) quantile
+        assign = selection.kmeans(points, classes_n, s)
+        other = torch.cat([torch.cdist(points[start:start + 2048], points).masked_fill(
+            assign[start:start + 2048, None] == assign[None, :], float("inf")).min(1).values
+            for start in range(0, len(points), 2048)])
+        other = other[torch.isfinite(other)]
+        radii = [float(torch.quantile(other, 1 - a)) for a in PURITY_GRID]
+        # one pass for every radius: the pairs within the largest, filtered for each smaller one
+        near, far = [], []
+        for start in range(0, len(points), 2048):
+            distances = torch.cdist(points[start:start + 2048], points)
+            pairs = (distances < radii[-1]).nonzero()
+            near.append(pairs + torch.tensor([start, 0]))
+            far.append(distances[pairs[:, 0], pairs[:, 1]])
+        near, far = torch.cat(near), torch.cat(far)
+        for i, b in enumerate(BUDGETS):
+            for alpha, radius in zip(PURITY_GRID, radii):
+                within = near[far < radius]
+                selection._keep(("edges", selection._points_key(points), float(radius), 2048),
+                                (within[:, 0], within[:, 1]))
+                picked = selection.select_cover(points, b * classes_n, radius)
+                covered = float((torch.cdist(points, points[picked]).min(1).values < radius).float().mean())
+                if covered >= COVERAGE:
+                    break
+            train_idx = candidates[picked].sort().values
+            keep = pool_keep(rows, len(graph.nodes), (train_idx, val), cell.device)
+            result = propagate_cell(graph, keep, cell.features("train", train_idx), labels[train_idx],
+                                    [cell.features("test")], classes_n, cell.cfg.lp_alpha, cell.cfg.lp_gamma,
+                                    cell.cfg.lp_iterations, [graph.test_neighbours])
+            accs[i].append(float((result.query_scores[0].argmax(1) == cell.splits.test.labels).float().mean()))
+            classes[i].append(int(labels[train_idx].unique().numel()))
+            alphas[i].append(alpha)
+    return accs, classes, alphas
 
 
 def crossed_row(runs: dict, chooser: str, graph: str, device, out) -> list:
@@ -289,6 +360,8 @@ def main() -> int:
     only.add_argument("--voted", action="store_true", help="only the lab's graph and the graphs' votes")
     only.add_argument("--seeds-voted", action="store_true",
                       help="only the votes of rotation's graphs from runs pretrained with other seeds")
+    only.add_argument("--cover", action="store_true",
+                      help="only ProbCover's images with δ chosen at other purities, on rotation's and SimCLR's graphs")
     only.add_argument("--crossed", action="store_true",
                       help="only the images chosen on one method's features and propagated on another's graph")
     only.add_argument("--mirrored", action="store_true",
@@ -327,6 +400,28 @@ def main() -> int:
             accs = crossed_row(runs, name, "rotation", device, out)
             print(f"| rotation's alone, from TypiClust's images on {name}'s features | "
                   + " | ".join(mean_std(a) for a in accs) + f" | {time.perf_counter() - started:.0f} |", flush=True)
+        return 0
+    if args.cover:
+        print("| features | purity α | 1 | 2 | 4 | classes covered at 1 / 2 / 4 (mean) | seconds |\n"
+              "|---|---|---|---|---|---|---|")
+        for name in ("rotation", "simclr"):
+            for purity in PURITIES:
+                started = time.perf_counter()
+                accs, classes = cover_row(runs[name], purity, device, out)
+                print(f"| {name} | {purity} | " + " | ".join(mean_std(a) for a in accs) + " | "
+                      + " / ".join(f"{statistics.mean(c):.1f}" for c in classes)
+                      + f" | {time.perf_counter() - started:.0f} |", flush=True)
+        runs.update(seed_runs(settings))
+        print(f"\n| features | δ: the smallest whose balls cover ≥ {COVERAGE:.0%} of the pool | 1 | 2 | 4 "
+              "| classes covered at 1 / 2 / 4 (mean) | α chosen at 1 / 2 / 4 (per seed) | seconds |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for name in ("rotation", "simclr") + tuple(f"rotation seed {p}" for p in PRETRAIN_SEEDS):
+            started = time.perf_counter()
+            accs, classes, alphas = coverage_row(runs[name], device, out)
+            print(f"| {name} | | " + " | ".join(mean_std(a) for a in accs) + " | "
+                  + " / ".join(f"{statistics.mean(c):.1f}" for c in classes) + " | "
+                  + " / ".join(",".join(str(a) for a in per_seed) for per_seed in alphas)
+                  + f" | {time.perf_counter() - started:.0f} |", flush=True)
         return 0
     if args.crossed:
         print("| TypiClust's images chosen on | propagated on | 1 | 2 | 4 | seconds |\n|---|---|---|---|---|---|")

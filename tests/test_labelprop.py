@@ -285,6 +285,26 @@ def test_choosing_and_propagating_in_one_run_is_the_cells_own_graph_top1(monkeyp
     assert graph_ceiling.crossed_row(runs, "again", "rotation", "cpu", out) == expected
 
 
+def test_the_budget_aware_cover_asked_for_no_coverage_is_the_labs_cover_cell(monkeypatch, tmp_path, make_noise_run):
+    """benchmarks.graph_ceiling's budget-aware ProbCover takes the first radius of its purity grid
+    whose balls cover enough of the pool: asked for none, ProbCover's own (purity 0.95), so its
+    images and top-1 are the lab's cover cell's (its graph alone); asked to cover everything, it
+    goes down the grid to a larger radius."""
+    from sslab.evaluate.cells import EvalConfig
+    from sslab.evaluate.labelprop import labelprop_cell
+    graph_ceiling, run, out, _ = _small_graph_rows(monkeypatch, tmp_path, make_noise_run)
+    cover = EvalConfig(**dict(graph_ceiling.GRAPH_ONLY, selection="cover"))
+    rows = [[labelprop_cell(run, b, s, device="cpu", out=out, config=cover) for s in (0, 1)] for b in (1, 2)]
+    monkeypatch.setattr(graph_ceiling, "COVERAGE", 0.0)
+    accs, classes, alphas = graph_ceiling.coverage_row(run, "cpu", out)
+    assert accs == [[r["graph_top1"] for r in per_seed] for per_seed in rows]
+    assert classes == [[r["labeled_classes"] for r in per_seed] for per_seed in rows]
+    assert alphas == [[0.95, 0.95], [0.95, 0.95]]
+    monkeypatch.setattr(graph_ceiling, "COVERAGE", 1.0)
+    _, _, alphas = graph_ceiling.coverage_row(run, "cpu", out)
+    assert all(a < 0.95 for per_seed in alphas for a in per_seed), alphas
+
+
 def test_the_mirrored_graph_of_unmirrored_features_is_the_cells_own_graph(monkeypatch, tmp_path, make_noise_run):
     """benchmarks.graph_ceiling's mirrored row averages each image's features with its mirror
     image's: where the mirror gives the features themselves, its graph, labeled images and vote are
