@@ -283,6 +283,8 @@ def test_choosing_and_propagating_in_one_run_is_the_cells_own_graph_top1(monkeyp
     runs = {"rotation": run, "again": run}
     assert graph_ceiling.crossed_row(runs, "rotation", "rotation", "cpu", out) == expected
     assert graph_ceiling.crossed_row(runs, "again", "rotation", "cpu", out) == expected
+    # a setting given to the cells, here the lab's own value
+    assert graph_ceiling.crossed_row(runs, "rotation", "rotation", "cpu", out, extra={"select_starts": 1}) == expected
 
 
 def test_the_budget_aware_cover_asked_for_no_coverage_is_the_labs_cover_cell(monkeypatch, tmp_path, make_noise_run):
