@@ -57,9 +57,9 @@ from sslab.evaluate.features import cached_features
 from sslab.evaluate.graph import (SPARE_NEIGHBOURS, PoolGraph, Projection, build_pool_graph, cell_edges,
                                  inductive_scores, knn_search, pca_project, propagate_cell)
 from sslab.evaluate.labelprop import labelprop_cell
-from sslab.lab.runs import timed_pretrain
 from sslab.evaluate.pool import pool_graph, pool_keep, pool_of
 from sslab.models import extract_features
+from sslab.pretrain import pretrain
 
 BUDGETS = (1, 2, 4)
 SEEDS = (0, 1, 2)
@@ -128,10 +128,10 @@ def joined_row(runs: dict, methods: tuple, device, out) -> list:
     return accs
 
 
-def voted_row(runs: dict, methods: tuple, device, out, alone: str = None) -> list:
+def voted_row(runs: dict, methods: tuple, device, out) -> list:
     """Rotation's graph and ``methods``' own graphs each propagating from the same labeled images
     (TypiClust's on rotation's features), the test images' class scores summed over the graphs
-    (each weighs the same). ``alone``: only that run's graph votes (still from rotation's images)."""
+    (each weighs the same)."""
     cfg = EvalConfig(**GRAPH_ONLY)
     accs = []
     for b in BUDGETS:
@@ -141,7 +141,7 @@ def voted_row(runs: dict, methods: tuple, device, out, alone: str = None) -> lis
             train_idx, val_idx = chooser.labeled_split()
             y = chooser.splits.train.labels
             scores = 0
-            for name in (alone,) if alone else ("rotation",) + methods:
+            for name in ("rotation",) + methods:
                 cell = open_cell("labelprop", runs[name], b, s, device=device, out=out, config=cfg)
                 graph, rows = pool_graph(cell.run, cell.cfg, cell.device)
                 keep = pool_keep(rows, len(graph.nodes), (train_idx, val_idx), cell.device)
@@ -198,10 +198,8 @@ def coverage_row(run, device, out) -> tuple:
         near, far = torch.cat(near), torch.cat(far)
         for i, b in enumerate(BUDGETS):
             for alpha, radius in zip(PURITY_GRID, radii):
-                within = near[far < radius]
-                selection._keep(("edges", selection._points_key(points), float(radius), 2048),
-                                (within[:, 0], within[:, 1]))
-                picked = selection.select_cover(points, b * classes_n, radius)
+                within = near[far < radius]  # sorted by row, as ball_edges gives them
+                picked = selection.select_cover(points, b * classes_n, radius, edges=(within[:, 0], within[:, 1]))
                 covered = float((torch.cdist(points, points[picked]).min(1).values < radius).float().mean())
                 if covered >= COVERAGE:
                     break
@@ -246,7 +244,7 @@ def seed_runs(settings) -> dict:
     configs = {f"rotation seed {p}": dataclasses.replace(base, seed=p) for p in PRETRAIN_SEEDS}
     lab.pretrain_runs(settings, announce=None, also=list(configs.values()))
     options = dict(device=settings.device, out=settings.out, progress=False, deterministic=settings.deterministic)
-    return {name: timed_pretrain(config, **options)[0] for name, config in configs.items()}
+    return {name: pretrain(config, **options) for name, config in configs.items()}  # each read back
 
 
 def mirrored(cell, split: str, rows) -> torch.Tensor:
@@ -389,12 +387,14 @@ def main() -> int:
         print("| graphs voting (TypiClust's images on the notebooks' rotation run's features) | 1 | 2 | 4 | seconds |\n"
               "|---|---|---|---|---|")
         seeds = tuple(f"rotation seed {p}" for p in PRETRAIN_SEEDS)
-        rows = [(name + "'s alone", (), name) for name in ("rotation",) + seeds]
-        rows += [(f"rotation's and {seeds[0]}'s", seeds[:1], None),
-                 ("rotation's and seeds " + ", ".join(str(p) for p in PRETRAIN_SEEDS) + "'", seeds, None)]
-        for label, voters, alone in rows:
+        rows = [(name + "'s alone", lambda name=name: crossed_row(runs, "rotation", name, device, out))
+                for name in ("rotation",) + seeds]
+        rows += [(f"rotation's and {seeds[0]}'s", lambda: voted_row(runs, seeds[:1], device, out)),
+                 ("rotation's and seeds " + ", ".join(str(p) for p in PRETRAIN_SEEDS) + "'",
+                  lambda: voted_row(runs, seeds, device, out))]
+        for label, compute in rows:
             started = time.perf_counter()
-            accs = voted_row(runs, voters, device, out, alone=alone)
+            accs = compute()
             print(f"| {label} | " + " | ".join(mean_std(a) for a in accs)
                   + f" | {time.perf_counter() - started:.0f} |", flush=True)
         for name in seeds:  # each run choosing its own images, on its own features

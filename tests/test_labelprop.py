@@ -267,12 +267,12 @@ def _small_graph_rows(monkeypatch, tmp_path, make_noise_run) -> tuple:
 def test_one_graphs_vote_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):
     """benchmarks.graph_ceiling's vote of the graphs, with rotation's graph alone, gives the top-1 of
     the lab's label propagation cell on the same images (its graph alone); two votes of the same
-    graph give it too (the scores only double), and so does that graph voting alone under another name."""
+    graph give it too (the scores only double), and so does that graph alone under another name."""
     graph_ceiling, run, out, expected = _small_graph_rows(monkeypatch, tmp_path, make_noise_run)
     assert graph_ceiling.voted_row({"rotation": run}, (), "cpu", out) == expected
     assert graph_ceiling.voted_row({"rotation": run, "again": run}, ("again",), "cpu", out) == expected
     # one graph alone (another run's, here the same one under another name), from rotation's images
-    assert graph_ceiling.voted_row({"rotation": run, "again": run}, (), "cpu", out, alone="again") == expected
+    assert graph_ceiling.crossed_row({"rotation": run, "again": run}, "rotation", "again", "cpu", out) == expected
 
 
 def test_choosing_and_propagating_in_one_run_is_the_cells_own_graph_top1(monkeypatch, tmp_path, make_noise_run):

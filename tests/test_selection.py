@@ -134,6 +134,10 @@ def test_cover_is_the_greedy_maximum_coverage_as_by_hand(radius):
     generator = torch.Generator().manual_seed(5)
     points = torch.rand(60, 2, generator=generator) * 3
     assert select_cover(points, 8, radius).tolist() == _cover_by_hand(points, 8, radius)
+    # the balls handed over by a caller that has them already
+    from sslab.evaluate.selection import _ball_edges
+    edges = _ball_edges(points, radius, 16)
+    assert select_cover(points, 8, radius, edges=edges).tolist() == _cover_by_hand(points, 8, radius)
 
 
 def test_purity_radius_is_the_quantile_of_the_distance_to_another_cluster():

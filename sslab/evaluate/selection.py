@@ -258,12 +258,13 @@ def _purity_radius(points: torch.Tensor, clusters: int, seed: int, purity: float
     return radius
 
 
-def select_cover(points: torch.Tensor, budget: int, radius: float) -> torch.Tensor:
+def select_cover(points: torch.Tensor, budget: int, radius: float, edges: Optional[tuple] = None) -> torch.Tensor:
     """ProbCover's greedy maximum coverage: ``budget`` rows of ``points``, each the row whose
     δ-ball (``radius``) covers the most rows not covered yet (ties: the lowest row); once
-    everything is covered, the next picks are the rows with the most neighbours, then the lowest."""
+    everything is covered, the next picks are the rows with the most neighbours, then the lowest.
+    ``edges``: the balls as :func:`ball_edges` gives them, where the caller has them already."""
     n = points.shape[0]
-    rows, cols = ball_edges(points, radius)
+    rows, cols = ball_edges(points, radius) if edges is None else edges
     starts = torch.zeros(n + 1, dtype=torch.long)
     starts[1:] = torch.bincount(rows, minlength=n).cumsum(0)
     degree = torch.bincount(rows, minlength=n)  # uncovered rows in each ball (every row is uncovered yet)
